@@ -1,0 +1,3 @@
+from curvdiag.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The minimal linear-operator interface the probes run on, so they can be tested on matrices.
+
+Anything with ``size`` (n), ``device``, ``dtype`` and ``matvec(v) -> A v`` for a flat vector
+of shape (n,) is an operator; :class:`~curvdiag.operator.CurvatureOperator` is one (its
+``size`` is ``num_params``). :func:`as_operator` also accepts a dense symmetric tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class DenseOperator:
+    """A dense symmetric (n, n) matrix as an operator (for tests and references)."""
+
+    def __init__(self, matrix: torch.Tensor):
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.size = matrix.shape[0]
+        self.device = matrix.device
+        self.dtype = matrix.dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ v
+
+
+class SymmetricScaling:
+    """D A D for a diagonal D = diag(d): matvec(x) = d ⊙ A(d ⊙ x).
+
+    With d = P^{-1/2} this is Adam's preconditioned Hessian P^{-1/2} H P^{-1/2} (DESIGN §3.2).
+    """
+
+    def __init__(self, operator: Any, d: torch.Tensor):
+        self.operator = operator
+        self.d = d.to(device=operator.device, dtype=operator.dtype)
+        self.size = operator.size
+        self.device = operator.device
+        self.dtype = operator.dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d * self.operator.matvec(self.d * v)
+
+
+def as_operator(a: Any) -> Any:
+    """Return ``a`` as an operator: dense tensors are wrapped, operators pass through."""
+    if isinstance(a, torch.Tensor):
+        return DenseOperator(a)
+    for attribute in ("size", "device", "dtype", "matvec"):
+        if not hasattr(a, attribute):
+            raise TypeError(f"{type(a).__name__} is not an operator: it lacks {attribute!r}")
+    return a
+
+
+def random_vector(size: int, seed: int, device: Any, dtype: torch.dtype, kind: str = "normal") -> torch.Tensor:
+    """A reproducible random vector: drawn on the CPU from ``seed``, then moved, so the same seed
+    gives the same numbers on every device and in every process."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if kind == "rademacher":
+        v = torch.randint(0, 2, (size,), generator=generator, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
+    else:
+        v = torch.randn(size, generator=generator, dtype=torch.float64)
+    return v.to(device=device, dtype=dtype)

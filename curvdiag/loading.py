@@ -1,0 +1,124 @@
+"""Recipe + checkpoint → Target: the model with its weights, the batches, the loss, the optimizer.
+
+The one entry point the CLI uses to turn user input into something the operator can probe
+(DESIGN §4). Every problem with the input is a :class:`~curvdiag.errors.BadInput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from curvdiag import optimizer_state
+from curvdiag.checkpoint import Checkpoint, load_model_state, read_checkpoint
+from curvdiag.errors import BadInput
+from curvdiag.optimizer_state import OptimizerInfo
+from curvdiag.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Target:
+    """What is probed: the model (weights loaded, on the device), its batches and loss."""
+
+    recipe: Recipe
+    model: torch.nn.Module
+    batches: List[Any]
+    batch_sizes: List[int]
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]
+    optimizer: OptimizerInfo
+    checkpoint: Optional[Checkpoint]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.batch_sizes)
+
+
+def move_batch(batch: Any, device: torch.device, dtype: Optional[torch.dtype]) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; floating tensors to ``dtype`` if given."""
+    if isinstance(batch, torch.Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_batch(v, device, dtype) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(v, device, dtype) for v in batch)
+    return batch
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BadInput(f"--device {name}: not a device ({exc})", hint="use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: CUDA is not available on this machine", hint="use --device cpu")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def load_target(
+    recipe_spec: str,
+    checkpoint_path: Optional[str] = None,
+    *,
+    max_batches: Optional[int] = None,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    lr: Optional[float] = None,
+    optimizer_family: Optional[str] = None,
+) -> Target:
+    """Build the recipe's model, load the checkpoint into it, collect the batches.
+
+    Optimizer settings come from flags, else the checkpoint's optimizer state, else the
+    recipe's ``optimizer(params)``.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise BadInput(f"--max-batches {max_batches}: must be at least 1")
+    if dtype is not None and dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype}: unknown", hint=f"choose one of {', '.join(DTYPES)}")
+    torch_device = resolve_device(device)
+    recipe = load_recipe(recipe_spec)
+    model = recipe.model()
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None:
+        load_model_state(model, checkpoint)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    model.to(device=torch_device, dtype=torch_dtype) if torch_dtype else model.to(torch_device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise BadInput(f"recipe {recipe.name}: the model has no trainable parameters", hint="does model() freeze everything?")
+    batches, sizes = [], []
+    for batch in recipe.data():
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        sizes.append(recipe.batch_size(batch))
+        batches.append(move_batch(batch, torch_device, torch_dtype))
+    if not batches:
+        raise BadInput(f"recipe {recipe.name}: data() yielded no batches")
+    info = _optimizer_info(recipe, model, checkpoint)
+    info = optimizer_state.apply_flags(info, lr, optimizer_family)
+    return Target(recipe, model, batches, sizes, recipe.loss, info, checkpoint, torch_device,
+                  trainable[0].dtype)
+
+
+def _optimizer_info(recipe: Recipe, model: torch.nn.Module, checkpoint: Optional[Checkpoint]) -> OptimizerInfo:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if checkpoint is not None and checkpoint.optimizer_state is not None:
+        info = optimizer_state.from_state_dict(checkpoint.optimizer_state, params)
+        if info.family is None and recipe.has("optimizer"):
+            # The state says little (e.g. RMSprop keys); the recipe names the class.
+            info.name = type(recipe.optimizer(params)).__name__
+        return info
+    if recipe.has("optimizer"):
+        # A throwaway optimizer on copies: constructing one must not touch the model.
+        optimizer = recipe.optimizer([torch.nn.Parameter(p.detach().clone()) for p in params])
+        return optimizer_state.from_optimizer(optimizer)
+    return OptimizerInfo(family=None, lr=None)

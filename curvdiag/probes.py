@@ -1,0 +1,243 @@
+"""Run the requested probes on a Target and collect typed results (DESIGN §2.3, §4).
+
+This module decides which probes apply and in which order; the mathematics lives in
+``sharpness``, ``hutchinson`` and ``stability``, the presentation in ``report``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from curvdiag import __version__
+from curvdiag.errors import BadInput, CurvdiagError, ProbeFailed
+from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace
+from curvdiag.loading import Target
+from curvdiag.operator import CurvatureOperator
+from curvdiag.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
+from curvdiag.stability import stability_margin
+
+PROBES = ("lambda_max", "hessian_trace", "hessian_diag")
+# Reported with lambda_max: the preconditioned sharpness (Adam) and the stability margin.
+COMPANIONS = ("preconditioned_lambda_max", "eos")
+
+
+@dataclass
+class ProbeSettings:
+    probes: List[str] = field(default_factory=lambda: list(PROBES))
+    method: str = "lanczos"
+    tol: float = 1e-4
+    top_k: int = 1
+    samples: Optional[int] = None  # Hutchinson probes; None: diag 100, trace until 1% s.e.
+    seed: int = 0
+    max_hvps: int = 500
+    trace_target_rel_stderr: float = 0.01
+
+
+def parse_probe_names(text: str) -> List[str]:
+    """'all' or a comma-separated list of probe names → ordered, validated list."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise BadInput("--probes is empty", hint=f"use all or some of: {', '.join(PROBES)}")
+    if "all" in names:
+        return list(PROBES)
+    wanted = []
+    for name in names:
+        if name in COMPANIONS:
+            name = "lambda_max"
+        if name not in PROBES:
+            raise BadInput(f"unknown probe {name!r}", hint=f"known probes: all, {', '.join(PROBES + COMPANIONS)}")
+        if name not in wanted:
+            wanted.append(name)
+    return [p for p in PROBES if p in wanted]
+
+
+@dataclass
+class ProbeReport:
+    """Everything a report shows; JSON and the terminal table read it and never recompute."""
+
+    recipe: str
+    checkpoint: Optional[str]
+    step: Optional[int]
+    parameters: int
+    layers: List[str]
+    operator: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    loss: float
+    grad_norm: float
+    probes: Dict[str, Dict[str, Any]]
+    version: str = __version__
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "curvdiag_version": self.version,
+            "recipe": self.recipe,
+            "checkpoint": self.checkpoint,
+            "step": self.step,
+            "model": {"parameters": self.parameters, "layers": self.layers},
+            "operator": self.operator,
+            "optimizer": self.optimizer,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "probes": self.probes,
+        }
+
+
+def _sharpness_entry(result: SharpnessResult, op: CurvatureOperator) -> Dict[str, Any]:
+    entry = {
+        "value": result.value,
+        "lambda_min": result.lambda_min,
+        "lambda_min_estimate": result.lambda_min_estimate,
+        "eigenvalues": result.eigenvalues,
+        "residuals": result.residuals,
+        "next_ritz_values": result.ritz_values[len(result.eigenvalues):len(result.eigenvalues) + 3],
+        "method": result.method,
+        "tol": result.tol,
+        "hvps": result.hvps,
+        "converged": result.converged,
+        "seconds": result.seconds,
+    }
+    if result.eigenvectors is not None:
+        top = result.eigenvectors[0].double()
+        weight = top.pow(2)
+        total = float(weight.sum()) or 1.0
+        shares = [{"name": name, "share": float(weight[a:b].sum()) / total} for name, a, b in op.layer_slices()]
+        entry["top_eigenvector_layers"] = sorted(shares, key=lambda s: -s["share"])
+    return entry
+
+
+def _flat_preconditioner(target: Target, op: CurvatureOperator) -> Optional[torch.Tensor]:
+    diagonal = target.optimizer.preconditioner_diagonal()
+    if diagonal is None:
+        return None
+    return op.flatten([d.to(device=op.device, dtype=op.dtype) for d in diagonal])
+
+
+def _eos_entry(target: Target, curvature: float, curvature_name: str) -> Dict[str, Any]:
+    info = target.optimizer
+    beta1 = info.betas[0] if info.betas else 0.9
+    margin = stability_margin(info.family, info.lr, curvature, momentum=info.momentum, beta1=beta1)
+    return {
+        "optimizer": info.family,
+        "lr": info.lr,
+        "momentum": info.momentum if info.family in ("momentum", "nesterov") else None,
+        "beta1": beta1 if info.is_adaptive else None,
+        "curvature": curvature_name,
+        "curvature_value": curvature,
+        "constant": margin.constant,
+        "threshold": margin.threshold,
+        "stable_lr": margin.stable_lr,
+        "ratio": margin.ratio,
+        "status": margin.status,
+    }
+
+
+def _eos_skip_reason(target: Target) -> Optional[str]:
+    info = target.optimizer
+    if info.family is None:
+        what = f"optimizer {info.name}" if info.name else "no optimizer"
+        return f"{what}: no known stability threshold (pass --optimizer sgd|momentum|nesterov|adam|adamw and --lr)"
+    if info.lr is None:
+        return "no learning rate known (pass --lr)"
+    return None
+
+
+def run_probes(
+    target: Target,
+    op: CurvatureOperator,
+    settings: ProbeSettings,
+    progress: Optional[Callable[[str], Any]] = None,
+) -> ProbeReport:
+    """Run ``settings.probes`` on ``op``; a probe that fails raises ProbeFailed naming it."""
+    announce = progress or (lambda name: None)
+    probes: Dict[str, Dict[str, Any]] = {}
+    for name in settings.probes:
+        announce(name)
+        try:
+            if name == "lambda_max":
+                _run_sharpness(target, op, settings, probes)
+            elif name == "hessian_trace":
+                _run_trace(op, settings, probes)
+            elif name == "hessian_diag":
+                _run_diag(op, settings, probes)
+        except CurvdiagError:
+            raise
+        except Exception as exc:
+            raise ProbeFailed(name, f"{type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback") from exc
+    return ProbeReport(
+        recipe=target.recipe.name,
+        checkpoint=target.checkpoint.path if target.checkpoint else None,
+        step=target.checkpoint.step if target.checkpoint else None,
+        parameters=op.num_params,
+        layers=list(op.names),
+        operator={
+            "hvp_method": op.hvp_method,
+            "fallback": op.fallback,
+            "fallback_reason": op.fallback_reason,
+            "description": op.describe_method(),
+            "finite_difference_step": op.finite_difference.step if op.finite_difference else None,
+            "finite_difference_error_estimate": op.finite_difference.relative_error_estimate if op.finite_difference else None,
+            "mode": "train" if op.train_mode else "eval",
+            "batches": len(op.batches),
+            "samples": op.num_samples,
+            "device": str(op.device),
+            "dtype": str(op.dtype).replace("torch.", ""),
+            "hvps": op.hvp_count,
+        },
+        optimizer={
+            "name": target.optimizer.name,
+            "family": target.optimizer.family,
+            "lr": target.optimizer.lr,
+            "momentum": target.optimizer.momentum,
+            "betas": list(target.optimizer.betas) if target.optimizer.betas else None,
+            "source": target.optimizer.source,
+            "note": target.optimizer.note,
+        },
+        loss=op.loss(),
+        grad_norm=float(op.gradient().norm()),
+        probes=probes,
+    )
+
+
+def _run_sharpness(target: Target, op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
+    kwargs = dict(method=s.method, tol=s.tol, top_k=s.top_k, seed=s.seed, max_hvps=s.max_hvps)
+    result = lambda_max(op, want_vectors=True, **kwargs)
+    probes["lambda_max"] = _sharpness_entry(result, op)
+    curvature, curvature_name = result.value, "lambda_max"
+    if target.optimizer.is_adaptive:
+        diagonal = _flat_preconditioner(target, op)
+        if diagonal is None:
+            probes["preconditioned_lambda_max"] = {
+                "skipped": "Adam-family optimizer without second moments: give a checkpoint with its optimizer state"}
+            probes["eos"] = {"skipped": "Adam's threshold applies to the preconditioned sharpness, which needs "
+                                        "the optimizer's second moments (exp_avg_sq) from a checkpoint"}
+            return
+        pre = preconditioned_lambda_max(op, diagonal, want_vectors=True, **kwargs)
+        probes["preconditioned_lambda_max"] = _sharpness_entry(pre, op)
+        curvature, curvature_name = pre.value, "preconditioned_lambda_max"
+    else:
+        probes["preconditioned_lambda_max"] = {"skipped": "not an Adam-family optimizer"}
+    reason = _eos_skip_reason(target)
+    probes["eos"] = {"skipped": reason} if reason else _eos_entry(target, curvature, curvature_name)
+
+
+def _run_trace(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
+    result = hutchinson_trace(op, samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
+    probes["hessian_trace"] = {"value": result.value, "stderr": result.stderr, "samples": result.samples,
+                               "estimator": result.estimator, "seconds": result.seconds}
+
+
+def _run_diag(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
+    started = time.perf_counter()
+    result = hutchinson_diag(op, samples=s.samples or 100, seed=s.seed + 2, segments=op.layer_slices())
+    layers = []
+    for (name, a, b), mean, se in zip(op.layer_slices(), result.segment_means, result.segment_stderr):
+        piece = result.diagonal[a:b]
+        layers.append({"name": name, "mean": mean, "stderr": se, "min": float(piece.min()), "max": float(piece.max()),
+                       "sum": float(piece.double().sum())})
+    probes["hessian_diag"] = {"samples": result.samples, "estimator": "hutchinson (Rademacher)",
+                              "trace": result.trace.value, "trace_stderr": result.trace.stderr,
+                              "seconds": time.perf_counter() - started, "layers": layers}

@@ -1,0 +1,158 @@
+"""The terminal report: context, verdict, evidence, per-layer detail (DESIGN §2.3).
+
+Reads a :class:`~curvdiag.probes.ProbeReport` and never recomputes a number.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from curvdiag.probes import ProbeReport
+
+STATUS_STYLE = {"stable": ("STABLE", "bold green"), "edge": ("AT THE EDGE", "bold yellow"),
+                "unstable": ("UNSTABLE", "bold red")}
+SAFETY = 0.95  # κ in the advice line: a learning rate with a 5% margin below the threshold
+CROWDED = 0.05  # next Ritz value within 5% of λmax: the top direction may switch
+
+
+def _g(x: Optional[float], digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def _context_lines(r: ProbeReport) -> List[str]:
+    where = Path(r.checkpoint).name if r.checkpoint else "weights from model() (no checkpoint)"
+    if r.step is not None:
+        where += f" (step {r.step})"
+    op = r.operator
+    batches = f"{op['batches']} batch{'es' if op['batches'] != 1 else ''}"
+    opt = r.optimizer
+    if opt["family"]:
+        optimizer = f"optimizer from {opt['source']}: {opt['name'] or opt['family']}"
+        if opt["family"] in ("momentum", "nesterov"):
+            optimizer += f" ({opt['family']} {opt['momentum']:g})"
+        if opt["betas"]:
+            optimizer += f" (β1 {opt['betas'][0]:g})"
+        optimizer += f", lr {_g(opt['lr'])}"
+    else:
+        optimizer = "optimizer unknown"
+    lines = [
+        f"{where} · recipe {r.recipe} · {r.parameters:,} parameters · {op['mode']} mode · {op['device']} {op['dtype']}",
+        f"data: {batches}, {op['samples']:,} samples · loss {_g(r.loss)} · ‖g‖ {_g(r.grad_norm, 3)} · {optimizer}",
+        f"Hessian-vector products: {op['description']}",
+    ]
+    if op.get("fallback_reason"):
+        lines.append(f"  (fallback because: {op['fallback_reason']})")
+    if opt.get("note"):
+        lines.append(f"note: {opt['note']}")
+    return lines
+
+
+def _verdict(r: ProbeReport) -> List[Text]:
+    probes = r.probes
+    lam = probes.get("lambda_max")
+    if lam is None:
+        return []
+    out: List[Text] = []
+    eos = probes.get("eos", {})
+    pre = probes.get("preconditioned_lambda_max", {})
+    curvature = pre if "value" in pre else lam
+    label = "λmax(P⁻¹ᐟ²HP⁻¹ᐟ²)" if curvature is pre else "λmax"
+    evidence = (f"{label} {_g(curvature['value'], 5)} ({curvature['method']}, {curvature['hvps']} HVPs, "
+                f"{curvature['seconds']:.2g} s{'' if curvature['converged'] else ', NOT converged to --tol'})")
+    if "status" in eos:
+        word, style = STATUS_STYLE[eos["status"]]
+        line = Text()
+        line.append(f"{word}  ", style=style)
+        line.append(f"η·curvature / {eos['constant']:.3g} = {eos['ratio']:.3g}   {evidence}   "
+                    f"stable lr ≤ {_g(eos['stable_lr'], 3)}")
+        out.append(line)
+    else:
+        out.append(Text(f"{evidence}   (no verdict: {eos.get('skipped', 'no optimizer information')})"))
+    if curvature is pre:
+        out.append(Text(f"             plain λmax {_g(lam['value'], 5)} ({lam['hvps']} HVPs)"))
+    extra = []
+    if lam.get("lambda_min") is not None:
+        extra.append(f"λmin {_g(lam['lambda_min'])}")
+    elif lam.get("lambda_min_estimate") is not None:
+        extra.append(f"λmin ≲ {_g(lam['lambda_min_estimate'])} (not converged)")
+    others = lam["eigenvalues"][1:] + lam.get("next_ritz_values", [])[:2]
+    if others:
+        crowded = (lam["value"] - others[0]) <= CROWDED * abs(lam["value"])
+        extra.append("next eigenvalues " + ", ".join(_g(x) for x in others[:3])
+                     + (" (crowded: the top direction may switch)" if crowded else ""))
+    shares = lam.get("top_eigenvector_layers")
+    if shares:
+        extra.append(f"top direction mostly in {shares[0]['name']} ({100 * shares[0]['share']:.0f}%)")
+    if extra:
+        out.append(Text("             " + " · ".join(extra)))
+    if "status" in eos:
+        safe = SAFETY * eos["stable_lr"]
+        advice = {
+            "stable": f"Room to spare: the learning rate could grow to about {_g(safe, 3)} (κ = {SAFETY}) before the edge.",
+            "edge": (f"Expect the loss to oscillate along the top eigenvector (edge of stability: often harmless); "
+                     f"lr ≤ {_g(safe, 3)} (κ = {SAFETY}) would be stable."),
+            "unstable": (f"Unstable: expect oscillation or divergence along the top eigenvector; "
+                         f"lr ≤ {_g(safe, 3)} (κ = {SAFETY}) would be stable."),
+        }[eos["status"]]
+        out.append(Text(advice, style="italic"))
+    return out
+
+
+def _layer_table(r: ProbeReport) -> Optional[Table]:
+    diag = r.probes.get("hessian_diag")
+    lam = r.probes.get("lambda_max", {})
+    shares = {s["name"]: s["share"] for s in lam.get("top_eigenvector_layers", [])}
+    if diag is None and not shares:
+        return None
+    table = Table(title="per layer", title_justify="left", header_style="bold")
+    table.add_column("layer")
+    if diag is not None:
+        table.add_column("diag H mean ± s.e.", justify="right")
+        table.add_column("min … max", justify="right")
+        table.add_column("share of tr H", justify="right")
+    if shares:
+        table.add_column("top eigvec share", justify="right")
+    rows: Dict[str, Dict[str, Any]] = {n: {} for n in r.layers}
+    total = diag["trace"] if diag else None
+    for layer in diag["layers"] if diag else []:
+        rows[layer["name"]] = layer
+    for name in r.layers:
+        cells = [name]
+        if diag is not None:
+            layer = rows[name]
+            cells += [f"{layer['mean']:.3g} ± {layer['stderr']:.2g}", f"{layer['min']:.2g} … {layer['max']:.2g}",
+                      f"{100 * layer['sum'] / total:.0f}%" if total else "–"]
+        if shares:
+            cells.append(f"{100 * shares.get(name, 0.0):.0f}%")
+        table.add_row(*cells)
+    return table
+
+
+def render(r: ProbeReport, console: Console) -> None:
+    """Print the report: context, verdict, evidence, per-layer detail."""
+    for line in _context_lines(r):
+        console.print(line, highlight=False, markup=False)
+    console.print()
+    for line in _verdict(r):
+        console.print(line, highlight=False)
+    trace = r.probes.get("hessian_trace")
+    if trace:
+        console.print(f"tr H = {_g(trace['value'])} ± {_g(trace['stderr'], 2)} (s.e., {trace['samples']} probes, "
+                      f"{trace['estimator']})", highlight=False, markup=False)
+    for name, entry in r.probes.items():
+        if "skipped" in entry and name != "eos":
+            console.print(f"{name}: skipped — {entry['skipped']}", style="dim", highlight=False, markup=False)
+    table = _layer_table(r)
+    if table is not None:
+        console.print()
+        console.print(table)
