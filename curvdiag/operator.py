@@ -38,7 +38,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 HVP_METHODS = ("auto", "kept-graph", "double-backward", "finite-difference")
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
             torch.nn.FeatureAlphaDropout)
-_NO_DOUBLE_BACKWARD = ("not implemented", "does not support double backward", "double backward")
+_NO_DOUBLE_BACKWARD = ("not implemented", "double backward", "once_differentiable", "differentiate twice")
 
 
 @dataclass
@@ -170,9 +170,19 @@ class CurvatureOperator:
 
     @contextlib.contextmanager
     def _probing(self) -> Iterator[None]:
-        """Set the probing mode; restore buffers and every module's mode afterwards."""
+        """Set the probing mode; afterwards restore every buffer and every module's mode.
+
+        Each buffer is swapped for a copy during the forward pass and the original put back
+        afterwards: BatchNorm may update the copy (train mode), the original is never written,
+        and a graph that saved the copy stays valid for later products.
+        """
         modes = [(m, m.training) for m in self.model.modules()]
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        swapped = []
+        for m in self.model.modules():
+            for name, buffer in list(m._buffers.items()):
+                if buffer is not None:
+                    swapped.append((m, name, buffer))
+                    m._buffers[name] = buffer.clone()
         try:
             self.model.train(self.train_mode)
             if self.train_mode:
@@ -182,9 +192,8 @@ class CurvatureOperator:
             with self._attention_context():
                 yield
         finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+            for m, name, buffer in swapped:
+                m._buffers[name] = buffer
             for m, mode in modes:
                 m.training = mode
 

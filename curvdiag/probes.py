@@ -163,8 +163,10 @@ def run_probes(
                 _run_trace(op, settings, probes)
             elif name == "hessian_diag":
                 _run_diag(op, settings, probes)
-        except CurvdiagError:
+        except ProbeFailed:
             raise
+        except CurvdiagError as exc:  # the recipe's code failed while a probe ran
+            raise ProbeFailed(name, exc.message, exc.hint) from exc
         except Exception as exc:
             raise ProbeFailed(name, f"{type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback") from exc
     return ProbeReport(
