@@ -83,6 +83,11 @@ def probe(
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet)
     except CurvdiagError as exc:
         _fail(exc, debug)
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:  # a bug of ours or an unforeseen input: still one line
+        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                            hint="rerun with --debug for the traceback and report it"), debug)
 
 
 def _probe(recipe, checkpoint, probe_names, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,

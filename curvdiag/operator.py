@@ -128,9 +128,6 @@ class CurvatureOperator:
         else:
             self.hvp_method = hvp_method
             self._prepare()
-        if not math.isfinite(self._loss):
-            raise BadInput(f"the loss is not finite ({self._loss}) at these weights",
-                           hint="the run had already diverged here; probe an earlier checkpoint")
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -139,6 +136,9 @@ class CurvatureOperator:
         else:
             self._kept_gradient = None
             self._loss, self._gradient = self._loss_and_gradient()
+        if not math.isfinite(self._loss):
+            raise BadInput(f"the loss is not finite ({self._loss}) at these weights",
+                           hint="the run had already diverged here; probe an earlier checkpoint")
         if self.hvp_method == "finite-difference":
             self._estimate_finite_difference_error()
 
@@ -201,8 +201,17 @@ class CurvatureOperator:
         loss = self.loss_fn(self.model, batch)
         return loss.reshape(())
 
-    def _grad(self, output: torch.Tensor, inputs: Sequence[torch.Tensor], **kw: Any) -> List[torch.Tensor]:
-        grads = torch.autograd.grad(output, inputs, allow_unused=True, **kw)
+    def _grad(self, outputs: Any, inputs: Sequence[torch.Tensor], grad_outputs: Any = None, **kw: Any) -> List[torch.Tensor]:
+        """torch.autograd.grad with zeros for unused inputs; outputs that do not depend on the
+        parameters (a gradient that is constant: a zero Hessian block) contribute nothing."""
+        if isinstance(outputs, torch.Tensor):
+            outputs, grad_outputs = [outputs], None if grad_outputs is None else [grad_outputs]
+        keep = [i for i, o in enumerate(outputs) if o.requires_grad]
+        grads: Sequence[Optional[torch.Tensor]] = [None] * len(self.params)
+        if keep:
+            grads = torch.autograd.grad(
+                [outputs[i] for i in keep], inputs, allow_unused=True,
+                grad_outputs=None if grad_outputs is None else [grad_outputs[i] for i in keep], **kw)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
     def _build_kept_graph(self) -> None:
@@ -293,12 +302,12 @@ class CurvatureOperator:
     def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
         pieces = self.unflatten(v)
         if self._kept_gradient is not None:
-            return self.flatten(self._grad(self._kept_gradient, self.params, grad_outputs=pieces, retain_graph=True))
+            return self.flatten(self._grad(self._kept_gradient, self.params, pieces, retain_graph=True))
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
         with self._probing():
             for weight, batch in zip(self.weights, self.batches):
                 grads = self._grad(self._batch_loss(batch), self.params, create_graph=True)
-                total.add_(self.flatten(self._grad(grads, self.params, grad_outputs=pieces)), alpha=weight)
+                total.add_(self.flatten(self._grad(grads, self.params, pieces)), alpha=weight)
         return total
 
     def _finite_difference_hvp(self, v: torch.Tensor, step: float) -> torch.Tensor:
