@@ -70,6 +70,11 @@ def power_iteration(operator: Any, *, top_k: int = 1, tol: float = 1e-4, max_mat
             budget = max(max_matvecs - used, 1)
             t, res, vec, n = _dominant(op, shift, vectors, tol, budget, seed + i + 1)
             used += n
+            if t < 0 and shift == 0.0:
+                # The rest of the spectrum is dominated by a negative eigenvalue: shift by it.
+                lambda_min, shift = t, t
+                t, res, vec, n = _dominant(op, shift, vectors, tol, max(max_matvecs - used, 1), seed + i + 1)
+                used += n
             value = t + shift
             converged &= res <= tol * abs(t)
         values.append(value)

@@ -88,3 +88,10 @@ def test_preconditioned_sharpness_matches_the_dense_operator():
     result = preconditioned_lambda_max(op, p, tol=1e-9)
     assert result.value == pytest.approx(exact, rel=1e-7)
     assert result.value > 10 * float(torch.linalg.eigvalsh(H)[-1])  # small v: much sharper
+
+
+def test_power_iteration_top_k_shifts_when_a_negative_eigenvalue_dominates_the_rest():
+    A = quadratic_spectrum([6.0, 1.0, 0.5, -3.0, 0.1], seed=6)
+    result = lambda_max(A, method="power", tol=1e-10, top_k=2, max_hvps=20000)
+    assert result.eigenvalues == pytest.approx([6.0, 1.0], rel=1e-7)
+    assert result.lambda_min == pytest.approx(-3.0, rel=1e-7)
