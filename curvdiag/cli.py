@@ -59,13 +59,16 @@ def _check(condition: bool, message: str, hint: Optional[str] = None) -> None:
 def probe(
     recipe: str = typer.Argument(..., help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors)."),
-    probes: str = typer.Option("all", "--probes", help="all, or a comma-separated list: lambda_max, hessian_trace, hessian_diag."),
+    previous: Optional[Path] = typer.Option(None, "--previous", help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step)."),
+    probes: str = typer.Option("all", "--probes", help="all, or a comma-separated list of: lambda_max, hessian_trace, hessian_diag, directional_curvature, glass, power_law."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (overrides the checkpoint's optimizer state and the recipe)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|momentum|nesterov|adam|adamw (overrides the checkpoint and recipe)."),
     method: str = typer.Option("lanczos", "--method", help="lanczos (default) or power."),
     tol: float = typer.Option(1e-4, "--tol", help="Relative Ritz-residual tolerance for λmax."),
     top_k: int = typer.Option(1, "--top-k", help="How many of the largest eigenvalues to converge."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Hutchinson probes (default: diag 100; trace until 1% s.e.)."),
+    glass_lambda: float = typer.Option(1e-3, "--glass-lambda", help="Length scale λ of the glass and power-law perturbations (absolute, per entry)."),
+    glass_samples: int = typer.Option(10, "--glass-samples", help="Rademacher perturbations for glass and power_law."),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Use only the first N batches of data() (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random vector."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -79,7 +82,7 @@ def probe(
 ) -> None:
     """How close is this checkpoint to instability? λmax, edge-of-stability margin, trace, diagonal."""
     try:
-        _probe(recipe, checkpoint, probes, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
+        _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet)
     except CurvdiagError as exc:
         _fail(exc, debug)
@@ -90,9 +93,9 @@ def probe(
                             hint="rerun with --debug for the traceback and report it"), debug)
 
 
-def _probe(recipe, checkpoint, probe_names, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
+def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
            dtype, train_mode, hvp_method, max_hvps, json_out, quiet) -> None:
-    from curvdiag.loading import load_target
+    from curvdiag.loading import load_previous_parameters, load_target
     from curvdiag.operator import CurvatureOperator
     from curvdiag.probes import ProbeSettings, parse_probe_names, run_probes
     from curvdiag.report import render
@@ -103,6 +106,8 @@ def _probe(recipe, checkpoint, probe_names, lr, optimizer, method, tol, top_k, s
     _check(top_k >= 1, f"--top-k {top_k}: must be at least 1")
     _check(samples is None or samples >= 2, f"--samples {samples}: must be at least 2 (for a standard error)")
     _check(max_hvps >= 1, f"--max-hvps {max_hvps}: must be at least 1")
+    _check(glass_lambda > 0 and math.isfinite(glass_lambda), f"--glass-lambda {glass_lambda}: must be a positive number")
+    _check(glass_samples >= 1, f"--glass-samples {glass_samples}: must be at least 1")
     _check(hvp_method in HVP_METHODS, f"--hvp-method {hvp_method}: unknown", f"choose one of {', '.join(HVP_METHODS)}")
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout, quiet=quiet)
@@ -111,12 +116,14 @@ def _probe(recipe, checkpoint, probe_names, lr, optimizer, method, tol, top_k, s
         task = progress.add_task("loading recipe and checkpoint", hvps="")
         target = load_target(recipe, str(checkpoint) if checkpoint else None, max_batches=max_batches,
                              device=device, dtype=dtype, lr=lr, optimizer_family=optimizer)
+        theta_previous = load_previous_parameters(target, str(previous)) if previous else None
         progress.update(task, description=f"building the curvature operator ({len(target.batches)} batches)")
         op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
                                train_mode=train_mode, hvp_method=hvp_method)
         op.on_hvp = lambda count: progress.update(task, hvps=f"{count} HVPs")
         settings = ProbeSettings(probes=names, method=method, tol=tol, top_k=top_k, samples=samples, seed=seed,
-                                 max_hvps=max_hvps)
+                                 max_hvps=max_hvps, previous=theta_previous, glass_lambda=glass_lambda,
+                                 glass_samples=glass_samples)
         report = run_probes(target, op, settings, progress=lambda name: progress.update(task, description=f"probe {name}"))
     document = json.dumps(_finite_or_none(report.to_json()), indent=2)
     if to_stdout:

@@ -122,3 +122,11 @@ def _optimizer_info(recipe: Recipe, model: torch.nn.Module, checkpoint: Optional
         optimizer = recipe.optimizer([torch.nn.Parameter(p.detach().clone()) for p in params])
         return optimizer_state.from_optimizer(optimizer)
     return OptimizerInfo(family=None, lr=None)
+
+
+def load_previous_parameters(target: Target, path: str) -> torch.Tensor:
+    """θ_{t−1} from another checkpoint of the same model, flat in the operator's layout."""
+    model = target.recipe.model()
+    load_model_state(model, read_checkpoint(path))
+    model.to(device=target.device, dtype=target.dtype)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])

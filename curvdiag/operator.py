@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -310,25 +310,29 @@ class CurvatureOperator:
                 total.add_(self.flatten(self._grad(grads, self.params, pieces)), alpha=weight)
         return total
 
-    def _finite_difference_hvp(self, v: torch.Tensor, step: float) -> torch.Tensor:
-        norm = float(v.norm())
-        if norm == 0.0:
-            return torch.zeros_like(v)
-        direction = self.unflatten(v / norm)
+    def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """(L(θ'), G(θ')) at other parameters θ' (flat, shape (num_params,)), on the same batches
+        and in the same mode; the model's parameters are restored exactly afterwards."""
+        if theta.shape != (self.num_params,):
+            raise ValueError(f"expected a vector of shape ({self.num_params},), got {tuple(theta.shape)}")
         originals = [p.detach().clone() for p in self.params]
         try:
             with torch.no_grad():
-                for p, d in zip(self.params, direction):
-                    p.add_(d, alpha=step)
-            _, plus = self._loss_and_gradient()
-            with torch.no_grad():
-                for p, o, d in zip(self.params, originals, direction):
-                    p.copy_(o).add_(d, alpha=-step)
-            _, minus = self._loss_and_gradient()
+                for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
+                    p.copy_(value)
+            return self._loss_and_gradient()
         finally:
             with torch.no_grad():
                 for p, o in zip(self.params, originals):
                     p.copy_(o)
+
+    def _finite_difference_hvp(self, v: torch.Tensor, step: float) -> torch.Tensor:
+        norm = float(v.norm())
+        if norm == 0.0:
+            return torch.zeros_like(v)
+        theta, direction = self.parameters_vector(), v / norm
+        _, plus = self.gradient_at(theta + step * direction)
+        _, minus = self.gradient_at(theta - step * direction)
         self.gradient_count -= 2  # products are counted as HVPs, not gradients
         return (plus - minus) * (norm / (2.0 * step))
 

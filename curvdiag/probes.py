@@ -14,13 +14,15 @@ import torch
 
 from curvdiag import __version__
 from curvdiag.errors import BadInput, CurvdiagError, ProbeFailed
+from curvdiag.directional import directional_curvature
+from curvdiag.glass import glass_probe
 from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.loading import Target
 from curvdiag.operator import CurvatureOperator
 from curvdiag.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
 from curvdiag.stability import stability_margin
 
-PROBES = ("lambda_max", "hessian_trace", "hessian_diag")
+PROBES = ("lambda_max", "hessian_trace", "hessian_diag", "directional_curvature", "glass", "power_law")
 # Reported with lambda_max: the preconditioned sharpness (Adam) and the stability margin.
 COMPANIONS = ("preconditioned_lambda_max", "eos")
 
@@ -35,6 +37,9 @@ class ProbeSettings:
     seed: int = 0
     max_hvps: int = 500
     trace_target_rel_stderr: float = 0.01
+    previous: Optional[torch.Tensor] = None  # θ_{t−1}, flat, for directional_curvature
+    glass_lambda: float = 1e-3
+    glass_samples: int = 10
 
 
 def parse_probe_names(text: str) -> List[str]:
@@ -163,6 +168,11 @@ def run_probes(
                 _run_trace(op, settings, probes)
             elif name == "hessian_diag":
                 _run_diag(op, settings, probes)
+            elif name == "directional_curvature":
+                _run_directional(target, op, settings, probes)
+            elif name in ("glass", "power_law"):
+                if name not in probes:
+                    _run_glass(op, settings, probes)
         except ProbeFailed:
             raise
         except CurvdiagError as exc:  # the recipe's code failed while a probe ran
@@ -243,3 +253,43 @@ def _run_diag(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[st
     probes["hessian_diag"] = {"samples": result.samples, "estimator": "hutchinson (Rademacher)",
                               "trace": result.trace.value, "trace_stderr": result.trace.stderr,
                               "seconds": time.perf_counter() - started, "layers": layers}
+
+
+def _run_directional(target: Target, op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
+    from curvdiag.simulated_step import simulate_step
+
+    theta, grad = op.parameters_vector(), op.gradient()
+    if s.previous is not None:
+        _, grad_prev = op.gradient_at(s.previous)
+        result = directional_curvature(s.previous, theta, grad_prev, grad, op.layer_slices())
+        source = "previous checkpoint (--previous)"
+    else:
+        theta_next, source = simulate_step(target, op)
+        if theta_next is None:
+            probes["directional_curvature"] = {"skipped": source}
+            return
+        _, grad_next = op.gradient_at(theta_next)
+        result = directional_curvature(theta, theta_next, grad, grad_next, op.layer_slices())
+    probes["directional_curvature"] = {
+        "value": result.value, "rayleigh": result.rayleigh, "step_norm": result.step_norm,
+        "gradient_change_norm": result.gradient_change_norm, "source": source,
+        "layers": [{"name": l.name, "value": l.value, "rayleigh": l.rayleigh, "step_norm": l.step_norm}
+                   for l in result.layers],
+    }
+
+
+def _run_glass(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
+    want_power = "power_law" in s.probes
+    glass, power = glass_probe(op, lam=s.glass_lambda, samples=s.glass_samples, seed=s.seed + 3, power_law=want_power)
+    if "glass" in s.probes:
+        probes["glass"] = {
+            "lambda": glass.lam, "samples": glass.samples, "rho": glass.rho, "h": glass.h,
+            "constant": 2.0, "gradients": glass.gradients, "seconds": glass.seconds,
+            "layers": [{"name": l.name, "rho": l.rho, "rho_stderr": l.rho_stderr, "h": l.h, "h_stderr": l.h_stderr,
+                        "h_abs": l.h_abs} for l in glass.layers],
+        }
+    if power is not None:
+        probes["power_law"] = {
+            "lambda": power.lam, "samples": power.samples, "p": power.p, "p_stderr": power.p_stderr,
+            "layers": [{"name": l.name, "p": l.p, "p_stderr": l.p_stderr} for l in power.layers],
+        }

@@ -108,34 +108,75 @@ def _verdict(r: ProbeReport) -> List[Text]:
     return out
 
 
+def p_interpretation(p: Optional[float]) -> str:
+    """Seed 004: p ≈ 2 is Hessian-dominated (smooth); well below 2, gradient glass dominates."""
+    if p is None or not math.isfinite(p):
+        return "–"
+    if p >= 1.8:
+        return "smooth"
+    if p >= 1.3:
+        return "partly glassy"
+    return "glassy"
+
+
+def _by_name(entry: Optional[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    return {layer["name"]: layer for layer in (entry or {}).get("layers", [])}
+
+
 def _layer_table(r: ProbeReport) -> Optional[Table]:
-    diag = r.probes.get("hessian_diag")
-    lam = r.probes.get("lambda_max", {})
-    shares = {s["name"]: s["share"] for s in lam.get("top_eigenvector_layers", [])}
-    if diag is None and not shares:
+    """One row per parameter tensor; columns for whichever probes ran."""
+    probes = r.probes
+    diag = _by_name(probes.get("hessian_diag"))
+    trace = probes.get("hessian_diag", {}).get("trace")
+    shares = {s["name"]: s["share"] for s in probes.get("lambda_max", {}).get("top_eigenvector_layers", [])}
+    glass = _by_name(probes.get("glass"))
+    power = _by_name(probes.get("power_law"))
+    directional = _by_name(probes.get("directional_curvature"))
+    columns = []
+    if diag:
+        columns.append(("diag H mean ± s.e.", lambda n: f"{diag[n]['mean']:.3g} ± {diag[n]['stderr']:.2g}"))
+        if trace:
+            columns.append(("share of tr H", lambda n: f"{100 * diag[n]['sum'] / trace:.0f}%"))
+    if shares:
+        columns.append(("top eigvec", lambda n: f"{100 * shares.get(n, 0.0):.0f}%"))
+    if glass:
+        columns.append(("local h", lambda n: f"{glass[n]['h']:.3g}"))
+        columns.append(("glass ρ", lambda n: f"{glass[n]['rho']:.3g}"))
+    if power:
+        columns.append(("p", lambda n: f"{_g(power[n]['p'], 3)} {p_interpretation(power[n]['p'])}"))
+    if directional:
+        columns.append(("C_t", lambda n: f"{directional[n]['value']:.3g}"))
+    if not columns:
         return None
     table = Table(title="per layer", title_justify="left", header_style="bold")
-    table.add_column("layer")
-    if diag is not None:
-        table.add_column("diag H mean ± s.e.", justify="right")
-        table.add_column("min … max", justify="right")
-        table.add_column("share of tr H", justify="right")
-    if shares:
-        table.add_column("top eigvec share", justify="right")
-    rows: Dict[str, Dict[str, Any]] = {n: {} for n in r.layers}
-    total = diag["trace"] if diag else None
-    for layer in diag["layers"] if diag else []:
-        rows[layer["name"]] = layer
+    table.add_column("layer", no_wrap=True)
+    for title, _ in columns:
+        table.add_column(title, justify="right")
     for name in r.layers:
-        cells = [name]
-        if diag is not None:
-            layer = rows[name]
-            cells += [f"{layer['mean']:.3g} ± {layer['stderr']:.2g}", f"{layer['min']:.2g} … {layer['max']:.2g}",
-                      f"{100 * layer['sum'] / total:.0f}%" if total else "–"]
-        if shares:
-            cells.append(f"{100 * shares.get(name, 0.0):.0f}%")
-        table.add_row(*cells)
+        table.add_row(name, *[cell(name) for _, cell in columns])
     return table
+
+
+def _seed_probe_lines(r: ProbeReport) -> List[str]:
+    lines = []
+    d = r.probes.get("directional_curvature")
+    if d and "value" in d:
+        layers = sorted(d["layers"], key=lambda l: -l["value"])
+        lines.append(f"last step ran into curvature C_t = {_g(d['value'])} (Rayleigh {_g(d['rayleigh'])}"
+                     f"{', negative: along negative curvature' if d['rayleigh'] < 0 else ''}; ‖Δθ‖ {_g(d['step_norm'], 3)}; "
+                     f"sharpest in {layers[0]['name']}) — {d['source']}")
+    p = r.probes.get("power_law")
+    if p and "p" in p:
+        glassy = [l["name"] for l in p["layers"] if math.isfinite(l["p"] if l["p"] is not None else float("nan"))
+                  and p_interpretation(l["p"]) != "smooth"]
+        lines.append(f"power-law exponent p = {_g(p['p'], 3)} at λ = {p['lambda']:g} ({p_interpretation(p['p'])}; "
+                     + (f"glassy layers: {', '.join(glassy)}" if glassy else "every layer smooth, Hessian-dominated")
+                     + f"; {p['samples']} samples)")
+    g = r.probes.get("glass")
+    if g and "rho" in g:
+        lines.append(f"glass density ρ = {_g(g['rho'], 3)}, locally averaged diag H mean {_g(g['h'], 3)} "
+                     f"(λ = {g['lambda']:g}, {g['samples']} samples, {g['gradients']} gradients, no double backward)")
+    return lines
 
 
 def render(r: ProbeReport, console: Console) -> None:
@@ -149,6 +190,8 @@ def render(r: ProbeReport, console: Console) -> None:
     if trace:
         console.print(f"tr H = {_g(trace['value'])} ± {_g(trace['stderr'], 2)} (s.e., {trace['samples']} probes, "
                       f"{trace['estimator']})", highlight=False, markup=False)
+    for line in _seed_probe_lines(r):
+        console.print(line, highlight=False, markup=False)
     for name, entry in r.probes.items():
         if "skipped" in entry and name != "eos":
             console.print(f"{name}: skipped — {entry['skipped']}", style="dim", highlight=False, markup=False)

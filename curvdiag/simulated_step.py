@@ -1,0 +1,65 @@
+"""One optimizer step simulated from a checkpoint: θ_{t+1} from θ_t, G_t and the optimizer state.
+
+Used by the directional-curvature probe when no ``--previous`` checkpoint is given. The step is
+taken by the run's own optimizer class (the recipe's ``optimizer(params)``, else one built from
+the known family), with the checkpoint's optimizer state (momentum buffers, Adam moments) when
+present and the learning rate in use. The model's parameters, their ``.grad`` and the
+checkpoint's state are all left as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+
+from curvdiag.errors import BadInput
+from curvdiag.loading import Target
+
+
+def _build_optimizer(target: Target, params: list) -> Optional[torch.optim.Optimizer]:
+    info = target.optimizer
+    if target.recipe.has("optimizer") and "optimizer from flags" not in info.source and info.source != "flags":
+        return target.recipe.optimizer(params)
+    if info.family is None or info.lr is None:
+        return None
+    if info.family in ("sgd", "momentum", "nesterov"):
+        return torch.optim.SGD(params, lr=info.lr, momentum=info.momentum, nesterov=info.family == "nesterov")
+    cls = torch.optim.AdamW if info.family == "adamw" else torch.optim.Adam
+    return cls(params, lr=info.lr, betas=info.betas or (0.9, 0.999), eps=info.eps)
+
+
+def simulate_step(target: Target, op) -> Tuple[Optional[torch.Tensor], str]:
+    """(θ_{t+1} flat, description) or (None, reason it cannot be simulated)."""
+    params = op.params
+    saved_data = [p.detach().clone() for p in params]
+    saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
+    try:
+        optimizer = _build_optimizer(target, params)
+        if optimizer is None:
+            return None, "no optimizer to take a step from (give --previous CKPT, or --optimizer and --lr)"
+        note = "optimizer state from the checkpoint"
+        state = target.checkpoint.optimizer_state if target.checkpoint else None
+        if state is not None:
+            try:
+                optimizer.load_state_dict(copy.deepcopy(state))
+            except (ValueError, KeyError, RuntimeError) as exc:
+                note = f"checkpoint optimizer state not usable ({str(exc).splitlines()[0][:80]}): fresh state"
+        else:
+            note = "fresh optimizer state (the checkpoint has none)"
+        if target.optimizer.lr is not None and "flags" in target.optimizer.source:
+            for group in optimizer.param_groups:  # --lr overrides every group
+                group["lr"] = target.optimizer.lr
+        for p, g in zip(params, op.unflatten(op.gradient())):
+            p.grad = g.clone()
+        optimizer.step()
+        theta_next = op.parameters_vector().clone()
+        return theta_next, f"one simulated {type(optimizer).__name__} step ({note})"
+    except BadInput:
+        raise
+    finally:
+        with torch.no_grad():
+            for p, data, grad in zip(params, saved_data, saved_grads):
+                p.copy_(data)
+                p.grad = grad
