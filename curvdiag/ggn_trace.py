@@ -50,6 +50,8 @@ ESTIMATOR = "hutchinson + exact Gauss-Newton control variate"
 
 #: At most this many backward passes (outputs per row × output positions) per batch for tr(G).
 MAX_TRACE_BACKWARDS = 4096
+#: At most this many entries in the per-row output Hessians of one batch (n·P·C²).
+MAX_OUTPUT_HESSIAN_ENTRIES = 50_000_000
 
 _RMSNorm = getattr(torch.nn, "RMSNorm", None)
 _COVERED: Tuple[type, ...] = (torch.nn.Linear, torch.nn.LayerNorm) + ((_RMSNorm,) if _RMSNorm is not None else ())
@@ -159,7 +161,7 @@ class GaussNewton:
     def _covered_layers(self) -> List[Tuple[str, torch.nn.Module, str, List[Tuple[str, str, torch.nn.Parameter]]]]:
         """The covered modules holding the trainable parameters; refuse anything else."""
         trainable = {id(p) for p in self.op.params}
-        owners: Dict[int, str] = {}
+        owners: Dict[int, Tuple[Tuple[int, str], str]] = {}
         spec = []
         seen_modules = set()
         for mname, module in self.op.model.named_modules(remove_duplicate=False):
@@ -169,10 +171,10 @@ class GaussNewton:
                 continue
             full = lambda pname: f"{mname}.{pname}" if mname else pname  # noqa: E731
             for pname, p in own:
-                if id(p) in owners and owners[id(p)] != f"{id(module)}.{pname}":
-                    raise GGNNotApplicable(f"tied weights ({owners[id(p)].split('.', 1)[1]} shared with "
-                                           f"{full(pname)}) not covered")
-                owners[id(p)] = f"{id(module)}.{pname}"
+                key = (id(module), pname)
+                if id(p) in owners and owners[id(p)][0] != key:
+                    raise GGNNotApplicable(f"tied weights ({owners[id(p)][1]} is also {full(pname)}) not covered")
+                owners.setdefault(id(p), (key, full(pname)))
             if id(module) in seen_modules:
                 continue
             seen_modules.add(id(module))
@@ -226,16 +228,18 @@ class GaussNewton:
         p = out.numel() // max(n * c, 1)
         if c * p > MAX_TRACE_BACKWARDS:
             raise GGNNotApplicable(f"output of shape {tuple(out.shape)}: {c * p} backward passes per batch for tr(G)")
+        if n * p * c * c > MAX_OUTPUT_HESSIAN_ENTRIES:
+            raise GGNNotApplicable(f"output of shape {tuple(out.shape)}: its output Hessian has {n * p * c * c} entries")
 
         layers: List[_Layer] = []
-        unused: List[torch.nn.Parameter] = []
+        unused: List[Tuple[str, torch.nn.Parameter]] = []
         for index, (mname, module, kind, params) in enumerate(self._layers_spec):
             calls = records.get(index, [])
             label = f"{type(module).__name__} {mname!r}"
             if len(calls) > 1:
                 raise GGNNotApplicable(f"{label} runs {len(calls)} times per forward (weight sharing) not covered")
             if not calls:
-                unused.extend(pp for _, _, pp in params)
+                unused.extend((full, pp) for full, _, pp in params)
                 continue
             x, y = calls[0]
             if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() < 2 or x.shape[0] != n:
@@ -244,10 +248,12 @@ class GaussNewton:
 
         # Unused parameters: not in the output's graph at all.
         if unused:
-            g = torch.autograd.grad(out, unused, torch.ones_like(out), retain_graph=True, allow_unused=True)
+            g = torch.autograd.grad(out, [pp for _, pp in unused], torch.ones_like(out), retain_graph=True,
+                                    allow_unused=True)
             self.setup_backwards += 1
-            if any(t is not None and bool(t.ne(0).any()) for t in g):
-                raise GGNNotApplicable("a parameter is used outside its module's forward (not covered)")
+            for (full, _), t in zip(unused, g):
+                if t is not None and bool(t.ne(0).any()):
+                    raise GGNNotApplicable(f"parameter {full} is used outside its module's forward (not covered)")
 
         gen = torch.Generator(device="cpu").manual_seed(20240607)
         v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
@@ -279,29 +285,24 @@ class GaussNewton:
             if leak > tol * tol * inside:
                 raise GGNNotApplicable("the model mixes samples (e.g. BatchNorm in train mode): no per-sample Jacobians")
 
-        # (3) the loss's gradient factors through the output.
+        # (3) the loss's gradient factors through the output: ∇L − Jᵀ(∂L/∂out) = 0.
         gout = torch.autograd.grad(loss, out, create_graph=True)[0]
-        g_loss = torch.autograd.grad(loss, op.params, retain_graph=True, allow_unused=True)
-        g_chain = torch.autograd.grad(out, op.params, gout.detach(), retain_graph=True, allow_unused=True)
-        self.setup_backwards += 3
         zero = [torch.zeros_like(pp) for pp in op.params]
-        g_loss = [z if g is None else g for g, z in zip(g_loss, zero)]
-        g_chain = [z if g is None else g for g, z in zip(g_chain, zero)]
-        err = _norm([a - b for a, b in zip(g_loss, g_chain)])
-        scale = _norm(g_loss) + _norm(g_chain)
+        g_loss = torch.autograd.grad(loss, op.params, retain_graph=True, allow_unused=True)
+        diff = torch.autograd.grad([loss, out], op.params, [torch.ones_like(loss), -gout.detach()],
+                                   retain_graph=True, allow_unused=True)
+        self.setup_backwards += 3
+        err = _norm([z if g is None else g for g, z in zip(diff, zero)])
+        scale = _norm([z if g is None else g for g, z in zip(g_loss, zero)])
         if err > tol * scale:
             raise GGNNotApplicable("the loss depends on the parameters other than through the model output "
                                    f"(relative gradient mismatch {err / max(scale, 1e-300):.1e}, e.g. a weight-decay term)")
 
-        # (4) output Hessian, (n, P, C, C), one double-backward per output column.
+        # (4) output Hessian, (n, P, C, C): C double-backward products through the loss head only.
         shape3 = (n, p, c)
         a = torch.zeros(n, p, c, c, device=out.device, dtype=torch.float64)
         if gout.requires_grad:
-            for col in range(c):
-                e = torch.zeros(shape3, device=out.device, dtype=out.dtype)
-                e[..., col] = 1
-                (h,) = torch.autograd.grad(gout, out, e.view_as(out), retain_graph=True, allow_unused=True)
-                self.setup_backwards += 1
+            for col, h in enumerate(self._output_hessian_columns(gout, out, shape3)):
                 if h is not None:
                     a[..., col] = h.reshape(shape3).double()
             w = torch.randn(shape3, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
@@ -315,7 +316,11 @@ class GaussNewton:
         del gout, loss
         a = (a + a.transpose(-1, -2)) / 2
         lam, vec = torch.linalg.eigh(a)
-        cutoff = 1e-12 * float(lam.abs().max()) if lam.numel() else 0.0
+        # Eigenvalues at the rounding level of the batch's largest (the zero one of softmax
+        # cross-entropy; those of confidently classified samples, noise in float32) are dropped
+        # from A itself: tr(G) skips their backward passes and zᵀGz stays consistent with tr(G).
+        eps = torch.finfo(out.dtype).eps
+        cutoff = 10 * c * eps * float(lam.abs().max()) if lam.numel() else 0.0
         lam = torch.where(lam.abs() <= cutoff, torch.zeros_like(lam), lam)
         a_used = torch.einsum("npcd,npd,nped->npce", vec, lam, vec)
         state = _Batch(weight, n, p, c, a_used.to(out.dtype), lam, vec.to(out.dtype), out=out, layers=layers)
@@ -325,6 +330,24 @@ class GaussNewton:
             for layer in layers:
                 layer.x = layer.y = layer.xx = layer.gram = None
         return state
+
+    def _output_hessian_columns(self, gout: torch.Tensor, out: torch.Tensor, shape3: Tuple[int, int, int]):
+        """∂²L/∂out² e_c (all rows at once) for every output column c: one batched double
+        backward through the loss head, or C of them when the loss does not vmap."""
+        c = shape3[-1]
+        eye = torch.eye(c, device=out.device, dtype=out.dtype)
+        basis = eye.view(c, 1, 1, c).expand(c, *shape3).reshape(c, *out.shape)
+        try:
+            (h,) = torch.autograd.grad(gout, out, basis, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            self.setup_backwards += 1
+            return [None] * c if h is None else list(h.unbind(0))
+        except Exception:  # noqa: BLE001 -- no batching rule for some op of the loss: one column at a time
+            columns = []
+            for col in range(c):
+                (h,) = torch.autograd.grad(gout, out, basis[col], retain_graph=True, allow_unused=True)
+                self.setup_backwards += 1
+                columns.append(h)
+            return columns
 
     def _layer(self, name: str, module: torch.nn.Module, kind: str, params, x: torch.Tensor, y: torch.Tensor) -> _Layer:
         n = x.shape[0]
