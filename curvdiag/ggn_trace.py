@@ -42,8 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from curvdiag.hutchinson import TraceResult
-from curvdiag.linear_operator import random_vector
+from curvdiag.hutchinson import TraceResult, rademacher, sequential_mean
 from curvdiag.operator import CurvatureOperator
 
 ESTIMATOR = "hutchinson + exact Gauss-Newton control variate"
@@ -544,29 +543,19 @@ def ggn_control_variate_trace(
     g_trace = ggn.trace()
     probes_started = time.perf_counter()
     hvps_before = op.hvp_count
-    values: List[float] = []
-    k = 0
-    while True:
-        z = random_vector(op.num_params, seed * 1_000_003 + k, op.device, op.dtype, kind="rademacher")
-        k += 1
-        zhz = float(torch.dot(z.double(), op.hvp(z).double()))
-        values.append(zhz - ggn.quadratic(z))
-        n = len(values)
-        if samples is not None:
-            if n >= samples:
-                break
-            continue
-        mean, sd = _mean_and_sd(values)
-        if (n >= min_samples and target_rel_stderr is not None
-                and sd / math.sqrt(n) <= target_rel_stderr * abs(g_trace + mean)):
-            break
-        if n >= max_samples:
-            break
-    mean, sd = _mean_and_sd(values)
-    n = len(values)
+    spread: List[float] = []
+
+    def draw(k: int) -> float:
+        z = rademacher(op, seed, k)
+        value = float(torch.dot(z.double(), op.hvp(z).double())) - ggn.quadratic(z)
+        spread.append(value)
+        return value
+
+    mean, stderr, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, offset=g_trace)
+    _, sd = _mean_and_sd(spread)
     now = time.perf_counter()
     return GGNTraceResult(
-        value=g_trace + mean, stderr=sd / math.sqrt(n), samples=n, seconds=now - started,
+        value=g_trace + mean, stderr=stderr, samples=n, seconds=now - started,
         ggn_trace=g_trace, residual_trace=mean, probe_sd=sd, hvps=op.hvp_count - hvps_before,
         ggn_products=ggn.product_count, ggn_trace_backwards=ggn.trace_backwards,
         setup_backwards=ggn.setup_backwards, setup_seconds=ggn.setup_seconds,

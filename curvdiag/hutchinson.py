@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -47,7 +47,7 @@ def rademacher_products(operator: Any, seed: int) -> Iterator[Tuple[torch.Tensor
     op = as_operator(operator)
     k = 0
     while True:
-        z = random_vector(op.size, seed * 1_000_003 + k, op.device, op.dtype, kind="rademacher")
+        z = rademacher(op, seed, k)
         yield z, op.matvec(z)
         k += 1
 
@@ -59,6 +59,40 @@ def _mean_and_stderr(values: List[float]) -> Tuple[float, float]:
         return mean, float("inf")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def sequential_mean(
+    draw: Callable[[int], float],
+    samples: Optional[int] = None,
+    target_rel_stderr: Optional[float] = 0.01,
+    min_samples: int = 10,
+    max_samples: int = 1000,
+    offset: float = 0.0,
+) -> Tuple[float, float, int]:
+    """Mean and standard error of ``draw(0), draw(1), ...``: a fixed count with ``samples``, else
+    until the standard error is at most ``target_rel_stderr``·|offset + mean| (after
+    ``min_samples``) or ``max_samples`` draws. Returns (mean, stderr, draws)."""
+    values: List[float] = []
+    while True:
+        values.append(draw(len(values)))
+        n = len(values)
+        if samples is not None:
+            if n >= samples:
+                break
+            continue
+        mean, se = _mean_and_stderr(values)
+        if n >= min_samples and target_rel_stderr is not None and se <= target_rel_stderr * abs(offset + mean):
+            break
+        if n >= max_samples:
+            break
+    mean, se = _mean_and_stderr(values)
+    return mean, se, len(values)
+
+
+def rademacher(operator: Any, seed: int, k: int) -> torch.Tensor:
+    """The k-th Rademacher probe of ``seed`` (the same vector on every device and process)."""
+    op = as_operator(operator)
+    return random_vector(op.size, seed * 1_000_003 + k, op.device, op.dtype, kind="rademacher")
 
 
 def hutchinson_trace(
@@ -73,23 +107,14 @@ def hutchinson_trace(
     the standard error is at most ``target_rel_stderr``·|estimate| (after ``min_samples``) or
     ``max_samples`` is reached."""
     started = time.perf_counter()
-    values: List[float] = []
-    products = rademacher_products(operator, seed)
-    while True:
-        z, az = next(products)
-        values.append(float(torch.dot(z, az)))
-        n = len(values)
-        if samples is not None:
-            if n >= samples:
-                break
-            continue
-        mean, se = _mean_and_stderr(values)
-        if n >= min_samples and target_rel_stderr is not None and se <= target_rel_stderr * abs(mean):
-            break
-        if n >= max_samples:
-            break
-    mean, se = _mean_and_stderr(values)
-    return TraceResult(mean, se, len(values), time.perf_counter() - started)
+    op = as_operator(operator)
+
+    def draw(k: int) -> float:
+        z = rademacher(op, seed, k)
+        return float(torch.dot(z, op.matvec(z)))
+
+    mean, se, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples)
+    return TraceResult(mean, se, n, time.perf_counter() - started)
 
 
 def hutchinson_diag(operator: Any, samples: int = 100, seed: int = 0,

@@ -15,6 +15,7 @@ import torch
 from curvdiag import __version__
 from curvdiag.errors import BadInput, CurvdiagError, ProbeFailed
 from curvdiag.directional import directional_curvature
+from curvdiag.ggn_trace import GGNNotApplicable, ggn_control_variate_trace
 from curvdiag.glass import glass_probe
 from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.loading import Target
@@ -23,6 +24,8 @@ from curvdiag.sharpness import SharpnessResult, lambda_max, preconditioned_lambd
 from curvdiag.stability import stability_margin
 
 PROBES = ("lambda_max", "hessian_trace", "hessian_diag", "directional_curvature", "glass", "power_law")
+# Three probes give a noisy s.d. (1.1% rms error at a 1% target on the tanh MLP); ten give 0.7%.
+GGN_MIN_SAMPLES = 10
 # Reported with lambda_max: the preconditioned sharpness (Adam) and the stability margin.
 COMPANIONS = ("preconditioned_lambda_max", "eos")
 
@@ -237,9 +240,22 @@ def _run_sharpness(target: Target, op: CurvatureOperator, s: ProbeSettings, prob
 
 
 def _run_trace(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
-    result = hutchinson_trace(op, samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
-    probes["hessian_trace"] = {"value": result.value, "stderr": result.stderr, "samples": result.samples,
-                               "estimator": result.estimator, "seconds": result.seconds}
+    """The exact Gauss-Newton control variate where the model is covered (DESIGN §3.3), else
+    plain Hutchinson; the entry names the estimator and, for the fallback, why."""
+    kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
+    fallback_reason = None
+    try:
+        result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES, **kwargs)
+    except GGNNotApplicable as exc:
+        fallback_reason = f"Gauss-Newton control variate not applicable: {exc}"
+        result = hutchinson_trace(op, **kwargs)
+    entry = {"value": result.value, "stderr": result.stderr, "samples": result.samples,
+             "estimator": result.estimator, "seconds": result.seconds, "hvps": result.samples}
+    if fallback_reason:
+        entry["estimator_note"] = fallback_reason
+    else:
+        entry.update(ggn_trace=result.ggn_trace, residual_trace=result.residual_trace, probe_sd=result.probe_sd)
+    probes["hessian_trace"] = entry
 
 
 def _run_diag(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:

@@ -43,7 +43,8 @@ def test_probe_writes_the_json_contract(tmp_path):
     assert eos["optimizer"] == "momentum" and eos["threshold"] == pytest.approx(3.8 / 0.5)
     assert eos["ratio"] == pytest.approx(0.5 * probes["lambda_max"]["value"] / 3.8)
     assert probes["preconditioned_lambda_max"] == {"skipped": "not an Adam-family optimizer"}
-    assert {"value", "stderr", "samples"} <= set(probes["hessian_trace"])
+    assert {"value", "stderr", "samples", "estimator"} <= set(probes["hessian_trace"])
+    assert probes["hessian_trace"]["estimator"] == "hutchinson + exact Gauss-Newton control variate"
     assert {"name", "mean", "min", "max"} <= set(probes["hessian_diag"]["layers"][0])
     assert "STABLE" in result.output and "stable lr" in result.output
 
