@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from curvdiag import __version__
 from curvdiag.errors import BadInput, CurvdiagError
@@ -137,6 +137,94 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     render(report, console)
     if json_out is not None and not to_stdout:
         console.print(f"JSON report written to {json_out}", style="dim")
+
+
+@app.command()
+def train(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe file or module (not needed with --resume)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Start from this checkpoint (model and optimizer state); default: model() initialisation."),
+    steps: int = typer.Option(200, "--steps", help="Total optimizer steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override the learning rate of the recipe's optimizer."),
+    controller: str = typer.Option("none", "--controller", help="none, throttle, newton or clip (comma-separated with --compare)."),
+    compare: bool = typer.Option(False, "--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table."),
+    sharpness_every: int = typer.Option(0, "--sharpness-every", help="Measure λmax (all batches) every K steps; 0 never."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Write checkpoints/step_N.pt every K steps; 0 only final.pt."),
+    kappa: float = typer.Option(0.5, "--kappa", help="Throttle safety factor κ in (0, 1]."),
+    seed: int = typer.Option(0, "--seed", help="Seed (model init, data order of shuffling loaders, probes)."),
+    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Use only the first N batches of data() per epoch."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the stopped run in this directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Replay training with a curvature controller (and, with --compare, without) and log it."""
+    try:
+        _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
+               max_batches, out, resume, quiet)
+    except CurvdiagError as exc:
+        _fail(exc, debug)
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:
+        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                            hint="rerun with --debug for the traceback and report it"), debug)
+
+
+def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
+           max_batches, out, resume, quiet) -> None:
+    from curvdiag.run_report import render_comparison
+    from curvdiag.training import Trainer, TrainSettings, read_run
+
+    console = Console(quiet=quiet)
+    _check(0 < kappa <= 1, f"--kappa {kappa}: must lie in (0, 1]")
+    _check(sharpness_every >= 0 and checkpoint_every >= 0, "--sharpness-every and --checkpoint-every must be ≥ 0")
+    if resume is not None:
+        previous = read_run(resume)
+        settings = TrainSettings(**previous["settings"])
+        settings.steps = max(steps, settings.steps) if steps != 200 else settings.steps
+        final = torch_load_final(resume)
+        runs = [(previous["controller"], resume, previous["recipe"], previous.get("checkpoint"), settings, final)]
+    else:
+        _check(recipe is not None, "train needs a RECIPE (or --resume RUN_DIR)")
+        names = [c.strip() for c in controller.split(",") if c.strip()]
+        _check(bool(names), "--controller is empty")
+        _check(compare or len(names) == 1, "several controllers need --compare")
+        base = out or Path("runs") / Path(recipe).stem
+        if compare:
+            names = ["none"] + [n for n in names if n != "none"]
+        runs = []
+        for name in names:
+            settings = TrainSettings(steps=steps, lr=lr, controller=name, seed=seed, sharpness_every=sharpness_every,
+                                     checkpoint_every=checkpoint_every, kappa=kappa, max_batches=max_batches)
+            where = (base / ("baseline" if name == "none" else name)) if compare else base
+            runs.append((name, where, recipe, str(checkpoint) if checkpoint else None, settings, None))
+    summaries = []
+    for name, where, recipe_spec, ckpt, settings, state in runs:
+        trainer = Trainer(recipe_spec, ckpt, where, settings, resume_state=state)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
+                      disable=quiet) as progress:
+            task = progress.add_task(f"train [{name}]", total=settings.steps, completed=trainer.start_step, info="")
+
+            def on_step(record, task=task, progress=progress):
+                progress.update(task, completed=record["step"] + 1,
+                                info=f"loss {record['loss']:.4g} · lr {record['lr']:.3g} · throttle {record['throttle']:.3g}")
+
+            summary = trainer.run(on_step=on_step, append=state is not None)
+        summaries.append((name, where, summary))
+        if summary.interrupted:
+            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {where}")
+            raise typer.Exit(code=130)
+    render_comparison(summaries, console)
+
+
+def torch_load_final(run_dir: Path) -> dict:
+    """The state a stopped run left in RUN_DIR/final.pt, read safely."""
+    from curvdiag.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(Path(run_dir) / "final.pt")
+    return {"path": checkpoint.path, "model_state": checkpoint.model_state,
+            "optimizer_state": checkpoint.optimizer_state, "step": checkpoint.step, "resume": True}
 
 
 def _version_callback(value: bool) -> None:

@@ -61,6 +61,35 @@ def _lacks_double_backward(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, NotImplementedError)) and any(t in text for t in _NO_DOUBLE_BACKWARD)
 
 
+@contextlib.contextmanager
+def preserved_state(model: torch.nn.Module, train_mode: bool) -> Iterator[None]:
+    """Evaluate ``model`` in eval mode (or train mode with dropout off) and leave it as it was.
+
+    Each buffer is swapped for a copy during the block and the original put back afterwards:
+    BatchNorm may update the copy (train mode), the original is never written, and a graph that
+    saved the copy stays valid for later products. Every module's mode is restored.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    swapped = []
+    for m in model.modules():
+        for name, buffer in list(m._buffers.items()):
+            if buffer is not None:
+                swapped.append((m, name, buffer))
+                m._buffers[name] = buffer.clone()
+    try:
+        model.train(train_mode)
+        if train_mode:
+            for m in model.modules():
+                if isinstance(m, _DROPOUT):
+                    m.eval()
+        yield
+    finally:
+        for m, name, buffer in swapped:
+            m._buffers[name] = buffer
+        for m, mode in modes:
+            m.training = mode
+
+
 class CurvatureOperator:
     """Loss, gradient and HVP of a model's sample-weighted mean loss over a list of batches.
 
@@ -170,32 +199,9 @@ class CurvatureOperator:
 
     @contextlib.contextmanager
     def _probing(self) -> Iterator[None]:
-        """Set the probing mode; afterwards restore every buffer and every module's mode.
-
-        Each buffer is swapped for a copy during the forward pass and the original put back
-        afterwards: BatchNorm may update the copy (train mode), the original is never written,
-        and a graph that saved the copy stays valid for later products.
-        """
-        modes = [(m, m.training) for m in self.model.modules()]
-        swapped = []
-        for m in self.model.modules():
-            for name, buffer in list(m._buffers.items()):
-                if buffer is not None:
-                    swapped.append((m, name, buffer))
-                    m._buffers[name] = buffer.clone()
-        try:
-            self.model.train(self.train_mode)
-            if self.train_mode:
-                for m in self.model.modules():
-                    if isinstance(m, _DROPOUT):
-                        m.eval()
-            with self._attention_context():
-                yield
-        finally:
-            for m, name, buffer in swapped:
-                m._buffers[name] = buffer
-            for m, mode in modes:
-                m.training = mode
+        """Set the probing mode; afterwards restore every buffer and every module's mode."""
+        with preserved_state(self.model, self.train_mode), self._attention_context():
+            yield
 
     def _batch_loss(self, batch: Any) -> torch.Tensor:
         loss = self.loss_fn(self.model, batch)

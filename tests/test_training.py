@@ -1,0 +1,204 @@
+"""Controllers against closed forms and hand computations; the replay loop's promises:
+divergence handling, determinism, resume, interruption, --compare."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from curvdiag import controllers
+from curvdiag.adapters import CurvatureThrottle, NewtonLearningRate, apply_factor
+from curvdiag.cli import app
+from curvdiag.training import Trainer, TrainSettings
+from conftest import RECIPES, quadratic_spectrum
+
+TINY = str(RECIPES / "tiny_mlp.py")
+
+
+class QuadraticModel(torch.nn.Module):
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+        self.theta = torch.nn.Parameter(torch.linspace(-1, 1, A.shape[0], dtype=A.dtype))
+
+    def loss(self):
+        return 0.5 * self.theta @ self.A @ self.theta
+
+
+def test_throttle_factor_on_a_quadratic_equals_the_closed_form():
+    A = quadratic_spectrum([0.5, 1.0, 4.0, 10.0], seed=1)
+    model = QuadraticModel(A)
+    lr, kappa = 0.5, 0.5
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    throttle = CurvatureThrottle(optimizer, kappa=kappa, decay=0.0)
+    assert throttle.constant == 2.0
+    model.loss().backward()
+    theta0 = model.theta.detach().clone()
+    throttle.step(closure=model.loss)
+    assert throttle.factor == 1.0  # nothing measured before the first step
+    step = model.theta.detach() - theta0
+    expected_c = float((A @ step).norm() / step.norm())
+    assert throttle.curvature == pytest.approx(expected_c, rel=1e-10)
+    optimizer.zero_grad()
+    model.loss().backward()
+    throttle.step(closure=model.loss)
+    assert throttle.factor == pytest.approx(min(1.0, kappa * 2.0 / (lr * expected_c)), rel=1e-10)
+
+
+def test_throttle_state_machine_reacts_at_once_and_relaxes_slowly():
+    state = controllers.throttle_init()
+    state = controllers.throttle_update(state, 10.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    assert state.curvature == 10.0 and state.factor == pytest.approx(1.0)
+    state = controllers.throttle_update(state, 40.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    assert state.curvature == 40.0 and state.factor == pytest.approx(0.25)
+    state = controllers.throttle_update(state, 1.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    assert state.curvature == pytest.approx(36.0)  # relaxes by the decay, not to 1
+    state = controllers.throttle_update(state, None, lr=0.1, constant=2.0, kappa=0.5, decay=0.9, floor=100.0)
+    assert state.curvature == 100.0 and state.factor == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="kappa=1.5"):
+        controllers.throttle_update(state, 1.0, lr=0.1, constant=2.0, kappa=1.5)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_the_controller_changes_only_the_length_of_the_update(cls):
+    A = quadratic_spectrum([1.0, 2.0, 30.0], seed=2)
+    updates = []
+    for factor in (1.0, 0.3):
+        model = QuadraticModel(A)
+        optimizer = cls(model.parameters(), lr=0.1)
+        model.loss().backward()
+        before = model.theta.detach().clone()
+        apply_factor(optimizer, factor)
+        assert optimizer.param_groups[0]["lr"] == 0.1  # the scheduled value is put back
+        updates.append(model.theta.detach() - before)
+    plain, scaled = updates
+    cosine = float(plain @ scaled / (plain.norm() * scaled.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-12)
+    assert float(scaled.norm() / plain.norm()) == pytest.approx(0.3, rel=1e-9)
+
+
+def test_newton_iteration_against_a_hand_computation_on_a_quadratic():
+    # L(θ − αω) = L0 − α c0 + ½ α² k: c1 = c0 − α k, ΔL = α c0 − ½ α² k, α* = c0 / k.
+    c0, k, alpha, gamma = 3.0, 2.0, 0.5, 0.2
+    c1, loss0 = c0 - alpha * k, 10.0
+    look = loss0 - (alpha * c0 - 0.5 * alpha ** 2 * k)
+    star = c0 / k
+    expected = alpha * (1 + gamma * (star / alpha - 1))
+    for form in ("loss", "gradient"):
+        state = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=gamma,
+                                          eps=0.0 if form == "gradient" else 1e-12, form=form, max_growth=10.0)
+        assert state.alpha == pytest.approx(expected, rel=1e-9), form
+    # γ = 1 jumps to the line minimiser; the growth clamp caps it at 5%.
+    jump = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=1.0, max_growth=10.0)
+    assert jump.alpha == pytest.approx(star, rel=1e-6)
+    capped = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=1.0)
+    assert capped.alpha == pytest.approx(alpha * 1.05)
+    worse = controllers.newton_update(controllers.newton_init(alpha), loss0, loss0 + 1, c0, c1)
+    assert worse.alpha == pytest.approx(alpha * 0.1) and worse.backtracked == 1
+    skipped = controllers.newton_update(controllers.newton_init(alpha), loss0, loss0, 0.0, 0.0, eps=1e-9)
+    assert skipped.alpha == alpha and skipped.skipped == 1
+
+
+def test_newton_adapter_uses_the_lookahead_on_the_same_batch():
+    A = quadratic_spectrum([1.0, 2.0, 3.0], seed=3)
+    model = QuadraticModel(A)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    newton = NewtonLearningRate(optimizer, gamma=1.0)
+    newton.state = newton.state._replace()
+    loss = model.loss()
+    loss.backward()
+    g = model.theta.grad.clone()
+    newton.step(float(loss.detach()), model.loss)
+    star = float(g @ g / (g @ A @ g))  # line minimiser along ω = g
+    assert newton.state.alpha == pytest.approx(min(star, 0.1 * 1.05), rel=1e-9)
+    assert newton.curvature == pytest.approx(float(g @ A @ g / (g @ g)), rel=1e-9)
+
+
+def _run(tmp_path, name, **overrides):
+    settings = TrainSettings(**{"steps": 12, "controller": "none", **overrides})
+    trainer = Trainer(TINY, None, tmp_path / name, settings)
+    return trainer.run(), tmp_path / name
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_replay_is_deterministic_and_logs_the_contract(tmp_path):
+    first, a = _run(tmp_path, "a", controller="throttle", sharpness_every=5)
+    second, b = _run(tmp_path, "b", controller="throttle", sharpness_every=5)
+    assert _losses(a) == _losses(b)
+    record = json.loads((a / "metrics.jsonl").read_text().splitlines()[5])
+    assert {"step", "loss", "lr", "grad_norm", "update_norm", "directional_curvature", "throttle", "lambda_max"} <= set(record)
+    run = json.loads((a / "run.json").read_text())
+    assert {"controller", "steps_completed", "diverged", "final_loss", "best_loss"} <= set(run)
+    assert run["steps_completed"] == 12 and not run["diverged"]
+    state = torch.load(a / "final.pt", weights_only=True)
+    assert {"model", "optimizer", "step"} <= set(state) and state["step"] == 12
+
+
+def test_divergence_stops_cleanly_with_the_last_finite_state(tmp_path):
+    summary, run_dir = _run(tmp_path, "div", lr=1e4, steps=50)
+    assert summary.diverged and summary.steps_completed < 50
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["diverged"] is True and run["final_loss"] is None
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["diverged"] is True
+    state = torch.load(run_dir / "final.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_the_throttle_saves_a_least_squares_run_that_diverges_without_it(tmp_path):
+    recipe = str(RECIPES / "linear_regression.py")  # λmax = 18.3: GD diverges above lr 0.109
+    runs = {}
+    for controller in ("none", "throttle", "newton"):
+        runs[controller] = Trainer(recipe, None, tmp_path / controller,
+                                   TrainSettings(steps=60, lr=0.2, controller=controller)).run()
+    assert runs["none"].diverged
+    for controller in ("throttle", "newton"):
+        assert not runs[controller].diverged, controller
+        assert runs[controller].final_loss < 0.1 * runs[controller].initial_loss, controller
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    _run(tmp_path, "straight", steps=12)
+    _run(tmp_path, "stopped", steps=6)
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "12", "-q"])
+    assert result.exit_code == 0, result.output
+    assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-6)
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text())["steps_completed"] == 12
+
+
+def test_ctrl_c_leaves_a_readable_log_and_checkpoint(tmp_path):
+    trainer = Trainer(TINY, None, tmp_path / "int", TrainSettings(steps=20))
+
+    def interrupt(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    summary = trainer.run(on_step=interrupt)
+    assert summary.interrupted and summary.steps_completed == 4
+    assert len(_losses(tmp_path / "int")) == 5
+    assert json.loads((tmp_path / "int" / "run.json").read_text())["interrupted"] is True
+    assert torch.load(tmp_path / "int" / "final.pt", weights_only=True)["step"] == 4
+
+
+def test_cli_compare_writes_one_directory_per_controller(tmp_path):
+    result = CliRunner().invoke(app, ["train", TINY, "--steps", "5", "--controller", "throttle,clip", "--compare",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for name in ("baseline", "throttle", "clip"):
+        assert (tmp_path / name / "run.json").is_file()
+    assert "side by side" in result.output
+
+
+def test_cli_train_bad_inputs(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train", TINY, "--controller", "magic", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--controller magic" in bad.output
+    several = runner.invoke(app, ["train", TINY, "--controller", "throttle,clip", "--out", str(tmp_path)])
+    assert several.exit_code == 2 and "--compare" in several.output
+    missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not a curvdiag run directory" in missing.output
