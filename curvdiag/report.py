@@ -143,7 +143,8 @@ def _layer_table(r: ProbeReport) -> Optional[Table]:
         columns.append(("local h", lambda n: f"{glass[n]['h']:.3g}"))
         columns.append(("glass ρ", lambda n: f"{glass[n]['rho']:.3g}"))
     if power:
-        columns.append(("p", lambda n: f"{_g(power[n]['p'], 3)} {p_interpretation(power[n]['p'])}"))
+        columns.append(("p", lambda n: "–" if power[n]["p"] is None or not math.isfinite(power[n]["p"])
+                        else f"{power[n]['p']:.2f} {p_interpretation(power[n]['p'])}"))
     if directional:
         columns.append(("C_t", lambda n: f"{directional[n]['value']:.3g}"))
     if not columns:
