@@ -137,6 +137,9 @@ def _layer_table(r: ProbeReport) -> Optional[Table]:
         columns.append(("diag H mean ± s.e.", lambda n: f"{diag[n]['mean']:.3g} ± {diag[n]['stderr']:.2g}"))
         if trace:
             columns.append(("share of tr H", lambda n: f"{100 * diag[n]['sum'] / trace:.0f}%"))
+    hesscale = _by_name(probes.get("hesscale_diag"))
+    if hesscale:
+        columns.append(("HesScale mean", lambda n: f"{hesscale[n]['mean']:.3g}{' (exact)' if hesscale[n]['exact'] else ''}"))
     if shares:
         columns.append(("top eigvec", lambda n: f"{100 * shares.get(n, 0.0):.0f}%"))
     if glass:

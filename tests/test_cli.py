@@ -153,3 +153,17 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and "curvdiag" in result.output
+
+
+def test_hesscale_probe_reports_exact_layers_or_why_it_does_not_apply(tmp_path):
+    result = runner.invoke(app, ["probe", TINY, "--probes", "hesscale_diag", "--json", "-", "-q", "--dtype", "float64"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)["probes"]["hesscale_diag"]
+    assert [layer["name"] for layer in entry["layers"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert "2.weight" in entry["exact_parameters"]
+    other = _recipe(tmp_path, GOOD_PARTS.replace("return torch.nn.Linear(3, 2)",
+                                                 "return torch.nn.Sequential(torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))")
+                    + "def loss(model, batch):\n    return F.mse_loss(model(batch[0]), batch[1])\n", "ln.py")
+    skipped = runner.invoke(app, ["probe", str(other), "--probes", "hesscale_diag", "--json", "-", "-q"])
+    assert skipped.exit_code == 0, skipped.output
+    assert json.loads(skipped.stdout)["probes"]["hesscale_diag"]["skipped"].startswith("not applicable: LayerNorm")
