@@ -45,9 +45,9 @@ def simulate_step(target: Target, op) -> Tuple[Optional[torch.Tensor], str]:
             try:
                 optimizer.load_state_dict(copy.deepcopy(state))
             except (ValueError, KeyError, RuntimeError) as exc:
-                note = f"checkpoint optimizer state not usable ({str(exc).splitlines()[0][:80]}): fresh state"
+                note = f"checkpoint optimizer state not usable, fresh state: {str(exc).splitlines()[0][:80]}"
         else:
-            note = "fresh optimizer state (the checkpoint has none)"
+            note = "fresh optimizer state: the checkpoint has none"
         if target.optimizer.lr is not None and "flags" in target.optimizer.source:
             for group in optimizer.param_groups:  # --lr overrides every group
                 group["lr"] = target.optimizer.lr
