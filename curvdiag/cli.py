@@ -57,6 +57,7 @@ def _check(condition: bool, message: str, hint: Optional[str] = None) -> None:
 
 @app.command()
 def probe(
+    ctx: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors)."),
     previous: Optional[Path] = typer.Option(None, "--previous", help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step)."),
@@ -79,18 +80,31 @@ def probe(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table (errors still go to stderr)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Run on N processes: relaunches this command under torchrun (python -m torch.distributed.run --nproc-per-node N)."),
+    dist_timeout: float = typer.Option(120.0, "--dist-timeout", help="Under several processes: seconds a rank waits for the others before the job fails."),
 ) -> None:
     """How close is this checkpoint to instability? λmax, edge-of-stability margin, trace, diagonal."""
+    from curvdiag import distributed
+
+    if nproc is not None:
+        try:
+            code = _relaunch_under_torchrun(ctx, nproc)
+        except CurvdiagError as exc:
+            _fail(exc, debug)
+        if code is not None:
+            raise typer.Exit(code=code)
     try:
+        distributed.init_from_env(device, dist_timeout)
         _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet)
     except CurvdiagError as exc:
-        _fail(exc, debug)
+        _fail_rank(exc, debug)
     except (KeyboardInterrupt, typer.Exit):
         raise
     except Exception as exc:  # a bug of ours or an unforeseen input: still one line
-        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
-                            hint="rerun with --debug for the traceback and report it"), debug)
+        _fail_rank(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                                 hint="rerun with --debug for the traceback and report it"), debug)
+    distributed.shutdown()  # only after success: a failed rank just exits, torchrun ends the others
 
 
 def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
@@ -109,22 +123,29 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     _check(glass_lambda > 0 and math.isfinite(glass_lambda), f"--glass-lambda {glass_lambda}: must be a positive number")
     _check(glass_samples >= 1, f"--glass-samples {glass_samples}: must be at least 1")
     _check(hvp_method in HVP_METHODS, f"--hvp-method {hvp_method}: unknown", f"choose one of {', '.join(HVP_METHODS)}")
+    from curvdiag import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
+    quiet = quiet or rank != 0  # only rank 0 prints, shows progress and writes files
     to_stdout = json_out is not None and str(json_out) == "-"
     console = Console(stderr=to_stdout, quiet=quiet)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[hvps]}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("loading recipe and checkpoint", hvps="")
         target = load_target(recipe, str(checkpoint) if checkpoint else None, max_batches=max_batches,
-                             device=device, dtype=dtype, lr=lr, optimizer_family=optimizer)
+                             device=distributed.device_for(device), dtype=dtype, lr=lr, optimizer_family=optimizer,
+                             rank=rank, world_size=world)
         theta_previous = load_previous_parameters(target, str(previous)) if previous else None
         progress.update(task, description=f"building the curvature operator ({len(target.batches)} batches)")
         op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
-                               train_mode=train_mode, hvp_method=hvp_method)
+                               train_mode=train_mode, hvp_method=hvp_method, distributed=world > 1)
         op.on_hvp = lambda count: progress.update(task, hvps=f"{count} HVPs")
         settings = ProbeSettings(probes=names, method=method, tol=tol, top_k=top_k, samples=samples, seed=seed,
                                  max_hvps=max_hvps, previous=theta_previous, glass_lambda=glass_lambda,
                                  glass_samples=glass_samples)
         report = run_probes(target, op, settings, progress=lambda name: progress.update(task, description=f"probe {name}"))
+    if rank != 0:
+        return
     document = json.dumps(_finite_or_none(report.to_json()), indent=2)
     if to_stdout:
         sys.stdout.write(document + "\n")
@@ -137,6 +158,89 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     render(report, console)
     if json_out is not None and not to_stdout:
         console.print(f"JSON report written to {json_out}", style="dim")
+
+
+def _fail_rank(exc: CurvdiagError, debug: bool) -> None:
+    """``_fail`` in one process; under torchrun one line on stderr prefixed by ``rank R:`` from every
+    failing rank (torchrun's agent then ends the job), recorded for the ``--nproc`` launcher."""
+    from rich.markup import escape
+
+    from curvdiag import distributed
+
+    if not distributed.launched_by_torchrun():
+        _fail(exc, debug)
+    rank = distributed.env_rank()
+    distributed.record_failure(rank, exc.exit_code, exc.message,
+                               communication=isinstance(exc, distributed.CommunicationError))
+    if debug:
+        raise exc
+    err = Console(stderr=True, highlight=False)
+    err.print(f"rank {rank}: [bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
+    if exc.hint:
+        err.print(f"rank {rank}: hint: {exc.hint}", markup=False, soft_wrap=True)
+    raise typer.Exit(code=exc.exit_code)
+
+
+def _forwarded_args(ctx: typer.Context, drop: tuple = ("nproc",)) -> list:
+    """The command line of this invocation rebuilt from its parsed parameters (minus ``drop``)."""
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop:
+            continue
+        if getattr(param, "param_type_name", "option") == "argument":
+            if value is not None:
+                args.append(str(value))
+        elif value is not None and value != param.default:
+            if getattr(param, "is_flag", False):
+                if value or param.secondary_opts:
+                    args.append(param.opts[0] if value else param.secondary_opts[0])
+            else:
+                args += [param.opts[0], str(value)]
+    return args
+
+
+def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
+    """``--nproc N``: run ``python -m torch.distributed.run --standalone --nproc-per-node N -m curvdiag
+    probe <the same arguments>`` and return its exit status (the failing rank's own status and one
+    summary line naming it when a rank failed); None for N = 1 (run here)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from rich.markup import escape
+
+    from curvdiag import distributed
+
+    _check(nproc >= 1, f"--nproc {nproc}: must be at least 1")
+    _check(not distributed.launched_by_torchrun(), "--nproc inside a torchrun job",
+           "drop --nproc: torchrun already started the processes")
+    if nproc == 1:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "curvdiag", "probe", *_forwarded_args(ctx)]
+    with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
+        env = dict(os.environ, **{distributed.STATUS_DIR_ENV: status_dir})
+        process = subprocess.Popen(command, env=env)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # torchrun got the SIGINT too and stops its workers
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+        if code == 0:
+            return 0
+        failure = distributed.first_failure(Path(status_dir))
+    err = Console(stderr=True, highlight=False)
+    if failure is None:
+        err.print(f"[bold red]error:[/] the {nproc}-process job failed (torchrun exit status {code}) before any "
+                  "rank reported a cause; see the output above", markup=True, soft_wrap=True)
+        return 1
+    err.print(f"[bold red]error:[/] rank {failure['rank']} failed: {escape(str(failure['message']))}", markup=True,
+              soft_wrap=True)
+    return int(failure.get("code") or 1)
 
 
 @app.command()
@@ -245,3 +349,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+from curvdiag import cli_plot as _cli_plot  # noqa: E402
+_cli_plot.register(app)

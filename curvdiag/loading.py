@@ -31,9 +31,14 @@ class Target:
     checkpoint: Optional[Checkpoint]
     device: torch.device
     dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+    sharding: Optional[str] = None  # how this rank's batches were chosen (curvdiag.distributed)
+    total_batches: Optional[int] = None  # the recipe's batches over all ranks, when known
 
     @property
     def num_samples(self) -> int:
+        """Samples in this rank's batches (all of them in one process)."""
         return sum(self.batch_sizes)
 
 
@@ -74,11 +79,14 @@ def load_target(
     dtype: Optional[str] = None,
     lr: Optional[float] = None,
     optimizer_family: Optional[str] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Target:
     """Build the recipe's model, load the checkpoint into it, collect the batches.
 
     Optimizer settings come from flags, else the checkpoint's optimizer state, else the
-    recipe's ``optimizer(params)``.
+    recipe's ``optimizer(params)``. With ``world_size`` > 1 only this rank's shard of the batches
+    is kept (:func:`curvdiag.distributed.shard_batches`; ``max_batches`` counts the whole stream).
     """
     if max_batches is not None and max_batches < 1:
         raise BadInput(f"--max-batches {max_batches}: must be at least 1")
@@ -95,18 +103,20 @@ def load_target(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise BadInput(f"recipe {recipe.name}: the model has no trainable parameters", hint="does model() freeze everything?")
+    from curvdiag.distributed import shard_batches
+
+    shard, sharding, total_batches = shard_batches(recipe, rank, world_size, max_batches=max_batches)
     batches, sizes = [], []
-    for batch in recipe.data():
-        if max_batches is not None and len(batches) >= max_batches:
-            break
+    for batch in shard:
         sizes.append(recipe.batch_size(batch))
         batches.append(move_batch(batch, torch_device, torch_dtype))
-    if not batches:
+    if not batches and world_size == 1:  # a rank may have no share; the operator checks the total
         raise BadInput(f"recipe {recipe.name}: data() yielded no batches")
     info = _optimizer_info(recipe, model, checkpoint)
     info = optimizer_state.apply_flags(info, lr, optimizer_family)
     return Target(recipe, model, batches, sizes, recipe.loss, info, checkpoint, torch_device,
-                  trainable[0].dtype)
+                  trainable[0].dtype, rank=rank, world_size=world_size, sharding=sharding,
+                  total_batches=total_batches)
 
 
 def _optimizer_info(recipe: Recipe, model: torch.nn.Module, checkpoint: Optional[Checkpoint]) -> OptimizerInfo:

@@ -17,6 +17,13 @@ With ``auto`` the first product is checked at start-up: a missing double backwar
 attention kernel retries with PyTorch's math attention backend (``fallback="math-attention"``),
 then finite differences (``fallback="finite-difference"``).
 
+Under several processes (``distributed=True``, DESIGN §2.5) each rank holds its shard of the
+batches; the weights are n_b / N with N the sample count over all ranks, and the loss with the
+gradient, each product and each ``gradient_at`` are summed over the ranks in one collective
+(``all_reduce``) each: every rank then holds the global numbers and takes the same decisions. At
+start-up one ``all_gather`` shares the ranks' batch and sample counts and checks that every rank
+built the same model with the same weights. In one process nothing is communicated.
+
 Probing never changes the model: eval mode by default (``train_mode=True`` uses batch statistics
 while keeping dropout off), buffers such as BatchNorm running statistics are restored after
 every forward pass, ``.grad`` fields are never written, and the modules' modes are restored.
@@ -102,6 +109,9 @@ class CurvatureOperator:
         hvp_method: one of ``HVP_METHODS``.
         max_kept_batches: above this many batches ``auto`` uses ``double-backward``.
         fd_step: h for finite differences along a unit vector.
+        distributed: sum over the ranks of the initialised process group (``batches`` is this
+            rank's shard; see :mod:`curvdiag.distributed`). Every rank must construct the operator
+            and call the same products in the same order.
     """
 
     def __init__(
@@ -115,20 +125,26 @@ class CurvatureOperator:
         hvp_method: str = "auto",
         max_kept_batches: int = 32,
         fd_step: float = 3e-3,
+        distributed: bool = False,
     ):
         if hvp_method not in HVP_METHODS:
             raise BadInput(f"hvp method {hvp_method!r} unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
+        from curvdiag import distributed as dist
+
+        self.distributed = bool(distributed) and dist.is_distributed()
+        dist.check_supported(model)
         self.model = model
         self.batches = list(batches)
-        if not self.batches:
+        if not self.batches and not self.distributed:  # a rank may have no share: checked below
             raise BadInput("no batches to probe", hint="the recipe's data() returned nothing")
         self.loss_fn = loss_fn
         sizes = list(batch_sizes) if batch_sizes is not None else [1] * len(self.batches)
         if len(sizes) != len(self.batches):
             raise ValueError("batch_sizes must have one entry per batch")
         self.batch_sizes = sizes
-        self.num_samples = int(sum(sizes))
-        self.weights = [s / self.num_samples for s in sizes]
+        self.rank, self.world_size = (dist.rank(), dist.world_size()) if self.distributed else (0, 1)
+        self.num_batches = len(self.batches)  # over all ranks (set below when distributed)
+        self.num_samples = int(sum(sizes))  # over all ranks: N of the weights n_b / N
         self.train_mode = train_mode
         self.fd_step = fd_step
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -142,6 +158,9 @@ class CurvatureOperator:
         self.size = self.num_params  # the linear-operator interface of curvdiag.linear_operator
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
+        if self.distributed:
+            self._agree_on_start()
+        self.weights = [s / self.num_samples for s in sizes]
         self.hvp_count = 0
         self.gradient_count = 0
         self.on_hvp: Optional[Callable[[int], None]] = None  # called with hvp_count after each product
@@ -159,39 +178,101 @@ class CurvatureOperator:
             self._prepare()
 
     # ------------------------------------------------------------------ set-up
+    def _agree_on_start(self) -> None:
+        """One all_gather of (batches, samples, parameters, weight fingerprint) per rank: global
+        counts, and the same BadInput on every rank when the ranks' models differ."""
+        from curvdiag import distributed as dist
+
+        fingerprint = 0.0
+        with torch.no_grad():
+            tensors = list(self.params) + [b for b in self.model.buffers() if b.is_floating_point()]
+            for k, t in enumerate(tensors):
+                t = t.detach().double()
+                fingerprint += (k + 1) * float(t.sum() + 0.5 * t.square().sum())
+        row = torch.tensor([len(self.batches), sum(self.batch_sizes), self.num_params, fingerprint],
+                           dtype=torch.float64, device=self.device)
+        table = dist.all_gather_rows(row).cpu().tolist()  # the same table on every rank
+        first = table[0]
+        for r, (_, _, params, print_) in enumerate(table):
+            if int(params) != int(first[2]):
+                raise BadInput(f"the ranks built different models: rank 0 has {int(first[2]):,} trainable "
+                               f"parameters, rank {r} {int(params):,}", hint="model() must build the same model on every rank")
+            if abs(print_ - first[3]) > 1e-9 * max(1.0, abs(first[3])):
+                raise BadInput(f"rank {r}'s weights differ from rank 0's: model() is not deterministic and no "
+                               "checkpoint sets the weights",
+                               hint="pass --checkpoint, or seed model() (torch.manual_seed) so every rank builds the same weights")
+        self.num_batches = int(sum(entry[0] for entry in table))
+        self.num_samples = int(sum(entry[1] for entry in table))
+        if self.num_batches == 0:
+            raise BadInput("no batches to probe on any rank", hint="the recipe's data() returned nothing")
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks (one collective), in place; the tensor itself in one process."""
+        if self.distributed:
+            from curvdiag.distributed import all_reduce_sum
+
+            all_reduce_sum(tensor)
+        return tensor
+
+    def _reduce_loss_and_gradient(self, loss: float, gradient: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """(Σ_ranks loss, Σ_ranks gradient) in one collective on [gradient, loss] (the loss travels
+        in the parameters' dtype: float32 rounding, 1e-7 relative, for a float32 model)."""
+        if not self.distributed:
+            return loss, gradient
+        buffer = self._reduce(torch.cat([gradient, gradient.new_tensor([loss])]))
+        return float(buffer[-1]), buffer[:-1]
+
     def _prepare(self) -> None:
+        self._finish_prepare(*self._local_prepare())
+
+    def _local_prepare(self) -> Tuple[float, torch.Tensor]:
+        """This rank's loss and gradient (not yet summed over ranks), keeping the graph if asked."""
         if self.hvp_method == "kept-graph":
-            self._build_kept_graph()
-        else:
-            self._kept_gradient = None
-            self._loss, self._gradient = self._loss_and_gradient()
+            return self._build_kept_graph()
+        self._kept_gradient = None
+        return self._local_loss_and_gradient()
+
+    def _finish_prepare(self, loss: float, gradient: torch.Tensor) -> None:
+        self._loss, self._gradient = self._reduce_loss_and_gradient(loss, gradient)
         if not math.isfinite(self._loss):
             raise BadInput(f"the loss is not finite ({self._loss}) at these weights",
                            hint="the run had already diverged here; probe an earlier checkpoint")
         if self.hvp_method == "finite-difference":
             self._estimate_finite_difference_error()
 
+    def _try_exact(self, probe: torch.Tensor) -> Tuple[Optional[Tuple[float, torch.Tensor]], Optional[BaseException]]:
+        """Local set-up and one local product: (local loss and gradient, None), or (None, error)
+        when a kernel has no double backward. Under several ranks all of them agree on the outcome
+        (one collective), so every rank takes the same branch and issues the same collectives."""
+        local, failure = None, None
+        try:
+            local = self._local_prepare()
+            self._local_hvp(probe)
+        except Exception as exc:
+            if not _lacks_double_backward(exc):
+                raise
+            local, failure = None, exc
+        if self.distributed:
+            flag = self._reduce(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
+            if float(flag[0]) > 0 and failure is None:
+                local, failure = None, RuntimeError("another rank: a kernel has no double backward")
+        return local, failure
+
     def _prepare_with_fallback(self) -> None:
         """Build, then check one product; on a missing double backward fall back (DESIGN §3)."""
         probe = torch.ones(self.num_params, device=self.device, dtype=self.dtype)
-        try:
-            self._prepare()
-            self._exact_hvp(probe)
+        local, failure = self._try_exact(probe)
+        if failure is None:
+            self._finish_prepare(*local)
             return
-        except Exception as exc:
-            if not _lacks_double_backward(exc):
-                raise
-            self.fallback_reason = str(exc).strip().splitlines()[0][:200]
+        self.fallback_reason = str(failure).strip().splitlines()[0][:200]
         self._kept_gradient = None
         self._attention_context = _math_attention
-        try:
-            self._prepare()
-            self._exact_hvp(probe)
+        local, failure = self._try_exact(probe)
+        if failure is None:
             self.fallback = "math-attention"
+            self._finish_prepare(*local)
             return
-        except Exception as exc:
-            if not _lacks_double_backward(exc):
-                raise
         self._attention_context = contextlib.nullcontext
         self.hvp_method = "finite-difference"
         self.fallback = "finite-difference"
@@ -220,7 +301,8 @@ class CurvatureOperator:
                 grad_outputs=None if grad_outputs is None else [grad_outputs[i] for i in keep], **kw)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
-    def _build_kept_graph(self) -> None:
+    def _build_kept_graph(self) -> Tuple[float, torch.Tensor]:
+        """Keep this rank's gradient graph; return its (loss, flat gradient), not summed over ranks."""
         total_loss = 0.0
         gradient: Optional[List[torch.Tensor]] = None
         with self._probing():
@@ -231,12 +313,17 @@ class CurvatureOperator:
                 # Weighted sum of per-batch gradients: one graph, one backward per product.
                 scaled = [weight * g for g in grads]
                 gradient = scaled if gradient is None else [a + b for a, b in zip(gradient, scaled)]
+        if gradient is None:  # a rank without batches contributes nothing
+            gradient = [torch.zeros_like(p) for p in self.params]
         self._kept_gradient = gradient
-        self._loss = total_loss
-        self._gradient = self.flatten([g.detach() for g in gradient])
         self.gradient_count += 1
+        return total_loss, self.flatten([g.detach() for g in gradient])
 
     def _loss_and_gradient(self) -> tuple:
+        """(L, G) at the current parameters, summed over ranks (one collective)."""
+        return self._reduce_loss_and_gradient(*self._local_loss_and_gradient())
+
+    def _local_loss_and_gradient(self) -> tuple:
         total_loss = 0.0
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
         with self._probing():
@@ -306,6 +393,10 @@ class CurvatureOperator:
         return self.hvp(v)
 
     def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        return self._reduce(self._local_hvp(v))
+
+    def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's share of H v."""
         pieces = self.unflatten(v)
         if self._kept_gradient is not None:
             return self.flatten(self._grad(self._kept_gradient, self.params, pieces, retain_graph=True))
@@ -319,6 +410,9 @@ class CurvatureOperator:
     def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """(L(θ'), G(θ')) at other parameters θ' (flat, shape (num_params,)), on the same batches
         and in the same mode; the model's parameters are restored exactly afterwards."""
+        return self._reduce_loss_and_gradient(*self._local_gradient_at(theta))
+
+    def _local_gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         if theta.shape != (self.num_params,):
             raise ValueError(f"expected a vector of shape ({self.num_params},), got {tuple(theta.shape)}")
         originals = [p.detach().clone() for p in self.params]
@@ -326,7 +420,7 @@ class CurvatureOperator:
             with torch.no_grad():
                 for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
                     p.copy_(value)
-            return self._loss_and_gradient()
+            return self._local_loss_and_gradient()
         finally:
             with torch.no_grad():
                 for p, o in zip(self.params, originals):
@@ -337,10 +431,10 @@ class CurvatureOperator:
         if norm == 0.0:
             return torch.zeros_like(v)
         theta, direction = self.parameters_vector(), v / norm
-        _, plus = self.gradient_at(theta + step * direction)
-        _, minus = self.gradient_at(theta - step * direction)
+        _, plus = self._local_gradient_at(theta + step * direction)
+        _, minus = self._local_gradient_at(theta - step * direction)
         self.gradient_count -= 2  # products are counted as HVPs, not gradients
-        return (plus - minus) * (norm / (2.0 * step))
+        return self._reduce(plus - minus) * (norm / (2.0 * step))
 
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""

@@ -198,8 +198,11 @@ def run_probes(
             "finite_difference_step": op.finite_difference.step if op.finite_difference else None,
             "finite_difference_error_estimate": op.finite_difference.relative_error_estimate if op.finite_difference else None,
             "mode": "train" if op.train_mode else "eval",
-            "batches": len(op.batches),
-            "samples": op.num_samples,
+            # Over all ranks: the recipe's batches (split ones count once), and all samples.
+            "batches": target.total_batches if target.total_batches is not None else op.num_batches,
+            "samples": op.num_samples,  # over all ranks
+            "world_size": op.world_size,
+            "sharding": target.sharding,
             "device": str(op.device),
             "dtype": str(op.dtype).replace("torch.", ""),
             "hvps": op.hvp_count,
@@ -247,6 +250,9 @@ def _run_trace(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[s
     kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
     fallback_reason = None
     try:
+        if op.world_size > 1:
+            raise GGNNotApplicable(f"not supported across {op.world_size} processes yet (it evaluates each batch "
+                                   "outside the curvature operator, which is what sums over ranks)")
         result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES, **kwargs)
     except GGNNotApplicable as exc:
         fallback_reason = f"Gauss-Newton control variate not applicable: {exc}"
@@ -278,6 +284,11 @@ def _run_hesscale(op: CurvatureOperator, probes: Dict[str, Dict[str, Any]]) -> N
     entry says why it does not apply, never a wrong number."""
     from curvdiag.hesscale import HesScaleNotApplicable, hesscale_diag
 
+    if op.world_size > 1:
+        probes["hesscale_diag"] = {"skipped": f"HesScale is not supported across {op.world_size} processes yet "
+                                              "(its recursion evaluates each batch outside the curvature operator, "
+                                              "which is what sums over ranks): run it in one process"}
+        return
     try:
         result = hesscale_diag(op)
     except HesScaleNotApplicable as exc:

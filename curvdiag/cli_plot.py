@@ -1,0 +1,148 @@
+"""``curvdiag plot`` and ``curvdiag report``: figures and a self-contained HTML page for a run
+directory or a probe report (DESIGN §1). A thin layer over :mod:`curvdiag.plots` and
+:mod:`curvdiag.html_report`; ``register(app)`` adds the commands to the main typer app.
+
+matplotlib is imported only when a command runs, so the other commands start as fast as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from curvdiag.errors import BadInput, CurvdiagError
+
+FORMATS = ("png", "svg", "pdf")
+
+
+def _default_plot_dir(source: Path) -> Path:
+    """RUN_DIR/plots for a run directory, REPORT_plots/ beside a report JSON."""
+    if source.is_dir():
+        return source / "plots"
+    if source.name in ("run.json", "metrics.jsonl"):
+        return source.parent / "plots"
+    return source.with_name(source.stem + "_plots")
+
+
+def _default_report_path(source: Path) -> Path:
+    if source.is_dir():
+        return source / "report.html"
+    if source.name in ("run.json", "metrics.jsonl"):
+        return source.parent / "report.html"
+    return source.with_suffix(".html")
+
+
+def _check_dpi(dpi: int) -> None:
+    if dpi < 10 or dpi > 1200:
+        raise BadInput(f"--dpi {dpi}: must lie in [10, 1200]")
+
+
+def save_figures(figures, directory: Path, fmt: str = "png", dpi: int = 150) -> List[Path]:
+    """Save a :class:`curvdiag.plots.FigureSet` as DIRECTORY/<name>.<fmt>; return the paths."""
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
+    _check_dpi(dpi)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"--out {directory}: cannot create the directory ({exc.strerror or exc})") from exc
+    written: List[Path] = []
+    for name, figure in figures.figures.items():
+        path = directory / f"{name}.{fmt}"
+        try:
+            # No "Creator"/"Software" metadata: it would carry matplotlib's web address.
+            figure.savefig(path, format=fmt, dpi=dpi, metadata={"Creator": None} if fmt in ("svg", "pdf") else {"Software": None})
+        except OSError as exc:
+            raise BadInput(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        finally:
+            figure.clf()
+        written.append(path)
+    return written
+
+
+def write_report_figures(report: dict, directory: Path, fmt: str = "png", dpi: int = 150) -> tuple:
+    """Figures for a probe report held in memory (``ProbeReport.to_json()``), for ``probe --plots DIR``.
+    Returns (paths written, {figure: reason skipped})."""
+    from curvdiag.plots import report_figures, report_title
+
+    figures = report_figures(report, report_title(report))
+    return save_figures(figures, Path(directory), fmt, dpi), figures.skipped
+
+
+def write_figures(source: Path, out: Optional[Path], fmt: str, dpi: int) -> tuple:
+    """Save every figure for ``source`` as OUT/<name>.<fmt>; return (paths, skipped, out dir)."""
+    from curvdiag.plots import figures_for, load_source
+
+    if fmt.lower().lstrip(".") not in FORMATS:  # before reading anything
+        raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
+    _check_dpi(dpi)
+    loaded = load_source(source)
+    directory = out if out is not None else _default_plot_dir(Path(source))
+    figures = figures_for(loaded)
+    return save_figures(figures, directory, fmt, dpi), figures.skipped, directory
+
+
+def plot(
+    source: Path = typer.Argument(..., help="A run directory (curvdiag train --out), a --compare directory, or a report JSON (curvdiag probe --json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the figures (default: RUN_DIR/plots, or REPORT_plots/ beside the JSON)."),
+    fmt: str = typer.Option("png", "--format", "-f", help="png, svg or pdf."),
+    dpi: int = typer.Option(150, "--dpi", help="Resolution of PNG figures."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Figures for a training run or a probe report: one file per figure."""
+    from curvdiag.cli import _fail
+
+    try:
+        written, skipped, directory = write_figures(source, out, fmt, dpi)
+        if written:
+            typer.echo(f"{len(written)} figure{'s' if len(written) != 1 else ''} written to {directory}:")
+            for path in written:
+                typer.echo(f"  {path}")
+        else:
+            typer.echo(f"no figures: nothing in {source} could be plotted")
+        for name, reason in skipped.items():
+            typer.echo(f"  skipped {name}: {reason}")
+    except CurvdiagError as exc:
+        _fail(exc, debug)
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:  # a bug of ours or an unforeseen input: still one line
+        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                            hint="rerun with --debug for the traceback and report it"), debug)
+
+
+def report(
+    source: Path = typer.Argument(..., help="A run directory, a --compare directory, or a report JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html, or REPORT.html beside the JSON)."),
+    dpi: int = typer.Option(110, "--dpi", help="Resolution of the embedded PNG figures."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """One self-contained HTML page (verdict, tables, figures) that opens offline."""
+    from curvdiag.cli import _fail
+    from curvdiag.html_report import write_html_report
+    from curvdiag.plots import load_source
+
+    try:
+        _check_dpi(dpi)
+        loaded = load_source(source)
+        target = out if out is not None else _default_report_path(Path(source))
+        if target.exists() and target.is_dir():
+            raise BadInput(f"--out {target}: is a directory", hint="give a file name such as report.html")
+        path = write_html_report(loaded, target, dpi=dpi)
+        typer.echo(f"report written to {path}")
+    except CurvdiagError as exc:
+        _fail(exc, debug)
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:
+        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                            hint="rerun with --debug for the traceback and report it"), debug)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``plot`` and ``report`` to the curvdiag app."""
+    app.command("plot")(plot)
+    app.command("report")(report)

@@ -1,0 +1,356 @@
+"""Every figure for every kind of input, built from real `curvdiag train` / `curvdiag probe`
+output on the tiny test recipes, and the `curvdiag plot` command with its errors."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from curvdiag.cli import app
+from curvdiag.plots import (
+    NotPlottable,
+    figures_for,
+    load_source,
+    loss_figure,
+    read_runs,
+    report_figures,
+    sharpness_figure,
+)
+from conftest import RECIPES
+
+runner = CliRunner()
+LINEAR = str(RECIPES / "linear_regression.py")
+TINY = str(RECIPES / "tiny_mlp.py")
+RUN_FIGURES = {"loss", "learning_rate", "sharpness", "directional_curvature"}
+REPORT_FIGURES = {"eigenvalues", "spectral_density", "hessian_diag", "power_law", "glass"}
+
+_BUILT = {}
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _write(path: Path, document) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def build_inputs(root: Path) -> dict:
+    """Real run directories and probe reports (about 4 s on two cores), plus variants of the
+    report with skipped entries and an Adam-family threshold."""
+    inputs = {}
+    # A --compare run at a stable lr with λmax every 4 steps; the Newton rate moves η.
+    _cli("train", LINEAR, "--steps", 16, "--lr", 0.05, "--controller", "throttle,newton", "--compare",
+         "--sharpness-every", 4, "--out", root / "compare", "-q")
+    inputs["compare"] = root / "compare"
+    inputs["single"] = root / "compare" / "throttle"
+    # lr 5 is far above 2/λmax: the loss explodes at step 1.
+    _cli("train", LINEAR, "--lr", 5, "--steps", 20, "--out", root / "diverged", "-q")
+    inputs["diverged"] = root / "diverged"
+    # A run whose log ends in a non-finite loss (null) after a line cut short by a kill.
+    nan_run = root / "nan_tail"
+    nan_run.mkdir()
+    records = [{"step": 0, "loss": 2.0, "lr": 0.1, "base_lr": 0.1, "grad_norm": 1.0, "update_norm": 0.1,
+                "directional_curvature": None, "throttle": 1.0, "lambda_max": 3.0, "threshold": 20.0, "eos_ratio": 0.15},
+               {"step": 1, "loss": float("inf"), "lr": 0.1, "base_lr": 0.1, "grad_norm": float("nan"),
+                "update_norm": 0.1, "directional_curvature": 5.0, "throttle": 1.0},
+               {"step": 2, "loss": None, "diverged": True}]
+    lines = [json.dumps(r).replace("Infinity", "1e999") for r in records]
+    (nan_run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n{\"step\": 2, \"lo\n" + lines[2] + "\n")
+    _write(nan_run / "run.json", {"controller": "none", "steps_completed": 2, "diverged": True, "final_loss": None,
+                                  "best_loss": 2.0, "recipe": "my_recipe.py", "checkpoint": None})
+    inputs["nan_tail"] = nan_run
+
+    _cli("probe", TINY, "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
+    report = json.loads((root / "all.json").read_text())
+    if "spectral_density" not in report["probes"]:  # until probes.py runs it: the same code path
+        from curvdiag.loading import load_target
+        from curvdiag.operator import CurvatureOperator
+        from curvdiag.spectral_density import spectral_density
+
+        target = load_target(TINY, None)
+        op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
+        report["probes"]["spectral_density"] = spectral_density(op, steps=30, probes=2, seed=0).to_json()
+    inputs["report_all"] = _write(root / "all.json", report)
+
+    _cli("probe", TINY, "--probes", "hessian_diag", "--samples", 4, "--json", root / "single.json", "-q")
+    inputs["report_single"] = root / "single.json"
+
+    skipped = copy.deepcopy(report)
+    for name in ("hesscale_diag", "glass", "power_law", "spectral_density", "eos"):
+        skipped["probes"][name] = {"skipped": f"reason for {name}"}
+    del skipped["probes"]["hessian_diag"]
+    inputs["report_skipped"] = _write(root / "skipped.json", skipped)
+
+    adam = copy.deepcopy(report)
+    pre = copy.deepcopy(report["probes"]["lambda_max"])
+    pre.update(value=30.0, eigenvalues=[30.0], next_ritz_values=[29.0, 25.0])
+    adam["probes"]["preconditioned_lambda_max"] = pre
+    adam["probes"]["eos"].update(optimizer="adam", curvature="preconditioned_lambda_max", curvature_value=30.0,
+                                 constant=38.0, lr=1.0, threshold=38.0, ratio=30.0 / 38.0, status="stable")
+    inputs["report_adam"] = _write(root / "adam.json", adam)
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def plot_inputs(tmp_path_factory):
+    if not _BUILT:
+        _BUILT.update(build_inputs(tmp_path_factory.mktemp("plot_inputs")))
+    return _BUILT
+
+
+_FIGURES = {}
+
+
+@pytest.fixture(scope="session")
+def figure_sets(plot_inputs):
+    if not _FIGURES:
+        _FIGURES.update({name: figures_for(load_source(path)) for name, path in plot_inputs.items()})
+    return _FIGURES
+
+
+def _legend(ax):
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def _lines_labelled(ax, prefix):
+    return [line for line in ax.get_lines() if line.get_label().startswith(prefix)]
+
+
+def _check_labelled(figure, title_fragment):
+    assert title_fragment in figure._suptitle.get_text()
+    for ax in figure.axes:
+        assert ax.get_ylabel(), ax.get_title()
+        assert ax.get_title()
+        assert _legend(ax), ax.get_title()
+    assert figure.axes[-1].get_xlabel()
+
+
+# ------------------------------------------------------------------------------ run figures
+def test_compare_run_overlays_every_run_in_every_figure(plot_inputs, figure_sets):
+    figures = figure_sets["compare"]
+    assert set(figures.figures) == RUN_FIGURES and figures.skipped == {}
+    for figure in figures.figures.values():
+        _check_labelled(figure, "linear_regression · compare compare: baseline, throttle, newton")
+        legend = " ".join(_legend(figure.axes[0]))
+        assert all(name in legend for name in ("baseline", "throttle", "newton")), legend
+    assert figures.figures["loss"].axes[0].get_xlabel() == "step"
+    assert figures.figures["loss"].axes[0].get_ylabel() == "loss"
+    assert figures.figures["loss"].axes[0].get_yscale() == "log"  # MSE losses are positive
+
+
+def test_sharpness_figure_draws_lambda_max_and_the_threshold_two_over_lr(plot_inputs, figure_sets):
+    ax = figure_sets["compare"].figures["sharpness"].axes[0]
+    assert ax.get_ylabel() == "λ (curvature, 1/lr units)"
+    runs = read_runs(plot_inputs["compare"])
+    baseline = runs[0]
+    assert baseline.name == "baseline"
+    steps, values = baseline.series("lambda_max")
+    assert steps == [0, 4, 8, 12]
+    (line,) = _lines_labelled(ax, "baseline: λmax")
+    assert list(line.get_xdata()) == steps and list(line.get_ydata()) == pytest.approx(values)
+    # GD at constant η = 0.05: one horizontal line at 2/η = 40 labelled as such.
+    (threshold,) = _lines_labelled(ax, "stability threshold 2/η = 40")
+    assert list(threshold.get_ydata()) == pytest.approx([40.0, 40.0])
+    assert "baseline" in threshold.get_label()
+    # The Newton rate changes η, so its threshold is a curve 2/η_t over the steps.
+    (curve,) = _lines_labelled(ax, "newton: threshold 2/η_t")
+    newton = next(r for r in runs if r.name == "newton")
+    lr_steps, lrs = newton.series("lr")
+    assert list(curve.get_ydata()) == pytest.approx([2.0 / lr for lr in lrs])
+
+
+def test_single_run(figure_sets):
+    figures = figure_sets["single"]
+    assert set(figures.figures) == RUN_FIGURES
+    _check_labelled(figures.figures["learning_rate"], "run throttle (throttle)")
+    top, bottom = figures.figures["learning_rate"].axes
+    assert top.get_ylabel() == "learning rate η" and bottom.get_ylabel() == "η / η_base"
+    assert _lines_labelled(bottom, "factor 1")
+
+
+def test_run_that_diverged_after_one_step(plot_inputs, figure_sets):
+    figures = figure_sets["diverged"]
+    assert set(figures.figures) == {"loss", "learning_rate"}
+    assert "--sharpness-every" in figures.skipped["sharpness"]
+    assert "directional curvature" in figures.skipped["directional_curvature"]
+    ax = figures.figures["loss"].axes[0]
+    assert any("diverged at step 1" in text for text in _legend(ax))
+    vertical = [l for l in ax.get_lines() if list(l.get_xdata()) == [1, 1]]
+    assert vertical, "no line marking the step of divergence"
+    exploded = json.loads((plot_inputs["diverged"] / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    crosses = [l for l in ax.get_lines() if l.get_marker() == "X"]
+    assert crosses and crosses[0].get_ydata()[0] == pytest.approx(exploded)
+    assert ax.get_yscale() == "log"
+
+
+def test_non_finite_tail_and_a_cut_line_are_tolerated(plot_inputs, figure_sets):
+    (run,) = read_runs(plot_inputs["nan_tail"])
+    assert run.unreadable_lines == 1 and run.diverged and run.diverged_at == 2
+    assert run.series("loss") == ([0.0], [2.0])  # inf and null are dropped
+    figures = figure_sets["nan_tail"]
+    assert set(figures.figures) == RUN_FIGURES
+    assert "my_recipe" in figures.title
+    ax = figures.figures["sharpness"].axes[0]
+    (threshold,) = _lines_labelled(ax, "stability threshold 2/η = 20")
+
+
+def test_a_figure_without_its_data_says_why():
+    with pytest.raises(NotPlottable, match="no finite loss"):
+        loss_figure([], "t")
+    with pytest.raises(NotPlottable, match="--sharpness-every"):
+        sharpness_figure([], "t")
+
+
+# --------------------------------------------------------------------------- report figures
+def test_report_with_every_probe(plot_inputs, figure_sets):
+    figures = figure_sets["report_all"]
+    assert set(figures.figures) == REPORT_FIGURES and figures.skipped == {}
+    report = json.loads(plot_inputs["report_all"].read_text())
+    eos = report["probes"]["eos"]
+    for figure in figures.figures.values():
+        _check_labelled(figure, "initialisation (no checkpoint) · tiny_mlp")
+    # Eigenvalues against the momentum threshold 3.8/η.
+    ax = figures.figures["eigenvalues"].axes[0]
+    (threshold,) = _lines_labelled(ax, f"stability threshold 3.8/η = {eos['threshold']:.3g}")
+    assert threshold.get_ydata()[0] == pytest.approx(eos["threshold"])
+    (top,) = _lines_labelled(ax, "Hessian H: converged")
+    assert top.get_ydata()[0] == pytest.approx(report["probes"]["lambda_max"]["value"])
+    (following,) = _lines_labelled(ax, "Hessian H: next Ritz values")
+    assert list(following.get_ydata()) == pytest.approx(report["probes"]["lambda_max"]["next_ritz_values"])
+    assert "stable" in ax.get_title()
+    # Hutchinson and HesScale side by side.
+    legend = " ".join(_legend(figures.figures["hessian_diag"].axes[0]))
+    assert "Hutchinson" in legend and "HesScale" in legend
+    # The p = 2 reference line.
+    ax = figures.figures["power_law"].axes[0]
+    (two,) = _lines_labelled(ax, "p = 2")
+    assert two.get_ydata()[0] == 2.0
+    # The density and its nodes; λmax of the SLQ support matches the Lanczos λmax.
+    density = report["probes"]["spectral_density"]
+    assert density["lambda_max"] == pytest.approx(report["probes"]["lambda_max"]["value"], rel=1e-3)
+    ax = figures.figures["spectral_density"].axes[0]
+    assert ax.get_yscale() == "log"
+    assert _lines_labelled(ax, "quadrature nodes") and _lines_labelled(ax, "stability threshold 3.8/η")
+
+
+def test_report_with_a_single_probe(figure_sets):
+    figures = figure_sets["report_single"]
+    assert set(figures.figures) == {"hessian_diag"}
+    for name in REPORT_FIGURES - {"hessian_diag"}:
+        assert "not in the report" in figures.skipped[name], figures.skipped
+    assert "add it to --probes" in figures.skipped["power_law"]
+
+
+def test_report_with_skipped_entries(figure_sets):
+    figures = figure_sets["report_skipped"]
+    assert set(figures.figures) == {"eigenvalues"}
+    assert figures.skipped["glass"] == "glass was skipped by the probe: reason for glass"
+    assert figures.skipped["spectral_density"] == "spectral_density was skipped by the probe: reason for spectral_density"
+    assert figures.skipped["hessian_diag"] == ("hessian_diag not in the report (probe not run: add it to --probes); "
+                                               "hesscale_diag was skipped by the probe: reason for hesscale_diag")
+    ax = figures.figures["eigenvalues"].axes[0]
+    assert any("no stability threshold: reason for eos" in t.get_text() for t in ax.texts)
+    assert not _lines_labelled(ax, "stability threshold")
+
+
+def test_adam_threshold_applies_to_the_preconditioned_sharpness(figure_sets):
+    figures = figure_sets["report_adam"]
+    ax = figures.figures["eigenvalues"].axes[0]
+    (threshold,) = _lines_labelled(ax, "stability threshold 38/η = 38 (on the preconditioned sharpness)")
+    (pre,) = _lines_labelled(ax, "preconditioned P^-1/2 H P^-1/2: converged")
+    assert pre.get_ydata()[0] == 30.0
+    # The density is of H, not of the preconditioned matrix: Adam's threshold is not drawn on it.
+    assert not _lines_labelled(figures.figures["spectral_density"].axes[0], "stability threshold")
+
+
+def test_spectral_density_from_nodes_only(plot_inputs):
+    report = json.loads(plot_inputs["report_all"].read_text())
+    entry = report["probes"]["spectral_density"]
+    del entry["grid"], entry["density"]
+    figures = report_figures(report, "t")
+    line = figures.figures["spectral_density"].axes[0].get_lines()[0]
+    xs, ys = line.get_xdata(), line.get_ydata()
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
+    assert area == pytest.approx(1.0, abs=0.01)
+
+
+# ------------------------------------------------------------------------------ the command
+@pytest.mark.parametrize("source, fmt, magic, names", [
+    ("report_all", "png", b"\x89PNG", REPORT_FIGURES),
+    ("diverged", "svg", b"<?xml", {"loss", "learning_rate"}),
+    ("diverged", "pdf", b"%PDF", {"loss", "learning_rate"}),
+])
+def test_plot_command_writes_one_file_per_figure(plot_inputs, tmp_path, source, fmt, magic, names):
+    out = tmp_path / fmt
+    result = _cli("plot", plot_inputs[source], "--out", out, "--format", fmt, "--dpi", 40)
+    files = sorted(out.iterdir())
+    assert {f.name for f in files} == {f"{name}.{fmt}" for name in names}
+    for f in files:
+        assert f.stat().st_size > 1000 and f.read_bytes().startswith(magic)
+        assert str(f) in result.output
+    assert f"{len(names)} figures written to {out}" in result.output
+
+
+def test_plot_command_defaults_and_skips(plot_inputs):
+    result = _cli("plot", plot_inputs["diverged"], "--dpi", 40)
+    out = plot_inputs["diverged"] / "plots"
+    assert {f.name for f in out.iterdir()} == {"loss.png", "learning_rate.png"}
+    assert "skipped sharpness: no λmax" in result.output
+    result = _cli("plot", plot_inputs["report_single"], "--dpi", 40, "--format", "SVG")
+    assert (plot_inputs["report_single"].parent / "single_plots" / "hessian_diag.svg").is_file()
+    # A run's run.json or metrics.jsonl stands for its directory.
+    assert load_source(plot_inputs["diverged"] / "run.json").path == plot_inputs["diverged"]
+    assert load_source(plot_inputs["compare"] / "newton" / "metrics.jsonl").title.endswith("run newton (newton)")
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_plot_command_bad_inputs(plot_inputs, tmp_path):
+    missing = tmp_path / "missing"
+    _assert_one_line_error(runner.invoke(app, ["plot", str(missing)]), "no such file or directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(runner.invoke(app, ["plot", str(empty)]), "not a curvdiag run directory")
+    other = _write(tmp_path / "other.json", {"loss": 1.0})
+    _assert_one_line_error(runner.invoke(app, ["plot", str(other)]), "not a curvdiag probe report")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    _assert_one_line_error(runner.invoke(app, ["plot", str(text)]), "not valid JSON")
+    _assert_one_line_error(runner.invoke(app, ["plot", str(plot_inputs["diverged"]), "--format", "gif"]),
+                           "--format gif: unknown", "png, svg, pdf")
+    _assert_one_line_error(runner.invoke(app, ["plot", str(plot_inputs["diverged"]), "--dpi", "5"]),
+                           "--dpi 5: must lie in [10, 1200]")
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    _assert_one_line_error(runner.invoke(app, ["plot", str(broken)]), "run.json: not valid JSON")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_report_figures_from_memory_for_probe_plots(plot_inputs, tmp_path):
+    from curvdiag.cli_plot import write_report_figures
+
+    report = json.loads(plot_inputs["report_single"].read_text())
+    written, skipped = write_report_figures(report, tmp_path / "plots", dpi=40)
+    assert [p.name for p in written] == ["hessian_diag.png"] and written[0].stat().st_size > 1000
+    assert set(skipped) == REPORT_FIGURES - {"hessian_diag"}
+
+
+def test_plot_functions_write_nothing(plot_inputs):
+    before = sorted(p.name for p in plot_inputs["compare"].rglob("*"))
+    figures_for(load_source(plot_inputs["compare"]))
+    assert sorted(p.name for p in plot_inputs["compare"].rglob("*")) == before
