@@ -78,6 +78,7 @@ def probe(
     hvp_method: str = typer.Option("auto", "--hvp-method", help="auto, kept-graph, double-backward or finite-difference."),
     max_hvps: int = typer.Option(500, "--max-hvps", help="Budget of products for λmax."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report here ('-' for stdout)."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the report's figures (PNG) into this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table (errors still go to stderr)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Run on N processes: relaunches this command under torchrun (python -m torch.distributed.run --nproc-per-node N)."),
@@ -96,7 +97,7 @@ def probe(
     try:
         distributed.init_from_env(device, dist_timeout)
         _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
-               dtype, train_mode, hvp_method, max_hvps, json_out, quiet)
+               dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots)
     except CurvdiagError as exc:
         _fail_rank(exc, debug)
     except (KeyboardInterrupt, typer.Exit):
@@ -108,7 +109,7 @@ def probe(
 
 
 def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
-           dtype, train_mode, hvp_method, max_hvps, json_out, quiet) -> None:
+           dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots=None) -> None:
     from curvdiag.loading import load_previous_parameters, load_target
     from curvdiag.operator import CurvatureOperator
     from curvdiag.probes import ProbeSettings, parse_probe_names, run_probes
@@ -158,6 +159,16 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     render(report, console)
     if json_out is not None and not to_stdout:
         console.print(f"JSON report written to {json_out}", style="dim")
+    if plots is not None:
+        from curvdiag.cli_plot import write_report_figures
+
+        try:
+            paths, skipped = write_report_figures(_finite_or_none(report.to_json()), plots)
+        except OSError as exc:
+            raise BadInput(f"--plots {plots}: cannot write ({exc.strerror or exc})") from exc
+        console.print(f"figures written to {plots}: " + ", ".join(Path(p).name for p in paths), style="dim")
+        for figure, reason in skipped.items():
+            console.print(f"  figure {figure} not drawn: {reason}", style="dim")
 
 
 def _fail_rank(exc: CurvdiagError, debug: bool) -> None:
@@ -262,7 +273,11 @@ def train(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Replay training with a curvature controller (and, with --compare, without) and log it."""
+    from curvdiag import distributed
+
     try:
+        _check(not distributed.launched_by_torchrun(), "train under torchrun is not supported yet",
+               "run curvdiag train in one process; probe supports torchrun and --nproc")
         _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
                max_batches, out, resume, quiet)
     except CurvdiagError as exc:

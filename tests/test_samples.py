@@ -70,3 +70,14 @@ def test_transformer_with_fused_attention_is_probed_through_the_math_kernel():
     assert "not implemented" in report["operator"]["fallback_reason"]
     assert report["probes"]["eos"]["optimizer"] == "adamw"
     assert report["probes"]["lambda_max"]["converged"]
+
+
+@pytest.mark.parametrize("recipe,checkpoint", [("tanh_mlp.py", "tanh_edge.pt"), ("tanh_mlp.py", "tanh_early.pt"),
+                                               ("bn_cnn.py", "bn_cnn.pt"), ("adam_mlp.py", "adam_mlp.pt"),
+                                               ("tiny_transformer.py", "tiny_transformer.pt")])
+def test_probe_plots_the_eigenvalues_against_the_threshold_for_every_sample(tmp_path, recipe, checkpoint):
+    result = runner.invoke(app, ["probe", str(SAMPLES / recipe), "--checkpoint", str(CKPT / checkpoint),
+                                 "--probes", "lambda_max", "--quiet", "--plots", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    figure = tmp_path / "eigenvalues.png"
+    assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000

@@ -202,3 +202,12 @@ def test_cli_train_bad_inputs(tmp_path):
     assert several.exit_code == 2 and "--compare" in several.output
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a curvdiag run directory" in missing.output
+
+
+def test_train_under_torchrun_is_refused_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    result = CliRunner().invoke(app, ["train", TINY, "--steps", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not supported yet" in result.output
