@@ -169,6 +169,7 @@ class CurvatureOperator:
         self.finite_difference: Optional[FiniteDifferenceInfo] = None
         self._attention_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._kept_gradient: Optional[List[torch.Tensor]] = None
+        self._graph_stale = False
         if hvp_method == "auto":
             hvp_method = "kept-graph" if len(self.batches) <= max_kept_batches else "double-backward"
             self.hvp_method = hvp_method
@@ -398,6 +399,9 @@ class CurvatureOperator:
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's share of H v."""
         pieces = self.unflatten(v)
+        if self._graph_stale:
+            self._graph_stale = False
+            self._build_kept_graph()
         if self._kept_gradient is not None:
             return self.flatten(self._grad(self._kept_gradient, self.params, pieces, retain_graph=True))
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
@@ -425,6 +429,11 @@ class CurvatureOperator:
             with torch.no_grad():
                 for p, o in zip(self.params, originals):
                     p.copy_(o)
+            if self._kept_gradient is not None:
+                # The in-place writes bumped the parameters' versions, which invalidates the kept
+                # graph even though the values are back: rebuild it at the next product.
+                self._kept_gradient = None
+                self._graph_stale = True
 
     def _finite_difference_hvp(self, v: torch.Tensor, step: float) -> torch.Tensor:
         norm = float(v.norm())

@@ -145,3 +145,13 @@ def test_flat_loss_reference_matches_operator_loss():
     op = CurvatureOperator(model, batches, mse, [7, 3])
     theta = op.parameters_vector()
     assert float(flat_loss(model, batches, mse, [7, 3])(theta)) == pytest.approx(op.loss(), rel=1e-12)
+
+
+def test_kept_graph_products_stay_exact_after_gradients_at_other_parameters():
+    model, batches = tanh_mlp(), regression_batches()
+    op = CurvatureOperator(model, batches, mse, [7, 3])
+    H = dense_hessian(model, batches, mse, [7, 3])
+    v = _vector(op.num_params)
+    op.gradient_at(op.parameters_vector() + 0.1 * v)  # writes the parameters in place, then restores them
+    torch.testing.assert_close(op.hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert op.hvp_method == "kept-graph"
