@@ -429,11 +429,14 @@ class CurvatureOperator:
             with torch.no_grad():
                 for p, o in zip(self.params, originals):
                     p.copy_(o)
-            if self._kept_gradient is not None:
-                # The in-place writes bumped the parameters' versions, which invalidates the kept
-                # graph even though the values are back: rebuild it at the next product.
-                self._kept_gradient = None
-                self._graph_stale = True
+            self.parameters_written()
+
+    def parameters_written(self) -> None:
+        """Call after writing the parameters in place (even to restore them): that bumps their
+        version counters, which invalidates the kept graph; it is rebuilt at the next product."""
+        if self._kept_gradient is not None:
+            self._kept_gradient = None
+            self._graph_stale = True
 
     def _finite_difference_hvp(self, v: torch.Tensor, step: float) -> torch.Tensor:
         norm = float(v.norm())

@@ -63,3 +63,4 @@ def simulate_step(target: Target, op) -> Tuple[Optional[torch.Tensor], str]:
             for p, data, grad in zip(params, saved_data, saved_grads):
                 p.copy_(data)
                 p.grad = grad
+        op.parameters_written()

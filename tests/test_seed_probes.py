@@ -178,3 +178,18 @@ def test_cli_glass_and_power_law_report(tmp_path):
     assert {"name", "p"} <= set(probes["power_law"]["layers"][0]) and "p" in probes["power_law"]
     bad = runner.invoke(app, ["probe", TINY, "--glass-lambda", "0"])
     assert bad.exit_code == 2 and "--glass-lambda" in bad.output
+
+
+def test_products_still_work_after_a_simulated_step_that_was_skipped(tmp_path):
+    from curvdiag.loading import load_target
+    from curvdiag.simulated_step import simulate_step
+
+    recipe = tmp_path / "no_optimizer.py"
+    recipe.write_text((RECIPES / "tiny_mlp.py").read_text().split("def optimizer")[0])
+    target = load_target(str(recipe), dtype="float64")
+    op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
+    v = torch.randn(op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = op.hvp(v)
+    theta_next, reason = simulate_step(target, op)
+    assert theta_next is None and "no optimizer" in reason
+    torch.testing.assert_close(op.hvp(v), before)  # the parameters were rewritten in place: graph rebuilt
