@@ -309,11 +309,12 @@ class CurvatureOperator:
         with self._probing():
             for weight, batch in zip(self.weights, self.batches):
                 loss = self._batch_loss(batch)
-                grads = self._grad(loss, self.params, create_graph=True)
+                # Weight the scalar loss, not the gradient tensors: no extra node per parameter in
+                # the graph that every product goes back through.
+                grads = self._grad(loss * weight if weight != 1.0 else loss, self.params, create_graph=True)
                 total_loss += weight * float(loss.detach())
                 # Weighted sum of per-batch gradients: one graph, one backward per product.
-                scaled = [weight * g for g in grads]
-                gradient = scaled if gradient is None else [a + b for a, b in zip(gradient, scaled)]
+                gradient = grads if gradient is None else [a + b for a, b in zip(gradient, grads)]
         if gradient is None:  # a rank without batches contributes nothing
             gradient = [torch.zeros_like(p) for p in self.params]
         self._kept_gradient = gradient
