@@ -6,11 +6,12 @@ bad input, 1 for a probe that failed); ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from curvdiag import __version__
 from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.json_safe import finite_or_none as _finite_or_none
 from curvdiag.operator import HVP_METHODS
 
 app = typer.Typer(
@@ -29,15 +31,6 @@ app = typer.Typer(
 )
 
 
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def _fail(exc: CurvdiagError, debug: bool) -> None:
@@ -48,6 +41,21 @@ def _fail(exc: CurvdiagError, debug: bool) -> None:
     if exc.hint:
         err.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
     raise typer.Exit(code=exc.exit_code)
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool, fail: Optional[Callable[[CurvdiagError, bool], None]] = None) -> Iterator[None]:
+    """Every error ends as one line plus a hint (exit 2 bad input, 1 otherwise), unless --debug."""
+    fail = fail or _fail
+    try:
+        yield
+    except CurvdiagError as exc:
+        fail(exc, debug)
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:  # a bug of ours or an unforeseen input: still one line
+        fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
+                           hint="rerun with --debug for the traceback and report it"), debug)
 
 
 def _check(condition: bool, message: str, hint: Optional[str] = None) -> None:
@@ -94,17 +102,10 @@ def probe(
             _fail(exc, debug)
         if code is not None:
             raise typer.Exit(code=code)
-    try:
+    with user_errors(debug, _fail_rank):
         distributed.init_from_env(device, dist_timeout)
         _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots)
-    except CurvdiagError as exc:
-        _fail_rank(exc, debug)
-    except (KeyboardInterrupt, typer.Exit):
-        raise
-    except Exception as exc:  # a bug of ours or an unforeseen input: still one line
-        _fail_rank(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
-                                 hint="rerun with --debug for the traceback and report it"), debug)
     distributed.shutdown()  # only after success: a failed rank just exits, torchrun ends the others
 
 
@@ -275,18 +276,11 @@ def train(
     """Replay training with a curvature controller (and, with --compare, without) and log it."""
     from curvdiag import distributed
 
-    try:
+    with user_errors(debug):
         _check(not distributed.launched_by_torchrun(), "train under torchrun is not supported yet",
                "run curvdiag train in one process; probe supports torchrun and --nproc")
         _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
                max_batches, out, resume, quiet)
-    except CurvdiagError as exc:
-        _fail(exc, debug)
-    except (KeyboardInterrupt, typer.Exit):
-        raise
-    except Exception as exc:
-        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
-                            hint="rerun with --debug for the traceback and report it"), debug)
 
 
 def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,

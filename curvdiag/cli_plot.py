@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.errors import BadInput
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -93,9 +93,9 @@ def plot(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Figures for a training run or a probe report: one file per figure."""
-    from curvdiag.cli import _fail
+    from curvdiag.cli import user_errors
 
-    try:
+    with user_errors(debug):
         written, skipped, directory = write_figures(source, out, fmt, dpi)
         if written:
             typer.echo(f"{len(written)} figure{'s' if len(written) != 1 else ''} written to {directory}:")
@@ -105,13 +105,6 @@ def plot(
             typer.echo(f"no figures: nothing in {source} could be plotted")
         for name, reason in skipped.items():
             typer.echo(f"  skipped {name}: {reason}")
-    except CurvdiagError as exc:
-        _fail(exc, debug)
-    except (KeyboardInterrupt, typer.Exit):
-        raise
-    except Exception as exc:  # a bug of ours or an unforeseen input: still one line
-        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
-                            hint="rerun with --debug for the traceback and report it"), debug)
 
 
 def report(
@@ -121,11 +114,11 @@ def report(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """One self-contained HTML page (verdict, tables, figures) that opens offline."""
-    from curvdiag.cli import _fail
+    from curvdiag.cli import user_errors
     from curvdiag.html_report import write_html_report
     from curvdiag.plots import load_source
 
-    try:
+    with user_errors(debug):
         _check_dpi(dpi)
         loaded = load_source(source)
         target = out if out is not None else _default_report_path(Path(source))
@@ -133,13 +126,6 @@ def report(
             raise BadInput(f"--out {target}: is a directory", hint="give a file name such as report.html")
         path = write_html_report(loaded, target, dpi=dpi)
         typer.echo(f"report written to {path}")
-    except CurvdiagError as exc:
-        _fail(exc, debug)
-    except (KeyboardInterrupt, typer.Exit):
-        raise
-    except Exception as exc:
-        _fail(CurvdiagError(f"unexpected {type(exc).__name__}: {exc}",
-                            hint="rerun with --debug for the traceback and report it"), debug)
 
 
 def register(app: typer.Typer) -> None:

@@ -30,6 +30,7 @@ from curvdiag.checkpoint import load_model_state, read_checkpoint
 from curvdiag.controllers import CONTROLLERS
 from curvdiag.directional import DirectionalCurvatureTracker
 from curvdiag.errors import BadInput
+from curvdiag.json_safe import finite_or_none
 from curvdiag.operator import CurvatureOperator, preserved_state
 from curvdiag.recipe import Recipe, load_recipe
 from curvdiag.sharpness import lambda_max, preconditioned_lambda_max
@@ -286,7 +287,7 @@ class Trainer:
             checkpoint=self.checkpoint_path,
             settings=asdict(s),
         )
-        (self.out / "run.json").write_text(json.dumps(_finite(asdict(summary)), indent=2) + "\n")
+        (self.out / "run.json").write_text(json.dumps(finite_or_none(asdict(summary)), indent=2) + "\n")
         return summary
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:
@@ -311,16 +312,6 @@ def _take(recipe: Recipe, max_batches: Optional[int]) -> Iterator[Any]:
         if max_batches is not None and i >= max_batches:
             return
         yield batch
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def read_run(run_dir: Path) -> Dict[str, Any]:
