@@ -30,18 +30,30 @@ from curvdiag import controllers, optimizer_state
 from curvdiag.stability import stability_constant
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
-    """P = sqrt(v̂) + ε per parameter from an Adam-family optimizer's state, or None before step 1."""
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
+                        grads: Optional[List[torch.Tensor]] = None) -> Optional[List[torch.Tensor]]:
+    """P = sqrt(v̂) + ε per parameter for an Adam-family optimizer; None for other optimizers.
+
+    Without ``grads``: from the optimizer's state (the P its last step used; None before the first
+    step). With ``grads``: the P the *next* step will use, v' = β2·v + (1 − β2)·g² bias-corrected
+    with step + 1 — defined from the very first step, where Adam's update is about lr·sign(g).
+    """
     group = optimizer.param_groups[0]
     if "betas" not in group:
         return None
+    beta2, eps = group["betas"][1], group["eps"]
     out = []
-    for p in params:
+    for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
-        if "exp_avg_sq" not in state:
+        v = state.get("exp_avg_sq")
+        step = float(state["step"]) if "step" in state else 0.0
+        if grads is not None:
+            g = grads[i]
+            v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
+            step += 1
+        elif v is None:
             return None
-        step = float(state["step"])
-        out.append((state["exp_avg_sq"] / (1 - group["betas"][1] ** step)).sqrt() + group["eps"])
+        out.append((v / (1 - beta2 ** step)).sqrt() + eps)
     return out
 
 
@@ -86,7 +98,8 @@ class CurvatureThrottle:
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
         theta = [p.detach().clone() for p in self.params]
-        preconditioner = adam_preconditioner(self.optimizer, self.params) if self.adaptive else None
+        # The metric of the step about to be taken (Adam: the P this step will use).
+        preconditioner = adam_preconditioner(self.optimizer, self.params, grads) if self.adaptive else None
         if self._previous is not None and closure is None:
             prev_theta, prev_grads = self._previous
             self.curvature = metric_curvature([a - b for a, b in zip(theta, prev_theta)],

@@ -230,7 +230,8 @@ class Trainer:
                 elif throttle is not None:
                     jumped = previous_loss is not None and value > (1 + s.floor_jump) * previous_loss
                     if step - self.start_step < 3 or step % s.floor_every == 0 or jumped:
-                        pre = adam_preconditioner(self.optimizer, self.params) if self.info.is_adaptive else None
+                        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+                        pre = adam_preconditioner(self.optimizer, self.params, grads) if self.info.is_adaptive else None
                         lambda_floor = floor.estimate(self.model, self.recipe.loss, batch, self.recipe.batch_size(batch), pre)
                         throttle.floor = lambda_floor
                     throttle.step(same_batch_loss)

@@ -211,3 +211,18 @@ def test_train_under_torchrun_is_refused_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     result = CliRunner().invoke(app, ["train", TINY, "--steps", "2", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "not supported yet" in result.output
+
+
+def test_adam_metric_is_defined_from_the_first_step():
+    A = quadratic_spectrum([1.0, 2.0, 3.0], seed=4)
+    model = QuadraticModel(A)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    model.loss().backward()
+    g = model.theta.grad.clone()
+    from curvdiag.adapters import adam_preconditioner
+
+    assert adam_preconditioner(optimizer, [model.theta]) is None  # no state before the first step
+    prospective = adam_preconditioner(optimizer, [model.theta], [g])[0]
+    torch.testing.assert_close(prospective, g.abs() + 1e-8)  # v̂ = g² after one step
+    optimizer.step()
+    torch.testing.assert_close(adam_preconditioner(optimizer, [model.theta])[0], prospective)
