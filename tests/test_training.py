@@ -226,3 +226,15 @@ def test_adam_metric_is_defined_from_the_first_step():
     torch.testing.assert_close(prospective, g.abs() + 1e-8)  # v̂ = g² after one step
     optimizer.step()
     torch.testing.assert_close(adam_preconditioner(optimizer, [model.theta])[0], prospective)
+
+
+@pytest.mark.parametrize("case", ["diverge_gd", "diverge_momentum", "diverge_adam"])
+def test_every_sample_divergence_case_diverges_without_the_throttle_and_not_with_it(tmp_path, case):
+    from conftest import SAMPLES
+
+    recipe = str(SAMPLES / f"{case}.py")
+    baseline = Trainer(recipe, None, tmp_path / "none", TrainSettings(steps=60)).run()
+    throttled = Trainer(recipe, None, tmp_path / "throttle", TrainSettings(steps=60, controller="throttle")).run()
+    assert baseline.diverged and baseline.steps_completed < 10
+    assert not throttled.diverged and throttled.steps_completed == 60
+    assert throttled.final_loss < 0.5 * throttled.initial_loss

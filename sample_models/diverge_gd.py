@@ -1,0 +1,59 @@
+"""tanh MLP on digits, full-batch GD at a learning rate where the fixed-lr run diverges.
+
+Model: MLP 64 -> 128 -> 128 -> 10 with tanh activations (26,122 parameters).
+Data:  the first 1000 scikit-learn ``load_digits`` samples, pixels scaled to [0, 1],
+       as ONE full batch (``data()`` is a one-element list).
+Loss:  ``F.mse_loss(model(x), onehot(y))``, the MSE averaged over all 1000 x 10 entries.
+Optimizer: plain full-batch GD, ``torch.optim.SGD(params, lr=10.0)``; stability threshold
+       2/lr = 0.2.
+
+Why it diverges: 2/lr = 0.2 is far below λmax of the loss (about 1.4 at initialisation), so the
+top eigendirections are unstable from step 0 and the loss grows geometrically: with
+``--controller none`` the run stops at step 5 (loss above 1000x the first). The best fixed lr of
+the grid 0.3 / 1 / 2 / 3 is 3 (final loss 0.0051 after 300 steps); see sample_models/README.md.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _digits import digits_flat  # noqa: E402
+
+LR = 10.0
+SEED = 0
+WIDTH = 128
+
+
+def model():
+    """Fresh MLP 64-128-128-10 (tanh), deterministically initialised (seed 0)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return nn.Sequential(
+            nn.Linear(64, WIDTH),
+            nn.ReLU(),
+            nn.Linear(WIDTH, WIDTH),
+            nn.ReLU(),
+            nn.Linear(WIDTH, 10),
+        )
+
+
+def data():
+    """One full batch: x (1000, 64) float32 in [0,1], y (1000,) int64 class labels."""
+    x, y = digits_flat(1000)
+    return [(x, y)]
+
+
+def loss(model, batch):
+    """MSE against one-hot targets, mean over all 1000 x 10 entries."""
+    x, y = batch
+    out = model(x)
+    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
+
+
+def optimizer(params):
+    """Plain full-batch gradient descent at lr 10 (diverges without a controller)."""
+    return torch.optim.SGD(params, lr=LR)
