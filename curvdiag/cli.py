@@ -259,7 +259,7 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe file or module (not needed with --resume)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Start from this checkpoint (model and optimizer state); default: model() initialisation."),
-    steps: int = typer.Option(200, "--steps", help="Total optimizer steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (default 200; with --resume: the stopped run's)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Override the learning rate of the recipe's optimizer."),
     controller: str = typer.Option("none", "--controller", help="none, throttle, newton or clip (comma-separated with --compare)."),
     compare: bool = typer.Option(False, "--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table."),
@@ -294,11 +294,15 @@ def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, 
     if resume is not None:
         previous = read_run(resume)
         settings = TrainSettings(**previous["settings"])
-        settings.steps = max(steps, settings.steps) if steps != 200 else settings.steps
+        settings.steps = steps if steps is not None else settings.steps
+        _check(settings.steps >= previous["steps_completed"],
+               f"--steps {settings.steps}: the run in {resume} already completed {previous['steps_completed']} steps",
+               "give a larger --steps to continue it")
         final = torch_load_final(resume)
         runs = [(previous["controller"], resume, previous["recipe"], previous.get("checkpoint"), settings, final)]
     else:
         _check(recipe is not None, "train needs a RECIPE (or --resume RUN_DIR)")
+        steps = 200 if steps is None else steps
         names = [c.strip() for c in controller.split(",") if c.strip()]
         _check(bool(names), "--controller is empty")
         _check(compare or len(names) == 1, "several controllers need --compare")

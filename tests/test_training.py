@@ -169,6 +169,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert result.exit_code == 0, result.output
     assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-6)
     assert json.loads((tmp_path / "stopped" / "run.json").read_text())["steps_completed"] == 12
+    backwards = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "3", "-q"])
+    assert backwards.exit_code == 2 and "already completed 12 steps" in backwards.output
 
 
 def test_ctrl_c_leaves_a_readable_log_and_checkpoint(tmp_path):
