@@ -1,16 +1,22 @@
-"""tanh MLP on digits, full-batch GD at a learning rate where the fixed-lr run diverges.
+"""ReLU MLP on digits, full-batch GD at a learning rate where the fixed-lr run diverges.
 
-Model: MLP 64 -> 128 -> 128 -> 10 with tanh activations (26,122 parameters).
+Model: MLP 64 -> 128 -> 128 -> 10 with ReLU activations (26,122 parameters).
 Data:  the first 1000 scikit-learn ``load_digits`` samples, pixels scaled to [0, 1],
        as ONE full batch (``data()`` is a one-element list).
 Loss:  ``F.mse_loss(model(x), onehot(y))``, the MSE averaged over all 1000 x 10 entries.
 Optimizer: plain full-batch GD, ``torch.optim.SGD(params, lr=10.0)``; stability threshold
        2/lr = 0.2.
 
-Why it diverges: 2/lr = 0.2 is far below λmax of the loss (about 1.4 at initialisation), so the
-top eigendirections are unstable from step 0 and the loss grows geometrically: with
-``--controller none`` the run stops at step 5 (loss above 1000x the first). The best fixed lr of
-the grid 0.3 / 1 / 2 / 3 is 3 (final loss 0.0051 after 300 steps); see sample_models/README.md.
+Why it diverges: lambda_max of the loss at init is 0.677 (float64 Lanczos), so
+lr * lambda_max / 2 = 3.4 from step 0. The top eigendirections are unstable and the outputs
+grow geometrically. ``curvdiag train diverge_gd.py --controller none`` stops at step 5, when
+the loss passes 1e3 x its initial 0.1013.
+
+Fixed lr over 300 steps (full-data loss at the end): 0.5 -> 0.0233, 1 -> 0.0130, 2 -> 0.0067,
+3 -> 0.0051, **5 -> 0.0040 (tuned best)**, 8 -> 0.021, 10 -> diverges. lr 5 starts at
+lr*lambda_max/2 = 1.7 and survives because GD self-stabilises at the edge of stability:
+lambda_max falls to 0.43-0.51 from step 100 on (lr*lambda_max/2 = 1.1-1.3), where a
+throttle that keeps lr*lambda_max/2 <= kappa < 1 cannot follow.
 """
 import os
 import sys
@@ -29,7 +35,7 @@ WIDTH = 128
 
 
 def model():
-    """Fresh MLP 64-128-128-10 (tanh), deterministically initialised (seed 0)."""
+    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed 0)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         return nn.Sequential(
