@@ -33,13 +33,16 @@ app = typer.Typer(
 
 
 
-def _fail(exc: CurvdiagError, debug: bool) -> None:
+def _fail(exc: CurvdiagError, debug: bool, prefix: str = "") -> None:
+    """One line (plus a hint) on stderr and the error's exit status; the traceback with --debug."""
+    from rich.markup import escape
+
     if debug:
         raise exc
     err = Console(stderr=True, highlight=False)
-    err.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
+    err.print(f"{escape(prefix)}[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
     if exc.hint:
-        err.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
+        err.print(f"{prefix}hint: {exc.hint}", markup=False, soft_wrap=True)
     raise typer.Exit(code=exc.exit_code)
 
 
@@ -175,8 +178,6 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
 def _fail_rank(exc: CurvdiagError, debug: bool) -> None:
     """``_fail`` in one process; under torchrun one line on stderr prefixed by ``rank R:`` from every
     failing rank (torchrun's agent then ends the job), recorded for the ``--nproc`` launcher."""
-    from rich.markup import escape
-
     from curvdiag import distributed
 
     if not distributed.launched_by_torchrun():
@@ -184,13 +185,7 @@ def _fail_rank(exc: CurvdiagError, debug: bool) -> None:
     rank = distributed.env_rank()
     distributed.record_failure(rank, exc.exit_code, exc.message,
                                communication=isinstance(exc, distributed.CommunicationError))
-    if debug:
-        raise exc
-    err = Console(stderr=True, highlight=False)
-    err.print(f"rank {rank}: [bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
-    if exc.hint:
-        err.print(f"rank {rank}: hint: {exc.hint}", markup=False, soft_wrap=True)
-    raise typer.Exit(code=exc.exit_code)
+    _fail(exc, debug, prefix=f"rank {rank}: ")
 
 
 def _forwarded_args(ctx: typer.Context, drop: tuple = ("nproc",)) -> list:
