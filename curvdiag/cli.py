@@ -109,6 +109,7 @@ def probe(
         distributed.init_from_env(device, dist_timeout)
         _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots)
+    distributed.record_finished(distributed.env_rank())
     distributed.shutdown()  # only after success: a failed rank just exits, torchrun ends the others
 
 
@@ -240,7 +241,13 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
         if code == 0:
             return 0
         failure = distributed.first_failure(Path(status_dir))
+        finished = distributed.all_finished(Path(status_dir), nproc)
     err = Console(stderr=True, highlight=False)
+    if finished:  # every rank wrote its results, then one crashed while leaving the process group
+        err.print(f"[yellow]warning:[/] every rank finished and wrote its results, but the job ended with torchrun "
+                  f"exit status {code} while the processes shut down; the results are complete", markup=True,
+                  soft_wrap=True)
+        return 0
     if failure is None:
         err.print(f"[bold red]error:[/] the {nproc}-process job failed (torchrun exit status {code}) before any "
                   "rank reported a cause; see the output above", markup=True, soft_wrap=True)

@@ -98,9 +98,15 @@ def init_from_env(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> bool
 
 
 def shutdown() -> None:
-    """Leave the process group if :func:`init_from_env` created it."""
+    """Leave the process group if :func:`init_from_env` created it, after a barrier: ranks leave
+    together, so none tears its connections down while another still uses the group (a rank whose
+    peer vanished mid-teardown can abort inside gloo). Failures here change nothing: the work is done."""
     global _initialised_here
     if _initialised_here and torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        except Exception:
+            pass
         torch.distributed.destroy_process_group()
     _initialised_here = False
 
@@ -336,6 +342,23 @@ def record_failure(rank_: int, code: int, message: str, communication: bool = Fa
                         "time": time.time()}))
     except OSError:
         pass
+
+
+def record_finished(rank_: int) -> None:
+    """Say that this rank finished its work (outputs written) before leaving the process group."""
+    where = os.environ.get(STATUS_DIR_ENV)
+    if where:
+        try:
+            Path(where, f"finished{rank_}").write_text("")
+        except OSError:
+            pass
+
+
+def all_finished(where: Path, world_size_: int) -> bool:
+    """Whether every rank recorded :func:`record_finished` (and none a failure) in ``where``."""
+    where = Path(where)
+    return (all((where / f"finished{r}").exists() for r in range(world_size_))
+            and not any(where.glob("rank*.json")))
 
 
 def first_failure(where: Path) -> Optional[dict]:

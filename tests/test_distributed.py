@@ -342,6 +342,8 @@ def torchrun_jobs():
         "nproc": _Job([*curvdiag, TINY, *ARGS, "--json", "-", "--nproc", "2"]),
         "raise": _Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--nproc", "2", "--dist-timeout", "300"],
                       env_extra={"CURVDIAG_TEST_RANK_FAILURE": "raise"}),
+        "teardown": _Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--json", "-", "--nproc", "2"],
+                         env_extra={"CURVDIAG_TEST_RANK_FAILURE": "abort-at-exit"}),
     }
     yield jobs
     for job in jobs.values():
@@ -366,6 +368,15 @@ def test_a_rank_that_raises_ends_the_job_with_its_rank_and_cause(torchrun_jobs):
     assert any(line.startswith("rank 1: error: ") and cause in line for line in lines), err[-3000:]
     assert lines[-1].startswith("error: rank 1 failed: ") and cause in lines[-1], err[-3000:]
     assert out == ""
+
+
+def test_a_crash_after_every_rank_finished_is_a_warning_not_a_failure(torchrun_jobs):
+    """Rank 1 aborts while its interpreter exits, after both ranks wrote their results: the job's
+    results are complete, so --nproc exits 0 with a warning saying what happened."""
+    code, out, err, _ = torchrun_jobs["teardown"].result(timeout=120)
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["probes"]["lambda_max"]["value"] > 0
+    assert "warning: every rank finished and wrote its results" in err, err[-3000:]
 
 
 def test_a_rank_that_hangs_ends_the_job_after_the_timeout(tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 of four dict batches (6, 6, 6, 4 samples); in one process data(0, 1) returns all four.
 
 For the failure tests, CURVDIAG_TEST_RANK_FAILURE=raise makes data() raise on rank 1 and
-=hang makes rank 1 sleep for a minute.
+=hang makes rank 1 sleep for a minute, and =abort-at-exit makes rank 1 abort (SIGABRT) as its
+interpreter exits, after its work is done (a crash during teardown, as gloo can have).
 """
+import atexit
 import os
 import time
 
@@ -22,6 +24,8 @@ def data(rank, world_size):
         raise RuntimeError("the shard of rank 1 is unreadable")
     if rank == 1 and failure == "hang":
         time.sleep(60)
+    if rank == 1 and failure == "abort-at-exit":
+        atexit.register(os.abort)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(22, 4, generator=g)
     y = torch.randn(22, 2, generator=g)
