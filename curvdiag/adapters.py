@@ -57,6 +57,26 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Ten
     return out
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gradient_at(closure: Callable[[], torch.Tensor], params: List[torch.Tensor],
+                reduce: Optional[Reduce] = None) -> "tuple[torch.Tensor, List[torch.Tensor]]":
+    """(loss, ∇loss) of ``closure()`` at the current parameters, by ``torch.autograd.grad`` (no
+    ``.grad`` is touched). With ``reduce`` (data parallelism: the closure returns this rank's share
+    of the global mean loss) loss and gradient are summed over the ranks in one collective on
+    the flat [gradient, loss] buffer."""
+    with torch.enable_grad():
+        loss = closure()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    if reduce is None:
+        return loss.detach(), grads
+    flat = reduce(torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)]))
+    pieces = list(torch.split(flat[:-1], [p.numel() for p in params]))
+    return flat[-1], [piece.view_as(p) for piece, p in zip(pieces, params)]
+
+
 def metric_curvature(d_theta: List[torch.Tensor], d_grad: List[torch.Tensor], preconditioner: Optional[List[torch.Tensor]]) -> float:
     """‖ΔG‖/‖Δθ‖, or for Adam ‖P^{-1/2}ΔG‖/‖P^{1/2}Δθ‖ (the curvature of P^{-1/2}HP^{-1/2})."""
     if preconditioner is None:
@@ -72,8 +92,9 @@ class CurvatureThrottle:
     """Wraps a torch optimizer with the curvature throttle (DESIGN §3.8)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, kappa: float = 0.5, decay: float = 0.95,
-                 constant: Optional[float] = None):
+                 constant: Optional[float] = None, reduce: Optional[Reduce] = None):
         self.optimizer = optimizer
+        self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
         info = optimizer_state.from_optimizer(optimizer)
         if constant is None:
             if info.family is None:
@@ -109,10 +130,7 @@ class CurvatureThrottle:
         apply_factor(self.optimizer, self.state.factor)
         self._previous = (theta, grads)
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            new_grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            new_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(new_grads, self.params)]
+            loss, new_grads = gradient_at(closure, self.params, self.reduce)
             self.curvature = metric_curvature([p.detach() - t for p, t in zip(self.params, theta)],
                                               [a - b for a, b in zip(new_grads, grads)], preconditioner)
             return loss
@@ -140,8 +158,10 @@ class NewtonLearningRate:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, gamma: float = 1e-3, eps: float = 1e-9,
-                 alpha_min: float = 1e-8, alpha_max: float = 10.0, form: str = "loss"):
+                 alpha_min: float = 1e-8, alpha_max: float = 10.0, form: str = "loss",
+                 reduce: Optional[Reduce] = None):
         self.optimizer = optimizer
+        self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.state = controllers.newton_init(max(float(g["lr"]) for g in optimizer.param_groups))
         self.settings = dict(gamma=gamma, eps=eps, alpha_min=alpha_min, alpha_max=alpha_max, form=form)
@@ -159,10 +179,7 @@ class NewtonLearningRate:
         theta = [p.detach().clone() for p in self.params]
         apply_factor(self.optimizer, self.factor)
         omega = [(t - p.detach()) / alpha for t, p in zip(theta, self.params)]
-        with torch.enable_grad():
-            look = closure()
-        new_grads = torch.autograd.grad(look, self.params, allow_unused=True)
-        new_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(new_grads, self.params)]
+        look, new_grads = gradient_at(closure, self.params, self.reduce)
         c0 = sum(float(torch.dot(g.reshape(-1).double(), w.reshape(-1).double())) for g, w in zip(grads, omega))
         c1 = sum(float(torch.dot(g.reshape(-1).double(), w.reshape(-1).double())) for g, w in zip(new_grads, omega))
         omega_sq = sum(float(w.double().pow(2).sum()) for w in omega)

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -210,8 +210,8 @@ def _forwarded_args(ctx: typer.Context, drop: tuple = ("nproc",)) -> list:
 
 def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
     """``--nproc N``: run ``python -m torch.distributed.run --standalone --nproc-per-node N -m curvdiag
-    probe <the same arguments>`` and return its exit status (the failing rank's own status and one
-    summary line naming it when a rank failed); None for N = 1 (run here)."""
+    probe|train <the same arguments>`` and return its exit status (the failing rank's own status and
+    one summary line naming it when a rank failed); None for N = 1 (run here)."""
     import os
     import subprocess
     import tempfile
@@ -226,7 +226,7 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
     if nproc == 1:
         return None
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "curvdiag", "probe", *_forwarded_args(ctx)]
+               "-m", "curvdiag", ctx.command.name, *_forwarded_args(ctx)]
     with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
         env = dict(os.environ, **{distributed.STATUS_DIR_ENV: status_dir})
         process = subprocess.Popen(command, env=env)
@@ -237,7 +237,7 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-            raise
+            return 130  # the user's Ctrl-C, whatever torchrun made of it
         if code == 0:
             return 0
         failure = distributed.first_failure(Path(status_dir))
@@ -259,6 +259,7 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: Optional[str] = typer.Argument(None, help="Recipe file or module (not needed with --resume)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Start from this checkpoint (model and optimizer state); default: model() initialisation."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (default 200; with --resume: the stopped run's)."),
@@ -274,15 +275,25 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the stopped run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train data-parallel on N processes: relaunches this command under torchrun (each step's batch is split over the ranks)."),
+    dist_timeout: float = typer.Option(120.0, "--dist-timeout", help="Under several processes: seconds a rank waits for the others before the job fails."),
 ) -> None:
     """Replay training with a curvature controller (and, with --compare, without) and log it."""
     from curvdiag import distributed
 
-    with user_errors(debug):
-        _check(not distributed.launched_by_torchrun(), "train under torchrun is not supported yet",
-               "run curvdiag train in one process; probe supports torchrun and --nproc")
+    if nproc is not None:
+        try:
+            code = _relaunch_under_torchrun(ctx, nproc)
+        except CurvdiagError as exc:
+            _fail(exc, debug)
+        if code is not None:
+            raise typer.Exit(code=code)
+    with user_errors(debug, _fail_rank):
+        distributed.init_from_env("cpu", dist_timeout)
         _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
-               max_batches, out, resume, quiet)
+               max_batches, out, resume, quiet or distributed.rank() != 0)
+    distributed.record_finished(distributed.env_rank())
+    distributed.shutdown()
 
 
 def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,

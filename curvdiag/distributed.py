@@ -23,9 +23,10 @@ import datetime
 import inspect
 import json
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -134,8 +135,12 @@ def device_for(name: str) -> str:
 
 # ---------------------------------------------------------------------------- collectives
 def _first_line(exc: BaseException) -> str:
+    """The first line of an error, without gloo's source location and boilerplate advice."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = text[0] if text else type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    line = line.split(" This is typically caused by")[0]
+    return line[:300]
 
 
 def _communication_error(exc: BaseException) -> CommunicationError:
@@ -151,10 +156,29 @@ def _communication_error(exc: BaseException) -> CommunicationError:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place, and return it; the identity in one process."""
+    return all_reduce(tensor, "sum")
+
+
+_COMMUNICATION_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer")
+
+
+def as_communication_error(exc: BaseException) -> BaseException:
+    """A collective's failure raised inside torch (DDP's gradient all-reduce in backward) as the
+    one-line :class:`CommunicationError` that :func:`all_reduce_sum` raises; other errors as they are."""
+    if isinstance(exc, CurvdiagError) or not is_distributed() or not isinstance(exc, RuntimeError):
+        return exc
+    text = str(exc).lower()
+    return _communication_error(exc) if any(m in text for m in _COMMUNICATION_MARKERS) else exc
+
+
+def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """Elementwise ``op`` ("sum", "max" or "min") over the ranks, in place; the identity in one process."""
     if not is_distributed():
         return tensor
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
     try:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(tensor, op=ops[op])
     except Exception as exc:
         raise _communication_error(exc) from exc
     return tensor
@@ -170,6 +194,38 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
     except Exception as exc:
         raise _communication_error(exc) from exc
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------- same model everywhere
+def model_fingerprint(model: torch.nn.Module) -> float:
+    """A number that differs, in practice, between two sets of weights: Σ_k (k+1)(Σ t_k + ½ Σ t_k²)
+    over the trainable parameters and floating-point buffers, in float64."""
+    fingerprint = 0.0
+    with torch.no_grad():
+        tensors = [p for p in model.parameters() if p.requires_grad] + [b for b in model.buffers() if b.is_floating_point()]
+        for k, t in enumerate(tensors):
+            t = t.detach().double()
+            fingerprint += (k + 1) * float(t.sum() + 0.5 * t.square().sum())
+    return fingerprint
+
+
+def agree_on_model(model: torch.nn.Module, counts: Sequence[float] = ()) -> List[List[float]]:
+    """All-gather (trainable parameters, weight fingerprint, *counts) from every rank: the table,
+    one row per rank, after raising the same BadInput on every rank when the models differ."""
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = next(model.parameters()).device
+    row = torch.tensor([num_params, model_fingerprint(model), *counts], dtype=torch.float64, device=device)
+    table = all_gather_rows(row).cpu().tolist()
+    first = table[0]
+    for r, entry in enumerate(table):
+        if int(entry[0]) != int(first[0]):
+            raise BadInput(f"the ranks built different models: rank 0 has {int(first[0]):,} trainable "
+                           f"parameters, rank {r} {int(entry[0]):,}", hint="model() must build the same model on every rank")
+        if abs(entry[1] - first[1]) > 1e-9 * max(1.0, abs(first[1])):
+            raise BadInput(f"rank {r}'s weights differ from rank 0's: model() is not deterministic and no "
+                           "checkpoint sets the weights",
+                           hint="pass --checkpoint, or seed model() (torch.manual_seed) so every rank builds the same weights")
+    return table
 
 
 # ---------------------------------------------------------------------------- what is refused
@@ -212,6 +268,11 @@ def check_supported(model: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- shards
+def recipe_shards_data(recipe: Any) -> bool:
+    """Whether the recipe defines ``data(rank, world_size)`` (and so shards its data itself)."""
+    return recipe.has("data") and _takes_rank(recipe._fn("data"))
+
+
 def _takes_rank(fn: Any) -> bool:
     """Whether a recipe's data() is ``data(rank, world_size)``: two positional parameters that
     are required, or named ``rank`` first; everything after them optional."""
@@ -286,7 +347,7 @@ def shard_batches(source: Any, rank: int, world_size: int,
     from curvdiag.recipe import Recipe
 
     recipe = source if isinstance(source, Recipe) else None
-    if recipe is not None and _takes_rank(recipe._fn("data")):
+    if recipe is not None and recipe_shards_data(recipe):
         data = recipe._call("data", rank, world_size)
         try:
             iterator = iter(data)

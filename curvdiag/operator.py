@@ -180,30 +180,13 @@ class CurvatureOperator:
 
     # ------------------------------------------------------------------ set-up
     def _agree_on_start(self) -> None:
-        """One all_gather of (batches, samples, parameters, weight fingerprint) per rank: global
+        """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
         counts, and the same BadInput on every rank when the ranks' models differ."""
         from curvdiag import distributed as dist
 
-        fingerprint = 0.0
-        with torch.no_grad():
-            tensors = list(self.params) + [b for b in self.model.buffers() if b.is_floating_point()]
-            for k, t in enumerate(tensors):
-                t = t.detach().double()
-                fingerprint += (k + 1) * float(t.sum() + 0.5 * t.square().sum())
-        row = torch.tensor([len(self.batches), sum(self.batch_sizes), self.num_params, fingerprint],
-                           dtype=torch.float64, device=self.device)
-        table = dist.all_gather_rows(row).cpu().tolist()  # the same table on every rank
-        first = table[0]
-        for r, (_, _, params, print_) in enumerate(table):
-            if int(params) != int(first[2]):
-                raise BadInput(f"the ranks built different models: rank 0 has {int(first[2]):,} trainable "
-                               f"parameters, rank {r} {int(params):,}", hint="model() must build the same model on every rank")
-            if abs(print_ - first[3]) > 1e-9 * max(1.0, abs(first[3])):
-                raise BadInput(f"rank {r}'s weights differ from rank 0's: model() is not deterministic and no "
-                               "checkpoint sets the weights",
-                               hint="pass --checkpoint, or seed model() (torch.manual_seed) so every rank builds the same weights")
-        self.num_batches = int(sum(entry[0] for entry in table))
-        self.num_samples = int(sum(entry[1] for entry in table))
+        table = dist.agree_on_model(self.model, [len(self.batches), sum(self.batch_sizes)])
+        self.num_batches = int(sum(entry[2] for entry in table))
+        self.num_samples = int(sum(entry[3] for entry in table))
         if self.num_batches == 0:
             raise BadInput("no batches to probe on any rank", hint="the recipe's data() returned nothing")
 

@@ -14,9 +14,13 @@ Run directory: ``metrics.jsonl`` (one object per step), ``run.json`` (summary an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +32,13 @@ from curvdiag import __version__, optimizer_state
 from curvdiag.adapters import CurvatureThrottle, NewtonLearningRate, adam_preconditioner
 from curvdiag.checkpoint import load_model_state, read_checkpoint
 from curvdiag.controllers import CONTROLLERS
+from curvdiag.data_parallel import DataParallel
+from curvdiag.distributed import as_communication_error
 from curvdiag.directional import DirectionalCurvatureTracker
 from curvdiag.errors import BadInput
 from curvdiag.json_safe import finite_or_none
 from curvdiag.operator import CurvatureOperator, preserved_state
-from curvdiag.recipe import Recipe, load_recipe
+from curvdiag.recipe import load_recipe
 from curvdiag.sharpness import lambda_max, preconditioned_lambda_max
 from curvdiag.stability import stability_constant
 
@@ -71,19 +77,9 @@ class RunSummary:
     checkpoint: Optional[str]
     curvdiag_version: str = __version__
     settings: Dict[str, Any] = field(default_factory=dict)
-
-
-def _cycle(recipe: Recipe, max_batches: Optional[int]) -> Iterator[Any]:
-    """The recipe's batches, re-iterated for as many epochs as needed."""
-    while True:
-        count = 0
-        for batch in recipe.data():
-            if max_batches is not None and count >= max_batches:
-                break
-            count += 1
-            yield batch
-        if count == 0:
-            raise BadInput(f"recipe {recipe.name}: data() yielded no batches")
+    world_size: int = 1  # processes (data parallelism under torchrun)
+    replica_spread: Optional[float] = None  # max over weights of (max − min over ranks): 0.0 when in sync
+    failure: Optional[str] = None  # why the run stopped early, when it did not diverge or get interrupted
 
 
 def _flat(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -98,8 +94,8 @@ class _PowerFloor:
         self.vector: Optional[torch.Tensor] = None
         self.hvps = 0
 
-    def estimate(self, model, loss_fn, batch, size, preconditioner) -> float:
-        op = CurvatureOperator(model, [batch], loss_fn, [size], train_mode=True, hvp_method="double-backward")
+    def estimate(self, model, loss_fn, batch, size, preconditioner, distributed: bool = False) -> float:
+        op = CurvatureOperator(model, [batch], loss_fn, [size], train_mode=True, distributed=distributed)
         operator = op if preconditioner is None else None
         if preconditioner is not None:
             from curvdiag.sharpness import preconditioned_operator
@@ -153,6 +149,7 @@ class Trainer:
                            hint="use an SGD or Adam-family optimizer, or --controller newton|clip")
         self.info = info
         self.constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9) if info.family else None
+        self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
 
     def _load(self, source: Dict[str, Any]) -> None:
         from curvdiag.checkpoint import Checkpoint
@@ -172,6 +169,8 @@ class Trainer:
                 "step": step}
 
     def _save(self, state: Dict[str, Any], path: Path) -> None:
+        if not self.replicas.is_writer:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -179,30 +178,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self, on_step: Optional[Callable[[Dict[str, Any]], None]] = None, append: bool = False) -> RunSummary:
+        """Replay ``settings.steps`` steps; ``on_step(record)`` after each. Interrupted (Ctrl-C,
+        SIGTERM), diverged or failed runs still write the log, run.json and the last good state."""
+        with _stop_on_signals() as signals:
+            return self._run(on_step, append, signals)
+
+    def _run(self, on_step: Optional[Callable[[Dict[str, Any]], None]], append: bool, signals: List[int]) -> RunSummary:
         s = self.settings
-        self.out.mkdir(parents=True, exist_ok=True)
-        batches = _cycle(self.recipe, s.max_batches)
-        for _ in range(self.start_step):  # resume: the same data order as an uninterrupted run
-            next(batches)
-        throttle = CurvatureThrottle(self.optimizer, s.kappa, s.decay, self.constant) if s.controller == "throttle" else None
-        newton = NewtonLearningRate(self.optimizer, gamma=s.newton_gamma) if s.controller == "newton" else None
+        replicas = self.replicas
+        distributed = replicas.world_size > 1
+        reduce = replicas.sum_over_ranks if distributed else None
+        if replicas.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+        batches = replicas.batches(skip=self.start_step)  # resume: the data order of an uninterrupted run
+        throttle = CurvatureThrottle(self.optimizer, s.kappa, s.decay, self.constant, reduce=reduce) if s.controller == "throttle" else None
+        newton = NewtonLearningRate(self.optimizer, gamma=s.newton_gamma, reduce=reduce) if s.controller == "newton" else None
         tracker = DirectionalCurvatureTracker(self.model)
         floor = _PowerFloor()
-        metrics_file = open(self.out / "metrics.jsonl", "a" if append else "w")
+        metrics_file = open(self.out / "metrics.jsonl" if replicas.is_writer else os.devnull, "a" if append else "w")
         losses, factors, times = [], [], []
         initial_loss: Optional[float] = None
         previous_loss: Optional[float] = None
         last_good = self._state(self.start_step)
+        clean: Optional[int] = self.start_step  # the step the live weights hold, None while they change
         diverged = interrupted = False
+        failure: Optional[BaseException] = None
         step = self.start_step
         try:
             for step in range(self.start_step, s.steps):
                 started = time.perf_counter()
-                batch = next(batches)
+                batch, size = next(batches)
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.recipe.loss(self.model, batch)
-                value = float(loss.detach())
+                local_loss = self.recipe.loss(replicas.module, batch)
+                value, total = replicas.global_loss(float(local_loss.detach()), size)
                 initial_loss = value if initial_loss is None else initial_loss
                 if not math.isfinite(value) or value > s.divergence_factor * max(abs(initial_loss), 1e-12):
                     diverged = True
@@ -210,7 +219,8 @@ class Trainer:
                     metrics_file.write(json.dumps(record) + "\n")
                     break
                 last_good = self._state(step)
-                loss.backward()
+                clean = None
+                (local_loss * replicas.backward_scale(size, total) if distributed else local_loss).backward()
                 grad_norm = float(_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).norm())
                 base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
                 theta_before = _flat(self.params).clone()
@@ -218,10 +228,13 @@ class Trainer:
                 curvature = consecutive.value if consecutive is not None else None
                 factor = 1.0
                 lambda_floor = None
+                share = replicas.share(size, total)
 
                 def same_batch_loss() -> torch.Tensor:
+                    """This rank's share of the step's global mean loss at the current weights."""
                     with preserved_state(self.model, train_mode=True):
-                        return self.recipe.loss(self.model, batch)
+                        local = self.recipe.loss(self.model, batch)
+                        return local * share if distributed else local
 
                 if s.controller in ("none", "clip"):
                     if s.controller == "clip":
@@ -232,7 +245,7 @@ class Trainer:
                     if step - self.start_step < 3 or step % s.floor_every == 0 or jumped:
                         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
                         pre = adam_preconditioner(self.optimizer, self.params, grads) if self.info.is_adaptive else None
-                        lambda_floor = floor.estimate(self.model, self.recipe.loss, batch, self.recipe.batch_size(batch), pre)
+                        lambda_floor = floor.estimate(self.model, self.recipe.loss, batch, size, pre, distributed)
                         throttle.floor = lambda_floor
                     throttle.step(same_batch_loss)
                     factor, curvature = throttle.factor, throttle.curvature
@@ -253,6 +266,7 @@ class Trainer:
                 record["seconds"] = elapsed
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                clean = step + 1
                 losses.append(value)
                 factors.append(factor)
                 times.append(elapsed)
@@ -265,14 +279,24 @@ class Trainer:
                 step = s.steps
         except KeyboardInterrupt:
             interrupted = True
+        except Exception as exc:  # another rank lost, the recipe raised mid-run: keep what was done, then fail
+            if signals:  # stopped by a signal that also stopped the other ranks: an interruption
+                interrupted = True
+            else:
+                failure = as_communication_error(exc)
         finally:
             metrics_file.close()
-        completed = step if (diverged or interrupted) else s.steps
+        completed = step if (diverged or interrupted or failure) else s.steps
         final_state = last_good if diverged else self._state(completed)
-        if interrupted:
-            final_state = last_good  # mid-step weights may be half-updated: keep the last clean state
-            completed = int(last_good["step"])
+        if interrupted or failure is not None:
+            # Stopped between steps: the live weights are clean. Mid-step they may be half-updated:
+            # keep the state from before that step, whose log line was not written either.
+            final_state = self._state(clean) if clean is not None else last_good
+            completed = int(final_state["step"])
         self._save(final_state, self.out / "final.pt")
+        spread = None
+        if distributed and not (interrupted or failure is not None):
+            spread = replicas.replica_spread()
         summary = RunSummary(
             controller=s.controller,
             steps_completed=completed,
@@ -287,15 +311,21 @@ class Trainer:
             recipe=self.recipe.name,
             checkpoint=self.checkpoint_path,
             settings=asdict(s),
+            world_size=replicas.world_size,
+            replica_spread=spread,
+            failure=None if failure is None else f"{type(failure).__name__}: {failure}".strip()[:500],
         )
-        (self.out / "run.json").write_text(json.dumps(finite_or_none(asdict(summary)), indent=2) + "\n")
+        if replicas.is_writer:
+            (self.out / "run.json").write_text(json.dumps(finite_or_none(asdict(summary)), indent=2) + "\n")
+        if failure is not None:
+            raise failure
         return summary
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:
         """λmax on all batches with the probe code; the EoS ratio lr·λ/T."""
-        batches = list(_take(self.recipe, self.settings.max_batches))
-        sizes = [self.recipe.batch_size(b) for b in batches]
-        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True)
+        batches, sizes = self.replicas.sharpness_batches()
+        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
+                               distributed=self.replicas.world_size > 1)
         pre = adam_preconditioner(self.optimizer, self.params) if self.info.is_adaptive else None
         if pre is not None:
             result = preconditioned_lambda_max(op, op.flatten(pre), tol=1e-3, max_hvps=200)
@@ -308,11 +338,27 @@ class Trainer:
         return out
 
 
-def _take(recipe: Recipe, max_batches: Optional[int]) -> Iterator[Any]:
-    for i, batch in enumerate(recipe.data()):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[List[int]]:
+    """The first SIGINT or SIGTERM (Ctrl-C, ``kill``, torchrun's agent stopping its workers) raises
+    KeyboardInterrupt, which stops the loop cleanly; later ones are ignored until the log and the
+    last good checkpoint are written. Yields the signals received; previous handlers come back
+    afterwards."""
+    received: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def read_run(run_dir: Path) -> Dict[str, Any]:

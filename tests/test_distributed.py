@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import RECIPES, ROOT
+from conftest import RECIPES
+from processes import Job
 from curvdiag import distributed
 from curvdiag.cli import app
 from curvdiag.errors import BadInput
@@ -308,41 +308,15 @@ def test_unequal_shards_three_ranks_over_ten_samples():
 
 
 # ---------------------------------------------------------------------------- torchrun processes
-class _Job:
-    """A command in its own session (so a timeout kills torchrun's workers too), started at once."""
-
-    def __init__(self, command, env_extra=None):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-        env.pop(distributed.STATUS_DIR_ENV, None)
-        self.command, self.started = command, time.monotonic()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, start_new_session=True)
-
-    def result(self, timeout):
-        """(exit status, stdout, stderr, seconds); kills the whole session after ``timeout`` s from the start."""
-        try:
-            out, err = self.process.communicate(timeout=max(1.0, timeout - (time.monotonic() - self.started)))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            out, err = self.process.communicate()
-            raise AssertionError(f"{self.command} still ran after {timeout} s:\n{err[-3000:]}")
-        return self.process.returncode, out, err, time.monotonic() - self.started
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.communicate()
-
-
 @pytest.fixture(scope="module")
 def torchrun_jobs():
     """Both torchrun jobs, started together (their interpreters start in parallel: half the wait)."""
     curvdiag = [sys.executable, "-m", "curvdiag", "probe"]
     jobs = {
-        "nproc": _Job([*curvdiag, TINY, *ARGS, "--json", "-", "--nproc", "2"]),
-        "raise": _Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--nproc", "2", "--dist-timeout", "300"],
+        "nproc": Job([*curvdiag, TINY, *ARGS, "--json", "-", "--nproc", "2"]),
+        "raise": Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--nproc", "2", "--dist-timeout", "300"],
                       env_extra={"CURVDIAG_TEST_RANK_FAILURE": "raise"}),
-        "teardown": _Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--json", "-", "--nproc", "2"],
+        "teardown": Job([*curvdiag, RANK_DATA, "--probes", "lambda_max", "--json", "-", "--nproc", "2"],
                          env_extra={"CURVDIAG_TEST_RANK_FAILURE": "abort-at-exit"}),
     }
     yield jobs

@@ -2,7 +2,8 @@
 divergence handling, determinism, resume, interruption, --compare."""
 
 import json
-import math
+import os
+import signal
 
 import pytest
 import torch
@@ -181,10 +182,60 @@ def test_ctrl_c_leaves_a_readable_log_and_checkpoint(tmp_path):
             raise KeyboardInterrupt
 
     summary = trainer.run(on_step=interrupt)
-    assert summary.interrupted and summary.steps_completed == 4
+    # Stopped between steps 4 and 5: five steps logged and the weights after them kept, so that
+    # --resume continues at step 5 without a repeated line.
+    assert summary.interrupted and summary.steps_completed == 5
     assert len(_losses(tmp_path / "int")) == 5
     assert json.loads((tmp_path / "int" / "run.json").read_text())["interrupted"] is True
-    assert torch.load(tmp_path / "int" / "final.pt", weights_only=True)["step"] == 4
+    final = torch.load(tmp_path / "int" / "final.pt", weights_only=True)
+    assert final["step"] == 5
+    assert all(torch.equal(final["model"][k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_an_interruption_during_the_update_keeps_the_state_before_that_step(tmp_path, monkeypatch):
+    trainer = Trainer(TINY, None, tmp_path / "mid", TrainSettings(steps=20))
+    step = trainer.optimizer.step
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # inside step 3's update
+        return step(*args, **kwargs)
+    monkeypatch.setattr(trainer.optimizer, "step", interrupted_step)
+    summary = trainer.run()
+    assert summary.interrupted and summary.steps_completed == 3
+    assert len(_losses(tmp_path / "mid")) == 3
+    assert torch.load(tmp_path / "mid" / "final.pt", weights_only=True)["step"] == 3
+
+
+def test_sigterm_stops_the_run_like_ctrl_c(tmp_path):
+    trainer = Trainer(TINY, None, tmp_path / "term", TrainSettings(steps=50))
+
+    def terminate(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = trainer.run(on_step=terminate)
+    assert summary.interrupted and summary.steps_completed in (3, 4)  # the handler runs at the next bytecode
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
+    assert json.loads((tmp_path / "term" / "run.json").read_text())["interrupted"] is True
+
+
+def test_a_failure_mid_run_keeps_the_log_and_the_last_clean_state_then_raises(tmp_path):
+    from curvdiag.errors import BadInput
+
+    trainer = Trainer(TINY, None, tmp_path / "fail", TrainSettings(steps=50))
+
+    def fail(record):
+        if record["step"] == 6:
+            raise BadInput("the recipe's data went away")
+
+    with pytest.raises(BadInput):
+        trainer.run(on_step=fail)
+    run = json.loads((tmp_path / "fail" / "run.json").read_text())
+    assert run["failure"] == "BadInput: the recipe's data went away" and run["steps_completed"] == 7
+    assert torch.load(tmp_path / "fail" / "final.pt", weights_only=True)["step"] == 7
 
 
 def test_cli_compare_writes_one_directory_per_controller(tmp_path):
@@ -204,15 +255,6 @@ def test_cli_train_bad_inputs(tmp_path):
     assert several.exit_code == 2 and "--compare" in several.output
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a curvdiag run directory" in missing.output
-
-
-def test_train_under_torchrun_is_refused_clearly(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-    result = CliRunner().invoke(app, ["train", TINY, "--steps", "2", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "not supported yet" in result.output
 
 
 def test_adam_metric_is_defined_from_the_first_step():

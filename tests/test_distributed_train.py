@@ -1,0 +1,139 @@
+"""curvdiag train across processes (DESIGN §2.5): data-parallel replay under torchrun.
+
+Each step's full batch (44 samples) is split over the ranks, the model runs inside
+DistributedDataParallel, and every controller uses the reduced loss and gradients. The numbers:
+the losses, learning rates, throttle factors, λ floors and λmax of a replay under 2 and 3 ranks
+equal the one-process replay to 1e-9 relative (float64; 3 ranks give unequal shards 15/15/14),
+and the replicas end bit-identical. A killed rank ends the job with the survivors' log and last
+clean state kept; Ctrl-C does the same and exits 130. All jobs start together (their interpreters
+start in parallel) through ``--nproc``; each has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RECIPES
+from processes import Job
+from curvdiag.training import Trainer, TrainSettings
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend")
+
+FULL_BATCH = str(RECIPES / "full_batch.py")
+RTOL = 1e-9
+TRAIN = [sys.executable, "-m", "curvdiag", "train", FULL_BATCH, "-q"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_train")
+    jobs = {
+        "two": Job([*TRAIN, "--steps", "40", "--compare", "--controller", "throttle,newton", "--out", str(out / "two"),
+                    "--nproc", "2"]),
+        "three": Job([*TRAIN, "--steps", "30", "--controller", "throttle", "--sharpness-every", "10",
+                      "--out", str(out / "three"), "--nproc", "3"]),
+        "killed": Job([*TRAIN, "--steps", "100000", "--out", str(out / "killed"), "--nproc", "2", "--dist-timeout", "60"],
+                      env_extra={"CURVDIAG_TEST_KILL_RANK1_AT": "12"}),
+        "interrupted": Job([*TRAIN, "--steps", "100000", "--out", str(out / "interrupted"), "--nproc", "2"],
+                           env_extra={"CURVDIAG_TEST_SLOW": "0.05"}),
+    }
+    yield out, jobs
+    for job in jobs.values():
+        job.stop()
+
+
+def _records(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _one_process(settings: TrainSettings, out: Path) -> list:
+    Trainer(FULL_BATCH, None, out, settings).run()
+    return _records(out)
+
+
+def _assert_follows(reference: list, replay: list, keys: tuple) -> float:
+    assert len(replay) == len(reference)
+    worst = 0.0
+    for a, b in zip(reference, replay):
+        assert a["step"] == b["step"]
+        for key in keys:
+            if key in a or key in b:
+                assert (a.get(key) is None) == (b.get(key) is None), (key, a, b)
+                if a.get(key) is not None:
+                    gap = abs(a[key] - b[key]) / max(abs(a[key]), 1e-30)
+                    assert gap <= RTOL, (key, a["step"], a[key], b[key])
+                    worst = max(worst, gap)
+    return worst
+
+
+KEYS = ("loss", "lr", "grad_norm", "update_norm", "throttle", "directional_curvature", "lambda_floor", "lambda_max")
+
+
+def test_two_ranks_follow_one_process_under_every_controller(runs, tmp_path):
+    out, jobs = runs
+    code, _, err, _ = jobs["two"].result(timeout=240)
+    assert code == 0, err[-3000:]
+    for name, controller in (("baseline", "none"), ("throttle", "throttle"), ("newton", "newton")):
+        reference = _one_process(TrainSettings(steps=40, controller=controller), tmp_path / name)
+        replay = _records(out / "two" / name)
+        gap = _assert_follows(reference, replay, KEYS)
+        run = json.loads((out / "two" / name / "run.json").read_text())
+        assert run["world_size"] == 2 and run["replica_spread"] == 0.0  # the replicas are identical
+        assert run["steps_completed"] == 40 and run["failure"] is None
+        print(f"2 ranks, {controller}: largest relative gap from one process {gap:.1e}")
+    assert replay[-1]["loss"] < 0.5 * replay[0]["loss"]  # it trained
+
+
+def test_three_unequal_shards_follow_one_process_with_sharpness(runs, tmp_path):
+    out, jobs = runs
+    code, _, err, _ = jobs["three"].result(timeout=240)
+    assert code == 0, err[-3000:]
+    settings = TrainSettings(steps=30, controller="throttle", sharpness_every=10)
+    reference = _one_process(settings, tmp_path / "one")
+    replay = _records(out / "three")
+    gap = _assert_follows(reference, replay, KEYS + ("eos_ratio",))
+    assert sum("lambda_max" in r for r in replay) == 3
+    run = json.loads((out / "three" / "run.json").read_text())
+    assert run["world_size"] == 3 and run["replica_spread"] == 0.0
+    print(f"3 ranks (15/15/14 samples): largest relative gap from one process {gap:.1e}")
+
+
+def test_a_killed_rank_ends_the_job_and_rank_0_keeps_its_log_and_last_clean_state(runs):
+    out, jobs = runs
+    code, _, err, seconds = jobs["killed"].result(timeout=240)
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 failed: lost contact with another rank"), err[-3000:]
+    run = json.loads((out / "killed" / "run.json").read_text())
+    assert run["failure"].startswith("CommunicationError") and not run["interrupted"]
+    records = _records(out / "killed")
+    final = torch.load(out / "killed" / "final.pt", weights_only=True)
+    assert final["step"] == run["steps_completed"] == len(records) >= 9  # rank 1 died in step 10's loss
+    assert 9 <= len(records) <= 10
+
+
+def test_ctrl_c_stops_every_rank_and_keeps_a_complete_log(runs):
+    out, jobs = runs
+    job = jobs["interrupted"]
+    metrics = out / "interrupted" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        assert job.process.poll() is None, job.result(timeout=5)[2][-3000:]
+        time.sleep(0.2)
+    job.signal_all(signal.SIGINT)  # what a terminal sends every process of the job on Ctrl-C
+    code, _, err, _ = job.result(timeout=240)
+    assert code == 130, err[-3000:]
+    run = json.loads((out / "interrupted" / "run.json").read_text())
+    assert run["interrupted"] is True and run["failure"] is None
+    records = _records(out / "interrupted")
+    assert run["steps_completed"] == len(records) >= 5
+    assert torch.load(out / "interrupted" / "final.pt", weights_only=True)["step"] == len(records)
