@@ -225,7 +225,7 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
            "drop --nproc: torchrun already started the processes")
     if nproc == 1:
         return None
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    command = [sys.executable, "-m", "curvdiag.torchrun", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "curvdiag", ctx.command.name, *_forwarded_args(ctx)]
     with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
         env = dict(os.environ, **{distributed.STATUS_DIR_ENV: status_dir})

@@ -183,7 +183,7 @@ class Trainer:
         with _stop_on_signals() as signals:
             return self._run(on_step, append, signals)
 
-    def _run(self, on_step: Optional[Callable[[Dict[str, Any]], None]], append: bool, signals: List[int]) -> RunSummary:
+    def _run(self, on_step: Optional[Callable[[Dict[str, Any]], None]], append: bool, signals: "_Signals") -> RunSummary:
         s = self.settings
         replicas = self.replicas
         distributed = replicas.world_size > 1
@@ -280,11 +280,12 @@ class Trainer:
         except KeyboardInterrupt:
             interrupted = True
         except Exception as exc:  # another rank lost, the recipe raised mid-run: keep what was done, then fail
-            if signals:  # stopped by a signal that also stopped the other ranks: an interruption
+            if signals.received:  # stopped by a signal that also stopped the other ranks: an interruption
                 interrupted = True
             else:
                 failure = as_communication_error(exc)
         finally:
+            signals.armed = False
             metrics_file.close()
         completed = step if (diverged or interrupted or failure) else s.steps
         final_state = last_good if diverged else self._state(completed)
@@ -338,24 +339,32 @@ class Trainer:
         return out
 
 
+class _Signals:
+    """SIGINT/SIGTERM received during a run; ``armed`` while the loop may still be stopped."""
+
+    def __init__(self):
+        self.received: List[int] = []
+        self.armed = True
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[List[int]]:
-    """The first SIGINT or SIGTERM (Ctrl-C, ``kill``, torchrun's agent stopping its workers) raises
-    KeyboardInterrupt, which stops the loop cleanly; later ones are ignored until the log and the
-    last good checkpoint are written. Yields the signals received; previous handlers come back
-    afterwards."""
-    received: List[int] = []
+def _stop_on_signals() -> Iterator[_Signals]:
+    """The first SIGINT or SIGTERM (Ctrl-C, ``kill``, torchrun's agent stopping its workers) while
+    the loop runs raises KeyboardInterrupt, which stops it cleanly; once the loop is over (disarmed)
+    signals are only recorded, so the log and the last good checkpoint are always written.
+    Previous handlers come back afterwards."""
+    signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield signals
         return
 
     def stop(signum, frame):
-        received.append(signum)
-        if len(received) == 1:
+        signals.received.append(signum)
+        if signals.armed and len(signals.received) == 1:
             raise KeyboardInterrupt
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield received
+        yield signals
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

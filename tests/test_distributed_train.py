@@ -113,6 +113,8 @@ def test_a_killed_rank_ends_the_job_and_rank_0_keeps_its_log_and_last_clean_stat
     assert code != 0
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: rank 0 failed: lost contact with another rank"), err[-3000:]
+    assert any(line.startswith("torchrun: rank 1 ") and "killed by SIGKILL" in line for line in err.splitlines())
+    assert "Traceback" not in err
     run = json.loads((out / "killed" / "run.json").read_text())
     assert run["failure"].startswith("CommunicationError") and not run["interrupted"]
     records = _records(out / "killed")
@@ -132,6 +134,7 @@ def test_ctrl_c_stops_every_rank_and_keeps_a_complete_log(runs):
     job.signal_all(signal.SIGINT)  # what a terminal sends every process of the job on Ctrl-C
     code, _, err, _ = job.result(timeout=240)
     assert code == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]  # neither torchrun nor a rank prints one
     run = json.loads((out / "interrupted" / "run.json").read_text())
     assert run["interrupted"] is True and run["failure"] is None
     records = _records(out / "interrupted")
