@@ -55,7 +55,8 @@ class TrainSettings:
     kappa: float = 0.5  # throttle safety factor κ
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
     floor_every: int = 10  # throttle: λmax floor re-estimated at least this often ...
-    floor_jump: float = 0.1  # ... and whenever the loss rises by more than this fraction
+    floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
+    floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
@@ -198,7 +199,7 @@ class Trainer:
         metrics_file = open(self.out / "metrics.jsonl" if replicas.is_writer else os.devnull, "a" if append else "w")
         losses, factors, times = [], [], []
         initial_loss: Optional[float] = None
-        previous_loss: Optional[float] = None
+        loss_average: Optional[float] = None  # mini-batch losses scatter: compare with their mean
         last_good = self._state(self.start_step)
         clean: Optional[int] = self.start_step  # the step the live weights hold, None while they change
         diverged = interrupted = False
@@ -241,7 +242,7 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(self.params, s.clip_norm)
                     self.optimizer.step()
                 elif throttle is not None:
-                    jumped = previous_loss is not None and value > (1 + s.floor_jump) * previous_loss
+                    jumped = loss_average is not None and value > (1 + s.floor_jump) * loss_average
                     if step - self.start_step < 3 or step % s.floor_every == 0 or jumped:
                         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
                         pre = adam_preconditioner(self.optimizer, self.params, grads) if self.info.is_adaptive else None
@@ -270,7 +271,7 @@ class Trainer:
                 losses.append(value)
                 factors.append(factor)
                 times.append(elapsed)
-                previous_loss = value
+                loss_average = value if loss_average is None else s.floor_jump_decay * loss_average + (1 - s.floor_jump_decay) * value
                 if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
                     self._save(self._state(step + 1), self.out / "checkpoints" / f"step_{step + 1}.pt")
                 if on_step is not None:

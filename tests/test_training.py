@@ -2,8 +2,10 @@
 divergence handling, determinism, resume, interruption, --compare."""
 
 import json
+import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +284,16 @@ def test_every_sample_divergence_case_diverges_without_the_throttle_and_not_with
     assert baseline.diverged and baseline.steps_completed < 10
     assert not throttled.diverged and throttled.steps_completed == 60
     assert throttled.final_loss < 0.5 * throttled.initial_loss
+
+
+def test_the_throttle_runs_through_fused_attention(tmp_path):
+    """The power floor uses the operator's automatic method: through SDPA (no double backward on
+    its fused CPU kernel) it falls back to math attention instead of failing the run."""
+    recipe = str(Path(__file__).resolve().parents[1] / "sample_models" / "tiny_transformer.py")
+    summary = Trainer(recipe, None, tmp_path / "tt", TrainSettings(steps=4, controller="throttle")).run()
+    assert summary.steps_completed == 4 and summary.failure is None and summary.extra_hvps_per_step > 0
+    assert all(math.isfinite(r["lambda_floor"]) for r in _records_with_floor(tmp_path / "tt"))
+
+
+def _records_with_floor(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lambda_floor" in r]
