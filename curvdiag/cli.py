@@ -61,6 +61,28 @@ def user_errors(debug: bool, fail: Optional[Callable[[CurvdiagError, bool], None
                            hint="rerun with --debug for the traceback and report it"), debug)
 
 
+@contextlib.contextmanager
+def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, device: str, dist_timeout: float) -> Iterator[None]:
+    """The body of a command that may run on several processes. ``--nproc N`` (N > 1) relaunches the
+    command under torchrun and exits with its status; otherwise the body runs inside the process
+    group torchrun describes (none in one process), with one error line per failing rank, and
+    each rank leaves the group after success (a failed rank just exits; torchrun ends the others)."""
+    from curvdiag import distributed
+
+    if nproc is not None:
+        try:
+            code = _relaunch_under_torchrun(ctx, nproc)
+        except CurvdiagError as exc:
+            _fail(exc, debug)
+        if code is not None:
+            raise typer.Exit(code=code)
+    with user_errors(debug, _fail_rank):
+        distributed.init_from_env(device, dist_timeout)
+        yield
+    distributed.record_finished(distributed.env_rank())
+    distributed.shutdown()
+
+
 def _check(condition: bool, message: str, hint: Optional[str] = None) -> None:
     if not condition:
         raise BadInput(message, hint)
@@ -96,21 +118,9 @@ def probe(
     dist_timeout: float = typer.Option(120.0, "--dist-timeout", help="Under several processes: seconds a rank waits for the others before the job fails."),
 ) -> None:
     """How close is this checkpoint to instability? λmax, edge-of-stability margin, trace, diagonal."""
-    from curvdiag import distributed
-
-    if nproc is not None:
-        try:
-            code = _relaunch_under_torchrun(ctx, nproc)
-        except CurvdiagError as exc:
-            _fail(exc, debug)
-        if code is not None:
-            raise typer.Exit(code=code)
-    with user_errors(debug, _fail_rank):
-        distributed.init_from_env(device, dist_timeout)
+    with across_processes(ctx, nproc, debug, device, dist_timeout):
         _probe(recipe, checkpoint, previous, probes, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
                dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots)
-    distributed.record_finished(distributed.env_rank())
-    distributed.shutdown()  # only after success: a failed rank just exits, torchrun ends the others
 
 
 def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
@@ -281,19 +291,9 @@ def train(
     """Replay training with a curvature controller (and, with --compare, without) and log it."""
     from curvdiag import distributed
 
-    if nproc is not None:
-        try:
-            code = _relaunch_under_torchrun(ctx, nproc)
-        except CurvdiagError as exc:
-            _fail(exc, debug)
-        if code is not None:
-            raise typer.Exit(code=code)
-    with user_errors(debug, _fail_rank):
-        distributed.init_from_env("cpu", dist_timeout)
+    with across_processes(ctx, nproc, debug, "cpu", dist_timeout):
         _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
                max_batches, out, resume, quiet or distributed.rank() != 0)
-    distributed.record_finished(distributed.env_rank())
-    distributed.shutdown()
 
 
 def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
