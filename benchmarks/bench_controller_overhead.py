@@ -1,6 +1,6 @@
 """Per-step cost of each controller against a plain optimizer step, in one process.
 
-Runs `curvdiag train`'s loop (curvdiag.training.Trainer) for the same number of steps with each
+Runs `curvdiag train`'s loop (curvdiag.train.loop.Trainer) for the same number of steps with each
 controller on one workload and prints the median time per step and its ratio to `none`, plus
 the extra HVPs per step. Usage: python benchmarks/bench_controller_overhead.py [--steps 200]
 [--recipe sample_models/tanh_mlp.py] [--lr 0.3]. Run it on an idle machine: with 2 threads, a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from curvdiag.training import Trainer, TrainSettings
+from curvdiag.train.loop import Trainer, TrainSettings
 
 
 def main() -> None:

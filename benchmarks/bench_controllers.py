@@ -2,7 +2,7 @@
 what it costs per step.
 
 One process, 1 torch thread (``--threads``), everything through the real ``Trainer`` API
-(``curvdiag.training``), each run from ``model()`` initialisation. Writes
+(``curvdiag.train.loop``), each run from ``model()`` initialisation. Writes
 ``benchmarks/controllers_results.md`` (``--out``) and prints the same tables. Text in that file
 below the line ``NOTES_MARKER`` is hand-written and kept when the tables are regenerated.
 
@@ -57,8 +57,8 @@ SAMPLES = ROOT / "sample_models"
 
 import torch  # noqa: E402
 
-from curvdiag.recipe import load_recipe  # noqa: E402
-from curvdiag.training import Trainer, TrainSettings  # noqa: E402
+from curvdiag.loading.recipe import load_recipe  # noqa: E402
+from curvdiag.train.loop import Trainer, TrainSettings  # noqa: E402
 
 CONTROLLERS = ("none", "throttle", "newton", "clip")
 NOTES_MARKER = "<!-- notes: everything from this line on is hand-written and kept by bench_controllers.py -->"

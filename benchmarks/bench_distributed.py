@@ -51,11 +51,11 @@ def worker(hvps: int) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
-    from curvdiag import distributed
-    from curvdiag.linear_operator import random_vector
-    from curvdiag.loading import load_target
-    from curvdiag.operator import CurvatureOperator
-    from curvdiag.sharpness import lambda_max
+    from curvdiag.curvature import distributed
+    from curvdiag.curvature.linear_operator import random_vector
+    from curvdiag.loading.target import load_target
+    from curvdiag.curvature.operator import CurvatureOperator
+    from curvdiag.probes.sharpness import lambda_max
 
     distributed.init_from_env("cpu", timeout=300)
     rank, world = distributed.rank(), distributed.world_size()

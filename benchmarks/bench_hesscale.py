@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from curvdiag.hesscale import hesscale_diag  # noqa: E402
-from curvdiag.hutchinson import hutchinson_diag, rademacher_products  # noqa: E402
-from curvdiag.loading import load_target  # noqa: E402
-from curvdiag.operator import CurvatureOperator  # noqa: E402
+from curvdiag.probes.hesscale import hesscale_diag  # noqa: E402
+from curvdiag.probes.hutchinson import hutchinson_diag, rademacher_products  # noqa: E402
+from curvdiag.loading.target import load_target  # noqa: E402
+from curvdiag.curvature.operator import CurvatureOperator  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 

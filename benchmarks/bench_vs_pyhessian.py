@@ -48,13 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from curvdiag.hutchinson import hutchinson_trace  # noqa: E402
-from curvdiag.operator import CurvatureOperator  # noqa: E402
-from curvdiag.recipe import load_recipe  # noqa: E402
-from curvdiag.sharpness import lambda_max  # noqa: E402
+from curvdiag.probes.hutchinson import hutchinson_trace  # noqa: E402
+from curvdiag.curvature.operator import CurvatureOperator  # noqa: E402
+from curvdiag.loading.recipe import load_recipe  # noqa: E402
+from curvdiag.probes.sharpness import lambda_max  # noqa: E402
 
 try:  # newer curvdiag: Hutchinson with an exact Gauss-Newton control variate
-    from curvdiag.ggn_trace import ggn_control_variate_trace  # noqa: E402
+    from curvdiag.probes.ggn_trace import ggn_control_variate_trace  # noqa: E402
 except ImportError:
     ggn_control_variate_trace = None
 

@@ -1,23 +1,41 @@
 """curvdiag: training-stability diagnostics for PyTorch from the curvature of the loss.
 
-The public API mirrors the CLI: load a recipe and checkpoint into a :class:`Target`, wrap it
-in a :class:`CurvatureOperator`, and run probes (:func:`lambda_max`, :func:`hutchinson_trace`,
-:func:`hutchinson_diag`) and the stability margins of :mod:`curvdiag.stability` on it.
+The public Python API mirrors the CLI (README, "Python API"). Names are imported lazily, on
+first use, so ``import curvdiag`` and ``curvdiag --help`` do not load torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from curvdiag.errors import BadInput, ProbeFailed  # noqa: E402
-from curvdiag.operator import CurvatureOperator  # noqa: E402
-from curvdiag.sharpness import lambda_max  # noqa: E402
-from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "__version__",
-    "BadInput",
-    "ProbeFailed",
-    "CurvatureOperator",
-    "lambda_max",
-    "hutchinson_trace",
-    "hutchinson_diag",
-]
+from curvdiag._version import __version__
+
+# public name -> module that defines it
+_PUBLIC = {
+    "BadInput": "curvdiag.errors",
+    "ProbeFailed": "curvdiag.errors",
+    "CurvdiagError": "curvdiag.errors",
+    "CurvatureOperator": "curvdiag.curvature.operator",
+    "lambda_max": "curvdiag.probes.sharpness",
+    "hutchinson_trace": "curvdiag.probes.hutchinson",
+    "hutchinson_diag": "curvdiag.probes.hutchinson",
+    "stability_margin": "curvdiag.stability",
+    "CurvatureThrottle": "curvdiag.train.adapters",
+    "NewtonLearningRate": "curvdiag.train.adapters",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'curvdiag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)

@@ -1,3 +1,3 @@
-from curvdiag.cli import main
+from curvdiag.cli.app import main
 
 main()

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from conftest import ROOT
-from curvdiag import distributed
+from curvdiag.curvature import distributed
 
 
 class Job:

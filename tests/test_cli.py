@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from curvdiag.cli import app
+from curvdiag.cli.app import app
 from conftest import RECIPES
 
 TINY = str(RECIPES / "tiny_mlp.py")
@@ -59,7 +59,7 @@ def test_json_to_stdout_and_quiet(tmp_path):
 
 
 def test_adam_checkpoint_gives_the_preconditioned_sharpness_and_38_over_lr(tmp_path):
-    from curvdiag.recipe import load_recipe
+    from curvdiag.loading.recipe import load_recipe
 
     model = load_recipe(TINY).model()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -104,7 +104,7 @@ def test_bad_inputs_exit_2_with_one_line_and_a_hint(tmp_path):
     _assert_one_line_error(invoke(TINY, "--checkpoint", tmp_path / "junk.pt"), 2, "unreadable")
     torch.save({"model": {"0.weight": torch.zeros(6, 4)}}, tmp_path / "partial.pt")
     _assert_one_line_error(invoke(TINY, "--checkpoint", tmp_path / "partial.pt"), 2, "missing keys: 0.bias, 2.weight")
-    from curvdiag.recipe import load_recipe
+    from curvdiag.loading.recipe import load_recipe
 
     state = load_recipe(TINY).model().state_dict()
     state["2.bias"][0] = float("inf")

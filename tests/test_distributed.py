@@ -24,13 +24,13 @@ from typer.testing import CliRunner
 
 from conftest import RECIPES
 from processes import Job
-from curvdiag import distributed
-from curvdiag.cli import app
+from curvdiag.curvature import distributed
+from curvdiag.cli.app import app
 from curvdiag.errors import BadInput
-from curvdiag.hutchinson import hutchinson_trace
-from curvdiag.loading import load_target
-from curvdiag.operator import CurvatureOperator
-from curvdiag.recipe import load_recipe
+from curvdiag.probes.hutchinson import hutchinson_trace
+from curvdiag.loading.target import load_target
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.loading.recipe import load_recipe
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

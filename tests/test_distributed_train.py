@@ -22,7 +22,7 @@ import torch
 
 from conftest import RECIPES
 from processes import Job
-from curvdiag.training import Trainer, TrainSettings
+from curvdiag.train.loop import Trainer, TrainSettings
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

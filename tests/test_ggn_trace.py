@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from curvdiag.ggn_trace import GaussNewton, GGNNotApplicable, ggn_control_variate_trace
-from curvdiag.hutchinson import hutchinson_trace
-from curvdiag.operator import CurvatureOperator
+from curvdiag.probes.ggn_trace import GaussNewton, GGNNotApplicable, ggn_control_variate_trace
+from curvdiag.probes.hutchinson import hutchinson_trace
+from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
 from models import BatchNormNet, FusedKernelMLP, TiedAutoencoder, mse, regression_batches, tanh_mlp
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curvdiag.hesscale import (RULES, HesScaleNotApplicable, _ACTIVATIONS, _Diag, _eigen_factors, _Full, _Linear,
+from curvdiag.probes.hesscale import (RULES, HesScaleNotApplicable, _ACTIVATIONS, _Diag, _eigen_factors, _Full, _Linear,
                                _LowRank, _Record, hesscale_diag)
-from curvdiag.hutchinson import hutchinson_diag
-from curvdiag.operator import CurvatureOperator
+from curvdiag.probes.hutchinson import hutchinson_diag
+from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
 from models import FusedKernelMLP, TinyAttention, sequence_batches
 

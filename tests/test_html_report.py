@@ -10,9 +10,9 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from curvdiag.cli import app
-from curvdiag.html_report import report_verdict, runs_verdict, write_html_report
-from curvdiag.plots import read_runs
+from curvdiag.cli.app import app
+from curvdiag.plots.html import report_verdict, runs_verdict, write_html_report
+from curvdiag.plots.figures import read_runs
 from test_plots import REPORT_FIGURES, _assert_one_line_error, plot_inputs  # noqa: F401 (fixture)
 
 runner = CliRunner()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace
-from curvdiag.operator import CurvatureOperator
+from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
+from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian, quadratic_spectrum
 from models import mse, regression_batches, tanh_mlp
 

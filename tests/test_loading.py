@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curvdiag.checkpoint import load_model_state, read_checkpoint
+from curvdiag.loading.checkpoint import load_model_state, read_checkpoint
 from curvdiag.errors import BadInput
-from curvdiag.loading import load_target
-from curvdiag.recipe import load_recipe
+from curvdiag.loading.target import load_target
+from curvdiag.loading.recipe import load_recipe
 from conftest import RECIPES
 
 TINY = str(RECIPES / "tiny_mlp.py")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from curvdiag.errors import BadInput
-from curvdiag.operator import CurvatureOperator
+from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian, flat_loss
 from models import (BatchNormNet, FusedKernelMLP, TiedAutoencoder, TinyAttention, mse, regression_batches,
                     sequence_batches, tanh_mlp)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from curvdiag.cli import app
-from curvdiag.plots import (
+from curvdiag.cli.app import app
+from curvdiag.plots.figures import (
     NotPlottable,
     figures_for,
     load_source,
@@ -69,9 +69,9 @@ def build_inputs(root: Path) -> dict:
     _cli("probe", TINY, "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
     report = json.loads((root / "all.json").read_text())
     if "spectral_density" not in report["probes"]:  # until probes.py runs it: the same code path
-        from curvdiag.loading import load_target
-        from curvdiag.operator import CurvatureOperator
-        from curvdiag.spectral_density import spectral_density
+        from curvdiag.loading.target import load_target
+        from curvdiag.curvature.operator import CurvatureOperator
+        from curvdiag.probes.spectral_density import spectral_density
 
         target = load_target(TINY, None)
         op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
@@ -342,7 +342,7 @@ def test_plot_command_bad_inputs(plot_inputs, tmp_path):
 
 
 def test_report_figures_from_memory_for_probe_plots(plot_inputs, tmp_path):
-    from curvdiag.cli_plot import write_report_figures
+    from curvdiag.cli.plot import write_report_figures
 
     report = json.loads(plot_inputs["report_single"].read_text())
     written, skipped = write_report_figures(report, tmp_path / "plots", dpi=40)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from curvdiag.cli import app
-from curvdiag.loading import load_target
-from curvdiag.operator import CurvatureOperator
-from curvdiag.sharpness import lambda_max
+from curvdiag.cli.app import app
+from curvdiag.loading.target import load_target
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.probes.sharpness import lambda_max
 from conftest import SAMPLES
 
 runner = CliRunner()

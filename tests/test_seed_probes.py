@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from curvdiag.cli import app
-from curvdiag.directional import DirectionalCurvatureTracker, directional_curvature
-from curvdiag.glass import glass_probe
-from curvdiag.operator import CurvatureOperator
+from curvdiag.cli.app import app
+from curvdiag.probes.directional import DirectionalCurvatureTracker, directional_curvature
+from curvdiag.probes.glass import glass_probe
+from curvdiag.curvature.operator import CurvatureOperator
 from conftest import RECIPES, quadratic_spectrum
 
 TINY = str(RECIPES / "tiny_mlp.py")
@@ -129,7 +129,7 @@ runner = CliRunner()
 
 
 def test_cli_directional_curvature_from_a_previous_checkpoint(tmp_path):
-    from curvdiag.recipe import load_recipe
+    from curvdiag.loading.recipe import load_recipe
 
     recipe = load_recipe(TINY)
     previous = recipe.model()
@@ -156,7 +156,7 @@ def test_cli_directional_curvature_from_a_simulated_step_matches_a_manual_step()
     assert result.exit_code == 0, result.output
     entry = json.loads(result.stdout)["probes"]["directional_curvature"]
     assert "simulated SGD step" in entry["source"]
-    from curvdiag.loading import load_target
+    from curvdiag.loading.target import load_target
 
     target = load_target(TINY, dtype="float64")
     op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
@@ -181,8 +181,8 @@ def test_cli_glass_and_power_law_report(tmp_path):
 
 
 def test_products_still_work_after_a_simulated_step_that_was_skipped(tmp_path):
-    from curvdiag.loading import load_target
-    from curvdiag.simulated_step import simulate_step
+    from curvdiag.loading.target import load_target
+    from curvdiag.probes.simulated_step import simulate_step
 
     recipe = tmp_path / "no_optimizer.py"
     recipe.write_text((RECIPES / "tiny_mlp.py").read_text().split("def optimizer")[0])

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from curvdiag.lanczos import lanczos
-from curvdiag.linear_operator import DenseOperator
-from curvdiag.operator import CurvatureOperator
-from curvdiag.sharpness import lambda_max, preconditioned_lambda_max
+from curvdiag.probes.lanczos import lanczos
+from curvdiag.curvature.linear_operator import DenseOperator
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max
 from conftest import dense_hessian, quadratic_spectrum
 from models import mse, regression_batches, tanh_mlp
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from curvdiag.linear_operator import DenseOperator
-from curvdiag.spectral_density import smoothed_density, spectral_density
+from curvdiag.curvature.linear_operator import DenseOperator
+from curvdiag.probes.spectral_density import smoothed_density, spectral_density
 from conftest import quadratic_spectrum
 
 # 60 eigenvalues: a bulk near zero, a few negative ones and two outliers (a Hessian's shape).

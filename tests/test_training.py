@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from curvdiag import controllers
-from curvdiag.adapters import CurvatureThrottle, NewtonLearningRate, apply_factor
-from curvdiag.cli import app
-from curvdiag.training import Trainer, TrainSettings
+from curvdiag.train import controllers
+from curvdiag.train.adapters import CurvatureThrottle, NewtonLearningRate, apply_factor
+from curvdiag.cli.app import app
+from curvdiag.train.loop import Trainer, TrainSettings
 from conftest import RECIPES, quadratic_spectrum
 
 TINY = str(RECIPES / "tiny_mlp.py")
@@ -265,7 +265,7 @@ def test_adam_metric_is_defined_from_the_first_step():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99), eps=1e-8)
     model.loss().backward()
     g = model.theta.grad.clone()
-    from curvdiag.adapters import adam_preconditioner
+    from curvdiag.train.adapters import adam_preconditioner
 
     assert adam_preconditioner(optimizer, [model.theta]) is None  # no state before the first step
     prospective = adam_preconditioner(optimizer, [model.theta], [g])[0]

@@ -15,9 +15,9 @@ from typing import Any, List, Optional
 
 import torch
 
-from curvdiag.lanczos import lanczos
-from curvdiag.linear_operator import SymmetricScaling, as_operator
-from curvdiag.power_iteration import power_iteration
+from curvdiag.probes.lanczos import lanczos
+from curvdiag.curvature.linear_operator import SymmetricScaling, as_operator
+from curvdiag.probes.power_iteration import power_iteration
 
 METHODS = ("lanczos", "power")
 
@@ -64,7 +64,7 @@ def lambda_max(
     want_vectors: bool = False,
 ) -> SharpnessResult:
     """Top-k largest algebraic eigenvalues of a symmetric operator (a CurvatureOperator, any
-    ``curvdiag.linear_operator`` operator, or a dense symmetric tensor)."""
+    ``curvdiag.curvature.linear_operator`` operator, or a dense symmetric tensor)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if top_k < 1:

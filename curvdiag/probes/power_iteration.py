@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from curvdiag.linear_operator import as_operator, random_vector
+from curvdiag.curvature.linear_operator import as_operator, random_vector
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Terminal summary of one or several training runs (``train`` and ``train --compare``).
 
-Reads :class:`curvdiag.training.RunSummary` objects; never recomputes.
+Reads :class:`curvdiag.train.loop.RunSummary` objects; never recomputes.
 """
 
 from __future__ import annotations

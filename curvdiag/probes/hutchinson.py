@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from curvdiag.linear_operator import as_operator, random_vector
+from curvdiag.curvature.linear_operator import as_operator, random_vector
 
 
 @dataclass

@@ -3,8 +3,8 @@
 
 The loop reads top to bottom: take a batch, forward and backward, stop cleanly on a non-finite or
 exploding loss, let the controller scale this step's learning rate, step, measure, log. The
-throttle and the Newton-like rate are the public adapters of :mod:`curvdiag.adapters`; λmax is
-measured with the probe code (:func:`curvdiag.sharpness.lambda_max`); thresholds come from
+throttle and the Newton-like rate are the public adapters of :mod:`curvdiag.train.adapters`; λmax is
+measured with the probe code (:func:`curvdiag.probes.sharpness.lambda_max`); thresholds come from
 :mod:`curvdiag.stability`.
 
 Run directory: ``metrics.jsonl`` (one object per step), ``run.json`` (summary and settings),
@@ -28,18 +28,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from curvdiag import __version__, optimizer_state
-from curvdiag.adapters import CurvatureThrottle, NewtonLearningRate, adam_preconditioner
-from curvdiag.checkpoint import load_model_state, read_checkpoint
-from curvdiag.controllers import CONTROLLERS
-from curvdiag.data_parallel import DataParallel
-from curvdiag.distributed import as_communication_error
-from curvdiag.directional import DirectionalCurvatureTracker
+from curvdiag._version import __version__
+from curvdiag.loading import optimizer as optimizer_state
+from curvdiag.train.adapters import CurvatureThrottle, NewtonLearningRate, adam_preconditioner
+from curvdiag.loading.checkpoint import load_model_state, read_checkpoint
+from curvdiag.train.controllers import CONTROLLERS
+from curvdiag.train.data_parallel import DataParallel
+from curvdiag.curvature.distributed import as_communication_error
+from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.errors import BadInput
-from curvdiag.json_safe import finite_or_none
-from curvdiag.operator import CurvatureOperator, preserved_state
-from curvdiag.recipe import load_recipe
-from curvdiag.sharpness import lambda_max, preconditioned_lambda_max
+from curvdiag.results.json_safe import finite_or_none
+from curvdiag.curvature.operator import CurvatureOperator, preserved_state
+from curvdiag.loading.recipe import load_recipe
+from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max
 from curvdiag.stability import stability_constant
 
 
@@ -99,7 +100,7 @@ class _PowerFloor:
         op = CurvatureOperator(model, [batch], loss_fn, [size], train_mode=True, distributed=distributed)
         operator = op if preconditioner is None else None
         if preconditioner is not None:
-            from curvdiag.sharpness import preconditioned_operator
+            from curvdiag.probes.sharpness import preconditioned_operator
 
             operator = preconditioned_operator(op, op.flatten(preconditioner))
         v = self.vector if self.vector is not None else torch.randn(op.num_params, generator=torch.Generator().manual_seed(0)).to(op.device, op.dtype)
@@ -153,7 +154,7 @@ class Trainer:
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
 
     def _load(self, source: Dict[str, Any]) -> None:
-        from curvdiag.checkpoint import Checkpoint
+        from curvdiag.loading.checkpoint import Checkpoint
 
         checkpoint = Checkpoint(source.get("path", "resume"), source["model_state"], source.get("optimizer_state"), source.get("step"))
         load_model_state(self.model, checkpoint)

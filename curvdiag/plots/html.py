@@ -1,5 +1,5 @@
 """One self-contained HTML page for a run directory or a probe report: the verdict in words,
-the context and per-layer tables, and every figure of :mod:`curvdiag.plots` embedded as a
+the context and per-layer tables, and every figure of :mod:`curvdiag.plots.figures` embedded as a
 base64 PNG. It opens offline: no scripts, fonts, style sheets or images are fetched, and the
 page holds no http(s) address.
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from curvdiag import __version__
+from curvdiag._version import __version__
 from curvdiag.errors import BadInput
-from curvdiag.plots import FigureSet, PlotSource, RunLog, figures_for, load_source
+from curvdiag.plots.figures import FigureSet, PlotSource, RunLog, figures_for, load_source
 
 PNG_DPI = 110
 # Per-layer columns: (probe, key in its layer entry, heading).

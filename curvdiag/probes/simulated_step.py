@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from curvdiag.errors import BadInput
-from curvdiag.loading import Target
+from curvdiag.loading.target import Target
 
 
 def _build_optimizer(target: Target, params: list) -> Optional[torch.optim.Optimizer]:

@@ -24,9 +24,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
-from curvdiag import distributed
+from curvdiag.curvature import distributed
 from curvdiag.errors import BadInput
-from curvdiag.recipe import Recipe
+from curvdiag.loading.recipe import Recipe
 
 
 class _TransparentDDP(torch.nn.parallel.DistributedDataParallel):
@@ -62,7 +62,7 @@ class DataParallel:
     def _has_unused_parameters(self) -> bool:
         """Whether the loss of the first batch leaves a trainable parameter without a gradient
         (DDP must then be told, or its next step fails); the same answer on every rank."""
-        from curvdiag.operator import preserved_state
+        from curvdiag.curvature.operator import preserved_state
 
         batch, _ = next(self.batches())
         params = [p for p in self.model.parameters() if p.requires_grad]

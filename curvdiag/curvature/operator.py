@@ -110,7 +110,7 @@ class CurvatureOperator:
         max_kept_batches: above this many batches ``auto`` uses ``double-backward``.
         fd_step: h for finite differences along a unit vector.
         distributed: sum over the ranks of the initialised process group (``batches`` is this
-            rank's shard; see :mod:`curvdiag.distributed`). Every rank must construct the operator
+            rank's shard; see :mod:`curvdiag.curvature.distributed`). Every rank must construct the operator
             and call the same products in the same order.
     """
 
@@ -129,7 +129,7 @@ class CurvatureOperator:
     ):
         if hvp_method not in HVP_METHODS:
             raise BadInput(f"hvp method {hvp_method!r} unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
-        from curvdiag import distributed as dist
+        from curvdiag.curvature import distributed as dist
 
         self.distributed = bool(distributed) and dist.is_distributed()
         dist.check_supported(model)
@@ -155,7 +155,7 @@ class CurvatureOperator:
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.num_params = sum(self.numels)
-        self.size = self.num_params  # the linear-operator interface of curvdiag.linear_operator
+        self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         if self.distributed:
@@ -182,7 +182,7 @@ class CurvatureOperator:
     def _agree_on_start(self) -> None:
         """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
         counts, and the same BadInput on every rank when the ranks' models differ."""
-        from curvdiag import distributed as dist
+        from curvdiag.curvature import distributed as dist
 
         table = dist.agree_on_model(self.model, [len(self.batches), sum(self.batch_sizes)])
         self.num_batches = int(sum(entry[2] for entry in table))
@@ -193,7 +193,7 @@ class CurvatureOperator:
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks (one collective), in place; the tensor itself in one process."""
         if self.distributed:
-            from curvdiag.distributed import all_reduce_sum
+            from curvdiag.curvature.distributed import all_reduce_sum
 
             all_reduce_sum(tensor)
         return tensor

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from curvdiag.linear_operator import as_operator
+from curvdiag.curvature.linear_operator import as_operator
 
 DEFAULT_STEPS = 64
 DEFAULT_PROBES = 2
@@ -168,7 +168,7 @@ def spectral_density(
 
     Args:
         operator: a linear operator (``size``, ``device``, ``dtype``, ``matvec``; see
-            :mod:`curvdiag.linear_operator`) or a dense symmetric (n, n) tensor.
+            :mod:`curvdiag.curvature.linear_operator`) or a dense symmetric (n, n) tensor.
         steps: Lanczos steps per probe, m (capped at n). The quadrature integrates polynomials
             of degree ≤ 2m − 1 exactly for each probe vector.
         probes: number of Rademacher probe vectors; the estimate of tr(f(A))/n averages them.

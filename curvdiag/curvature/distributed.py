@@ -291,7 +291,7 @@ def _takes_rank(fn: Any) -> bool:
 
 
 def _leading(batch: Any) -> Optional[int]:
-    from curvdiag.recipe import leading_dimension
+    from curvdiag.loading.recipe import leading_dimension
 
     return leading_dimension(batch)
 
@@ -338,13 +338,13 @@ def shard_batches(source: Any, rank: int, world_size: int,
     ``"round-robin"`` (batches r, r+N, …), ``"split"`` (fewer batches than ranks: each batch
     split along its leading dimension), or None in one process with a plain ``data()``.
 
-    ``source`` is a :class:`~curvdiag.recipe.Recipe` or a list of batches. ``max_batches``
+    ``source`` is a :class:`~curvdiag.loading.recipe.Recipe` or a list of batches. ``max_batches``
     keeps the first N batches of the whole stream (with ``data(rank, world_size)``: of each
     rank's own stream, since the global order is the recipe's business).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
-    from curvdiag.recipe import Recipe
+    from curvdiag.loading.recipe import Recipe
 
     recipe = source if isinstance(source, Recipe) else None
     if recipe is not None and recipe_shards_data(recipe):

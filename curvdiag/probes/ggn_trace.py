@@ -42,8 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from curvdiag.hutchinson import TraceResult, rademacher, sequential_mean
-from curvdiag.operator import CurvatureOperator
+from curvdiag.probes.hutchinson import TraceResult, rademacher, sequential_mean
+from curvdiag.curvature.operator import CurvatureOperator
 
 ESTIMATOR = "hutchinson + exact Gauss-Newton control variate"
 
@@ -534,7 +534,7 @@ def ggn_control_variate_trace(
     max_samples: int = 1000,
 ) -> GGNTraceResult:
     """tr(H) ≈ tr(G) + mean_k (z_kᵀHz_k − z_kᵀGz_k) with Rademacher z_k (the same z_k as
-    :func:`~curvdiag.hutchinson.hutchinson_trace` with this ``seed``). With ``samples`` a fixed
+    :func:`~curvdiag.probes.hutchinson.hutchinson_trace` with this ``seed``). With ``samples`` a fixed
     count; otherwise probes are added until the standard error is at most
     ``target_rel_stderr``·|estimate| (after ``min_samples``) or ``max_samples`` is reached.
     Raises :class:`GGNNotApplicable` when the model or loss is not covered."""

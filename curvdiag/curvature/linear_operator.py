@@ -1,7 +1,7 @@
 """The minimal linear-operator interface the probes run on, so they can be tested on matrices.
 
 Anything with ``size`` (n), ``device``, ``dtype`` and ``matvec(v) -> A v`` for a flat vector
-of shape (n,) is an operator; :class:`~curvdiag.operator.CurvatureOperator` is one (its
+of shape (n,) is an operator; :class:`~curvdiag.curvature.operator.CurvatureOperator` is one (its
 ``size`` is ``num_params``). :func:`as_operator` also accepts a dense symmetric tensor.
 """
 

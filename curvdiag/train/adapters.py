@@ -14,7 +14,7 @@ the update direction. Public API for a user's own loop::
         print(throttle.factor, throttle.curvature)   # s_t and Ĉ_t
 
 Without a closure the directional curvature comes from consecutive mini-batch gradients (free,
-biased upwards by batch noise: see :mod:`curvdiag.directional`); ``step(closure)`` with a closure
+biased upwards by batch noise: see :mod:`curvdiag.probes.directional`); ``step(closure)`` with a closure
 that returns the loss *of the current batch* evaluates the gradient at the new parameters on the
 same batch (one extra forward and backward) and uses that instead.
 """
@@ -26,7 +26,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from curvdiag import controllers, optimizer_state
+from curvdiag.loading import optimizer as optimizer_state
+from curvdiag.train import controllers
 from curvdiag.stability import stability_constant
 
 

@@ -12,15 +12,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from curvdiag import __version__
+from curvdiag._version import __version__
 from curvdiag.errors import BadInput, CurvdiagError, ProbeFailed
-from curvdiag.directional import directional_curvature
-from curvdiag.ggn_trace import GGNNotApplicable, ggn_control_variate_trace
-from curvdiag.glass import glass_probe
-from curvdiag.hutchinson import hutchinson_diag, hutchinson_trace
-from curvdiag.loading import Target
-from curvdiag.operator import CurvatureOperator
-from curvdiag.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
+from curvdiag.probes.directional import directional_curvature
+from curvdiag.probes.ggn_trace import GGNNotApplicable, ggn_control_variate_trace
+from curvdiag.probes.glass import glass_probe
+from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
+from curvdiag.loading.target import Target
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.probes.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
 from curvdiag.stability import stability_margin
 
 PROBES = ("lambda_max", "hessian_trace", "hessian_diag", "hesscale_diag", "directional_curvature", "glass", "power_law",
@@ -175,7 +175,7 @@ def run_probes(
             elif name == "hessian_diag":
                 _run_diag(op, settings, probes)
             elif name == "spectral_density":
-                from curvdiag.spectral_density import spectral_density
+                from curvdiag.probes.spectral_density import spectral_density
 
                 probes["spectral_density"] = spectral_density(op, steps=settings.density_steps, probes=settings.density_probes,
                                                               seed=settings.seed + 4).to_json()
@@ -290,7 +290,7 @@ def _run_diag(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[st
 def _run_hesscale(op: CurvatureOperator, probes: Dict[str, Dict[str, Any]]) -> None:
     """HesScale's diagonal (DESIGN §3.10) where the model is a covered Sequential; otherwise the
     entry says why it does not apply, never a wrong number."""
-    from curvdiag.hesscale import HesScaleNotApplicable, hesscale_diag
+    from curvdiag.probes.hesscale import HesScaleNotApplicable, hesscale_diag
 
     if op.world_size > 1:
         probes["hesscale_diag"] = {"skipped": f"HesScale is not supported across {op.world_size} processes yet "
@@ -312,7 +312,7 @@ def _run_hesscale(op: CurvatureOperator, probes: Dict[str, Dict[str, Any]]) -> N
 
 
 def _run_directional(target: Target, op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[str, Any]]) -> None:
-    from curvdiag.simulated_step import simulate_step
+    from curvdiag.probes.simulated_step import simulate_step
 
     theta, grad = op.parameters_vector(), op.gradient()
     if s.previous is not None:

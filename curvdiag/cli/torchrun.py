@@ -1,4 +1,4 @@
-"""``python -m curvdiag.torchrun ARGS``: torchrun (``torch.distributed.run``) as ``--nproc`` starts
+"""``python -m curvdiag.cli.torchrun ARGS``: torchrun (``torch.distributed.run``) as ``--nproc`` starts
 it, minus its Python tracebacks. On Ctrl-C torchrun forwards the signal to its workers (which
 write their logs and stop) and then raises through its own ``main``; a failed worker ends it with
 a ``ChildFailedError``. Here both end in a short line instead: exit 130 for the interruption, and

@@ -1,6 +1,6 @@
 """Figures for a training run or a probe report: pure functions from logs and results to
 matplotlib Figures (STYLE habit 6). Nothing here saves, shows or recomputes a probe; the CLI
-(``curvdiag plot``) and the HTML report (:mod:`curvdiag.html_report`) save what these return.
+(``curvdiag plot``) and the HTML report (:mod:`curvdiag.plots.html`) save what these return.
 
 Figures are built with the object-oriented API (``matplotlib.figure.Figure``), never pyplot,
 so no GUI backend is touched, no global figure registry grows, and a caller's backend is left
@@ -656,14 +656,14 @@ def eigenvalues_figure(report: Dict[str, Any], title: str) -> Figure:
 
 
 def spectral_density_figure(report: Dict[str, Any], title: str) -> Figure:
-    """The smoothed spectral density (SLQ, :mod:`curvdiag.spectral_density`) on a log scale,
+    """The smoothed spectral density (SLQ, :mod:`curvdiag.probes.spectral_density`) on a log scale,
     the quadrature nodes as a rug, and the stability threshold."""
     entry = probe_entry(report, "spectral_density", need="")
     grid, density = entry.get("grid"), entry.get("density")
     if not grid or not density:
         if not entry.get("nodes"):
             raise NotPlottable("spectral_density has neither a grid/density nor quadrature nodes")
-        from curvdiag.spectral_density import smoothed_density  # the documented smoothing
+        from curvdiag.probes.spectral_density import smoothed_density  # the documented smoothing
 
         g, d, _ = smoothed_density(entry)
         grid, density = g.tolist(), d.tolist()

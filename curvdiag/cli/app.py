@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from curvdiag import __version__
+from curvdiag._version import __version__
 from curvdiag.errors import BadInput, CurvdiagError
-from curvdiag.json_safe import finite_or_none as _finite_or_none
-from curvdiag.operator import HVP_METHODS
+from curvdiag.results.json_safe import finite_or_none as _finite_or_none
+from curvdiag.curvature.operator import HVP_METHODS
 
 app = typer.Typer(
     name="curvdiag",
@@ -67,7 +67,7 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
     command under torchrun and exits with its status; otherwise the body runs inside the process
     group torchrun describes (none in one process), with one error line per failing rank, and
     each rank leaves the group after success (a failed rank just exits; torchrun ends the others)."""
-    from curvdiag import distributed
+    from curvdiag.curvature import distributed
 
     if nproc is not None:
         try:
@@ -125,10 +125,10 @@ def probe(
 
 def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_samples, lr, optimizer, method, tol, top_k, samples, max_batches, seed, device,
            dtype, train_mode, hvp_method, max_hvps, json_out, quiet, plots=None) -> None:
-    from curvdiag.loading import load_previous_parameters, load_target
-    from curvdiag.operator import CurvatureOperator
-    from curvdiag.probes import ProbeSettings, parse_probe_names, run_probes
-    from curvdiag.report import render
+    from curvdiag.loading.target import load_previous_parameters, load_target
+    from curvdiag.curvature.operator import CurvatureOperator
+    from curvdiag.probes.runner import ProbeSettings, parse_probe_names, run_probes
+    from curvdiag.report.terminal import render
 
     names = parse_probe_names(probe_names)
     _check(method in ("lanczos", "power"), f"--method {method}: unknown", "use lanczos or power")
@@ -139,7 +139,7 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     _check(glass_lambda > 0 and math.isfinite(glass_lambda), f"--glass-lambda {glass_lambda}: must be a positive number")
     _check(glass_samples >= 1, f"--glass-samples {glass_samples}: must be at least 1")
     _check(hvp_method in HVP_METHODS, f"--hvp-method {hvp_method}: unknown", f"choose one of {', '.join(HVP_METHODS)}")
-    from curvdiag import distributed
+    from curvdiag.curvature import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     quiet = quiet or rank != 0  # only rank 0 prints, shows progress and writes files
@@ -175,7 +175,7 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
     if json_out is not None and not to_stdout:
         console.print(f"JSON report written to {json_out}", style="dim")
     if plots is not None:
-        from curvdiag.cli_plot import write_report_figures
+        from curvdiag.cli.plot import write_report_figures
 
         try:
             paths, skipped = write_report_figures(_finite_or_none(report.to_json()), plots)
@@ -189,7 +189,7 @@ def _probe(recipe, checkpoint, previous, probe_names, glass_lambda, glass_sample
 def _fail_rank(exc: CurvdiagError, debug: bool) -> None:
     """``_fail`` in one process; under torchrun one line on stderr prefixed by ``rank R:`` from every
     failing rank (torchrun's agent then ends the job), recorded for the ``--nproc`` launcher."""
-    from curvdiag import distributed
+    from curvdiag.curvature import distributed
 
     if not distributed.launched_by_torchrun():
         _fail(exc, debug)
@@ -228,14 +228,14 @@ def _relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
 
     from rich.markup import escape
 
-    from curvdiag import distributed
+    from curvdiag.curvature import distributed
 
     _check(nproc >= 1, f"--nproc {nproc}: must be at least 1")
     _check(not distributed.launched_by_torchrun(), "--nproc inside a torchrun job",
            "drop --nproc: torchrun already started the processes")
     if nproc == 1:
         return None
-    command = [sys.executable, "-m", "curvdiag.torchrun", "--standalone", "--nproc-per-node", str(nproc),
+    command = [sys.executable, "-m", "curvdiag.cli.torchrun", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "curvdiag", ctx.command.name, *_forwarded_args(ctx)]
     with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
         env = dict(os.environ, **{distributed.STATUS_DIR_ENV: status_dir})
@@ -289,7 +289,7 @@ def train(
     dist_timeout: float = typer.Option(120.0, "--dist-timeout", help="Under several processes: seconds a rank waits for the others before the job fails."),
 ) -> None:
     """Replay training with a curvature controller (and, with --compare, without) and log it."""
-    from curvdiag import distributed
+    from curvdiag.curvature import distributed
 
     with across_processes(ctx, nproc, debug, "cpu", dist_timeout):
         _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
@@ -298,8 +298,8 @@ def train(
 
 def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
            max_batches, out, resume, quiet) -> None:
-    from curvdiag.run_report import render_comparison
-    from curvdiag.training import Trainer, TrainSettings, read_run
+    from curvdiag.report.runs import render_comparison
+    from curvdiag.train.loop import Trainer, TrainSettings, read_run
 
     console = Console(quiet=quiet)
     _check(0 < kappa <= 1, f"--kappa {kappa}: must lie in (0, 1]")
@@ -350,7 +350,7 @@ def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, 
 
 def torch_load_final(run_dir: Path) -> dict:
     """The state a stopped run left in RUN_DIR/final.pt, read safely."""
-    from curvdiag.checkpoint import read_checkpoint
+    from curvdiag.loading.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(Path(run_dir) / "final.pt")
     return {"path": checkpoint.path, "model_state": checkpoint.model_state,
@@ -375,5 +375,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-from curvdiag import cli_plot as _cli_plot  # noqa: E402
+from curvdiag.cli import plot as _cli_plot  # noqa: E402
 _cli_plot.register(app)

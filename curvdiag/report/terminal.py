@@ -1,6 +1,6 @@
 """The terminal report: context, verdict, evidence, per-layer detail (DESIGN §2.3).
 
-Reads a :class:`~curvdiag.probes.ProbeReport` and never recomputes a number.
+Reads a :class:`~curvdiag.probes.runner.ProbeReport` and never recomputes a number.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from curvdiag.probes import ProbeReport
+from curvdiag.probes.runner import ProbeReport
 
 STATUS_STYLE = {"stable": ("STABLE", "bold green"), "edge": ("AT THE EDGE", "bold yellow"),
                 "unstable": ("UNSTABLE", "bold red")}

@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curvdiag.operator import CurvatureOperator
+from curvdiag.curvature.operator import CurvatureOperator
 
 Tensor = torch.Tensor
 

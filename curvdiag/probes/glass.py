@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from curvdiag.linear_operator import random_vector
+from curvdiag.curvature.linear_operator import random_vector
 
 GLASS_CONSTANT = 2.0  # c in ρ = c·E[γ²]/λ (see the module docstring)
 

@@ -21,7 +21,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from curvdiag.linear_operator import as_operator, random_vector
+from curvdiag.curvature.linear_operator import as_operator, random_vector
 
 
 @dataclass
@@ -54,7 +54,7 @@ def lanczos(
     """Top-k algebraic eigenvalues (and the smallest Ritz value) of a symmetric operator.
 
     Args:
-        operator: a linear operator (``curvdiag.linear_operator``) or a dense symmetric tensor.
+        operator: a linear operator (``curvdiag.curvature.linear_operator``) or a dense symmetric tensor.
         top_k: how many of the largest eigenvalues to converge.
         tol: relative Ritz-residual tolerance, ‖A y − θ y‖ ≤ tol·|θ|.
         max_matvecs: budget of operator products.
