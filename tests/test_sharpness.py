@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from curvdiag.probes.lanczos import lanczos
+from curvdiag.probes.eigen import lanczos
 from curvdiag.curvature.linear_operator import DenseOperator
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max

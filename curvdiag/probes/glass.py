@@ -30,6 +30,7 @@ from typing import Any, List, Optional
 import torch
 
 from curvdiag.curvature.linear_operator import random_vector
+from curvdiag.probes.sample_mean import mean_and_stderr
 
 GLASS_CONSTANT = 2.0  # c in ρ = c·E[γ²]/λ (see the module docstring)
 
@@ -71,15 +72,6 @@ class PowerLawResult:
     p: float
     p_stderr: Optional[float]
     layers: List[PowerLawLayer]
-
-
-def _mean_stderr(values: torch.Tensor) -> tuple:
-    """Mean and standard error over dim 0 (samples)."""
-    k = values.shape[0]
-    mean = values.mean(dim=0)
-    if k < 2:
-        return mean, torch.full_like(mean, float("nan"))
-    return mean, values.std(dim=0, unbiased=True) / math.sqrt(k)
 
 
 def _exponent(v2: torch.Tensor, v1: torch.Tensor) -> float:
@@ -152,8 +144,8 @@ def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, po
         v1[k, groups] = variation1.sum()
         if power_law:
             v2[k, groups] = variation2.sum()
-    h_mean, h_se = _mean_stderr(h_layers)
-    rho_mean, rho_se = _mean_stderr(rho_layers)
+    h_mean, h_se = mean_and_stderr(h_layers)
+    rho_mean, rho_se = mean_and_stderr(rho_layers)
     h_abs_mean = h_abs_layers.mean(0)
     layers = [GlassLayer(name, float(rho_mean[j]), float(rho_se[j]), float(h_mean[j]), float(h_se[j]),
                          float(h_abs_mean[j])) for j, (name, _, _) in enumerate(slices)]

@@ -3,12 +3,12 @@ Theorems 2–3; DESIGN §3.3).
 
 For z with i.i.d. ±1 entries, E[zᵀHz] = tr(H) and E[z ⊙ Hz] = diag(H); Rademacher probes have
 the least variance among i.i.d. zero-mean unit-variance probes (Var zᵀHz = 2 Σ_{i≠j} H_ij²).
-Standard errors are the sample standard deviation over the probes divided by √N.
+Standard errors are the sample standard deviation over the probes divided by √N
+(:mod:`curvdiag.probes.sample_mean`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import torch
 
 from curvdiag.curvature.linear_operator import as_operator, random_vector
+from curvdiag.probes.sample_mean import mean_and_stderr
 
 
 @dataclass
@@ -52,15 +53,6 @@ def rademacher_products(operator: Any, seed: int) -> Iterator[Tuple[torch.Tensor
         k += 1
 
 
-def _mean_and_stderr(values: List[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("inf")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def sequential_mean(
     draw: Callable[[int], float],
     samples: Optional[int] = None,
@@ -80,12 +72,12 @@ def sequential_mean(
             if n >= samples:
                 break
             continue
-        mean, se = _mean_and_stderr(values)
+        mean, se = mean_and_stderr(values)
         if n >= min_samples and target_rel_stderr is not None and se <= target_rel_stderr * abs(offset + mean):
             break
         if n >= max_samples:
             break
-    mean, se = _mean_and_stderr(values)
+    mean, se = mean_and_stderr(values)
     return mean, se, len(values)
 
 
@@ -140,8 +132,8 @@ def hutchinson_diag(operator: Any, samples: int = 100, seed: int = 0,
     mean = total / samples
     var = (total_sq / samples - mean * mean).clamp_min(0) * (samples / (samples - 1))
     stderr = (var / samples).sqrt()
-    t_mean, t_se = _mean_and_stderr(traces)
+    t_mean, t_se = mean_and_stderr(traces)
     trace = TraceResult(t_mean, t_se, samples, time.perf_counter() - started)
-    stats = [_mean_and_stderr(values) for values in per_segment]
+    stats = [mean_and_stderr(values) for values in per_segment]
     return DiagonalResult(mean.to(op.dtype), stderr.to(op.dtype), samples, trace,
                           [m for m, _ in stats], [se for _, se in stats])

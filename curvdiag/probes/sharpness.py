@@ -15,9 +15,8 @@ from typing import Any, List, Optional
 
 import torch
 
-from curvdiag.probes.lanczos import lanczos
+from curvdiag.probes.eigen import lanczos, power_iteration
 from curvdiag.curvature.linear_operator import SymmetricScaling, as_operator
-from curvdiag.probes.power_iteration import power_iteration
 
 METHODS = ("lanczos", "power")
 

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from curvdiag.curvature.linear_operator import as_operator
+from curvdiag.probes.eigen import gauss_quadrature
 
 DEFAULT_STEPS = 64
 DEFAULT_PROBES = 2
@@ -113,51 +114,6 @@ def _rademacher(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (size,), generator=generator, dtype=torch.int8).to(torch.float64).mul_(2).sub_(1)
 
 
-def _lanczos_quadrature(op: Any, q: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """m steps of Lanczos with full reorthogonalisation from unit q: the Gauss nodes and weights.
-
-    Returns (nodes, weights, products, broke_down). A breakdown (β ≈ 0) means the Krylov space
-    is invariant: the quadrature is then exact and the run stops early.
-    """
-    n = op.size
-    basis = torch.empty((steps, n), device=op.device, dtype=op.dtype)
-    alphas: List[float] = []
-    betas: List[float] = []
-    products = 0
-    broke_down = False
-    scale = 0.0
-    for j in range(steps):
-        basis[j] = q
-        w = op.matvec(q)
-        products += 1
-        alpha = float(torch.dot(w, q))
-        alphas.append(alpha)
-        active = basis[: j + 1]
-        # Full reorthogonalisation, twice ("twice is enough"): without it the nodes acquire
-        # spurious copies of converged eigenvalues (ghosts) and the weights go wrong.
-        for _ in range(2):
-            w = w - active.T @ (active @ w)
-        beta = float(w.norm())
-        if not (math.isfinite(alpha) and math.isfinite(beta)):
-            raise ValueError(f"the operator returned a non-finite product at Lanczos step {j + 1}")
-        scale = max(scale, abs(alpha), beta)
-        if j == steps - 1:
-            break
-        if beta <= 1e-10 * max(scale, 1e-30):
-            broke_down = True
-            break
-        betas.append(beta)
-        q = w / beta
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        T += torch.diag(off, 1) + torch.diag(off, -1)
-    nodes, vectors = torch.linalg.eigh(T)
-    weights = vectors[0, :].pow(2)
-    weights = weights / weights.sum()  # exact up to rounding; keeps Σ τ = 1 to the last bit
-    return nodes, weights, products, broke_down
-
-
 def spectral_density(
     operator: Any,
     steps: int = DEFAULT_STEPS,
@@ -202,7 +158,7 @@ def spectral_density(
     for index in range(probes):
         z = _rademacher(op.size, generator)
         q = (z / math.sqrt(op.size)).to(device=op.device, dtype=op.dtype)
-        nodes, weights, products, broke_down = _lanczos_quadrature(op, q, m)
+        nodes, weights, products, broke_down = gauss_quadrature(op, q, m)
         all_nodes.append(nodes)
         all_weights.append(weights)
         hvps += products

@@ -1,0 +1,268 @@
+"""Extreme eigenvalues of a symmetric operator: ONE Lanczos process and ONE power iteration.
+
+Lanczos (seed 003, DESIGN §3.1). :class:`LanczosProcess` builds an orthonormal Krylov basis
+Q_j = [q_1, …, q_j] (rows of shape (j, n)) and the tridiagonal T_j = Q_jᵀ A Q_j (float64,
+(j, j)), with full reorthogonalisation against the whole basis, twice ("twice is enough"): without
+it converged eigenvalues reappear as ghosts. Two consumers read it:
+
+- :func:`lanczos`: the Ritz pairs (θ_i, s_i) of T_j; the residual of the Ritz vector
+  y_i = Q_j s_i is ‖A y_i − θ_i y_i‖ = |β_j s_i[-1]| and bounds the distance from θ_i to *some*
+  eigenvalue of A. A pair counts as converged when that residual is at most tol·|θ_i|; the run
+  stops when the top-k pairs are converged, at least ``min_iterations`` products were made, and
+  the top Ritz value has not moved by more than tol·|θ| over the last ``stability_window`` steps
+  (a cluster may still be resolving). The top Ritz value never exceeds λmax and rises towards
+  it, so the answer is the largest *algebraic* eigenvalue, whatever the sign of the others. The
+  basis is kept in a memory budget: past it the run restarts from the current top Ritz vectors.
+- stochastic Lanczos quadrature (:mod:`curvdiag.probes.spectral_density`): the eigenvalues of
+  T_m are Gauss nodes, the squared first entries of its eigenvectors the weights.
+
+Power iteration (:func:`power_iteration`), with deflation and a shift, for parity with PyHessian
+and for cheap warm-started estimates (the training throttle's floor). It converges to the
+eigenvalue of largest *magnitude*; when that is negative (|λmin| > λmax) the run is repeated on
+A − μI with μ the negative eigenvalue found, whose dominant eigenvalue is λmax − μ. The stop is
+the Rayleigh residual ‖Ax − θx‖ ≤ tol·|θ|, which bounds the error, unlike PyHessian's relative
+change of θ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from curvdiag.curvature.linear_operator import as_operator, random_vector
+
+
+class LanczosProcess:
+    """The Lanczos recurrence on ``op`` from a unit start vector ``q`` (shape (n,)), with room for
+    ``capacity`` basis vectors.
+
+    :meth:`step` makes one product A q_j, orthogonalises it against the basis and returns
+    β_j = ‖w‖; :meth:`advance` then takes q_{j+1} = w / β_j. ``tridiagonal()`` is T_j.
+    """
+
+    def __init__(self, op: Any, q: torch.Tensor, capacity: int):
+        self.op = op
+        self.basis = torch.empty((capacity, op.size), device=op.device, dtype=op.dtype)
+        self.alphas: List[float] = []
+        self.betas: List[float] = []
+        self.size = 0
+        self.products = 0
+        self._q = q
+        self._w: Optional[torch.Tensor] = None
+        self.beta = 0.0
+
+    def step(self) -> float:
+        """One product; appends α_j = q_jᵀ A q_j and returns β_j (the new residual's norm)."""
+        self.basis[self.size] = self._q
+        w = self.op.matvec(self._q)
+        self.products += 1
+        alpha = float(torch.dot(w, self._q))
+        active = self.basis[: self.size + 1]
+        for _ in range(2):
+            w = w - active.T @ (active @ w)
+        self.size += 1
+        self.alphas.append(alpha)
+        self._w, self.beta = w, float(w.norm())
+        if not (math.isfinite(alpha) and math.isfinite(self.beta)):
+            raise ValueError(f"the operator returned a non-finite product at Lanczos step {self.size}")
+        return self.beta
+
+    def advance(self) -> None:
+        """q_{j+1} = w / β_j (call only when β_j > 0 and there is room)."""
+        self.betas.append(self.beta)
+        self._q = self._w / self.beta
+
+    def tridiagonal(self) -> torch.Tensor:
+        """T_j, float64 of shape (j, j): α on the diagonal, β_1 … β_{j−1} beside it."""
+        T = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if self.betas:
+            off = torch.tensor(self.betas[: self.size - 1], dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        return T
+
+    def ritz_vectors(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Q_jᵀ S for coefficient columns S of shape (j, k): returns (k, n)."""
+        return (self.basis[: self.size].T @ coefficients.to(device=self.op.device, dtype=self.op.dtype)).T
+
+
+@dataclass
+class LanczosResult:
+    eigenvalues: List[float]  # the top-k Ritz values, largest first
+    residuals: List[float]  # their residual norms ‖A y − θ y‖
+    eigenvectors: Optional[torch.Tensor]  # (k, n) unit Ritz vectors
+    lambda_min: float  # the smallest Ritz value (an upper bound on λmin)
+    lambda_min_residual: float
+    matvecs: int
+    converged: bool
+    restarts: int = 0
+    history: List[float] = field(default_factory=list)  # top Ritz value after each product
+    ritz_values: List[float] = field(default_factory=list)  # all final Ritz values, largest first
+
+
+def lanczos(
+    operator: Any,
+    *,
+    top_k: int = 1,
+    tol: float = 1e-4,
+    max_matvecs: int = 300,
+    min_iterations: int = 8,
+    stability_window: int = 3,
+    seed: int = 0,
+    start: Optional[torch.Tensor] = None,
+    basis_budget_bytes: int = 2 << 30,
+    want_vectors: bool = False,
+) -> LanczosResult:
+    """Top-k algebraic eigenvalues (and the smallest Ritz value) of a symmetric operator.
+
+    Args:
+        operator: a linear operator (``curvdiag.curvature.linear_operator``) or a dense symmetric tensor.
+        top_k: how many of the largest eigenvalues to converge.
+        tol: relative Ritz-residual tolerance, ‖A y − θ y‖ ≤ tol·|θ|.
+        max_matvecs: budget of operator products.
+        seed: seed of the random start vector (ignored when ``start`` is given).
+        basis_budget_bytes: memory for the Krylov basis before an explicit restart.
+    """
+    op = as_operator(operator)
+    n = op.size
+    q = start.to(device=op.device, dtype=op.dtype).clone() if start is not None else random_vector(n, seed, op.device, op.dtype)
+    bytes_per_vector = n * torch.finfo(op.dtype).bits // 8
+    capacity = max(top_k + 2, min(n, max_matvecs + 1, basis_budget_bytes // max(bytes_per_vector, 1)))
+    process = LanczosProcess(op, q / q.norm(), capacity)
+    history: List[float] = []
+    matvecs = restarts = 0
+    converged = False
+    while True:
+        beta = process.step()
+        matvecs += 1
+        ritz, vectors_small = torch.linalg.eigh(process.tridiagonal())  # ascending
+        residuals = (beta * vectors_small[-1, :]).abs()
+        history.append(float(ritz[-1]))
+        size = process.size
+        k = min(top_k, size)
+        top_ok = bool((residuals[-k:] <= tol * ritz[-k:].abs()).all()) and size >= top_k
+        window = history[-(stability_window + 1):]
+        steady = len(window) > stability_window and max(window) - min(window) <= tol * abs(history[-1])
+        invariant = beta <= 1e-10 * max(abs(float(ritz[0])), abs(float(ritz[-1])), 1e-30)
+        if (invariant and size >= min(top_k, n)) or (top_ok and steady and matvecs >= min(min_iterations, n)):
+            converged = True
+            break
+        if matvecs >= max_matvecs or size >= n:
+            break
+        if size == capacity:  # explicit restart from the sum of the current top Ritz vectors
+            q = process.ritz_vectors(vectors_small[:, -k:]).sum(dim=0)
+            process = LanczosProcess(op, q / q.norm(), capacity)
+            restarts += 1
+            continue
+        process.advance()
+    size = process.size
+    k = min(top_k, size)
+    order = list(range(size - 1, size - 1 - k, -1))
+    return LanczosResult(
+        eigenvalues=[float(ritz[i]) for i in order],
+        residuals=[float(residuals[i]) for i in order],
+        eigenvectors=process.ritz_vectors(vectors_small[:, order]) if want_vectors else None,
+        lambda_min=float(ritz[0]),
+        lambda_min_residual=float(residuals[0]),
+        matvecs=matvecs,
+        converged=converged,
+        restarts=restarts,
+        history=history,
+        ritz_values=[float(x) for x in ritz.flip(0)],
+    )
+
+
+def gauss_quadrature(operator: Any, q: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """m = ``steps`` Lanczos steps from unit q (shape (n,)): the Gauss quadrature of the spectral
+    measure μ_q = Σ_i (qᵀu_i)² δ_{λ_i}. Returns (nodes (m',), weights (m',) summing to 1, products,
+    broke_down); a breakdown (β ≈ 0) means the Krylov space is invariant: the quadrature is then
+    exact and the run stops early (m' < m)."""
+    op = as_operator(operator)
+    process = LanczosProcess(op, q, steps)
+    scale, broke_down = 0.0, False
+    for j in range(steps):
+        beta = process.step()
+        scale = max(scale, abs(process.alphas[-1]), beta)
+        if j == steps - 1:
+            break
+        if beta <= 1e-10 * max(scale, 1e-30):
+            broke_down = True
+            break
+        process.advance()
+    nodes, vectors = torch.linalg.eigh(process.tridiagonal())
+    weights = vectors[0, :].pow(2)
+    return nodes, weights / weights.sum(), process.products, broke_down
+
+
+@dataclass
+class PowerResult:
+    eigenvalues: List[float]  # largest algebraic first
+    residuals: List[float]
+    eigenvectors: torch.Tensor  # (k, n)
+    lambda_min: Optional[float]  # known when the dominant eigenvalue was negative
+    matvecs: int
+    converged: bool
+    shifted: bool
+
+
+def _dominant(op: Any, shift: float, found: List[torch.Tensor], tol: float, budget: int, seed: int,
+              start: Optional[torch.Tensor] = None) -> tuple:
+    """Dominant eigenpair of (A − shift·I) restricted to the complement of ``found``."""
+    x = start.to(device=op.device, dtype=op.dtype).clone() if start is not None else random_vector(op.size, seed, op.device, op.dtype)
+    for f in found:
+        x -= torch.dot(f, x) * f
+    x /= x.norm()
+    theta, residual, used = 0.0, float("inf"), 0
+    while used < budget:
+        y = op.matvec(x) - shift * x
+        used += 1
+        for f in found:
+            y -= torch.dot(f, y) * f
+        theta = float(torch.dot(x, y))
+        residual = float((y - theta * x).norm())
+        if residual <= tol * abs(theta):
+            break
+        norm = y.norm()
+        if float(norm) == 0.0:
+            break
+        x = y / norm
+    return theta, residual, x, used
+
+
+def power_iteration(operator: Any, *, top_k: int = 1, tol: float = 1e-4, max_matvecs: int = 1000, seed: int = 0,
+                    start: Optional[torch.Tensor] = None, shift_negative: bool = True) -> PowerResult:
+    """Top-k algebraic eigenvalues by (shifted, deflated) power iteration.
+
+    ``start`` (shape (n,)) replaces the random start of the first eigenpair (a warm start);
+    ``shift_negative=False`` returns the dominant (largest-magnitude) eigenvalue as found, without
+    the extra shifted run when it is negative (for a fixed product budget)."""
+    op = as_operator(operator)
+    used = 0
+    theta, residual, x, n = _dominant(op, 0.0, [], tol, max_matvecs, seed, start)
+    used += n
+    lambda_min, shift = None, 0.0
+    if theta < 0 and shift_negative:
+        lambda_min, shift = theta, theta
+    values, residuals, vectors = [], [], []
+    converged = True
+    for i in range(top_k):
+        if i == 0 and shift == 0.0:
+            value, res, vec = theta, residual, x
+            converged &= res <= tol * abs(value)
+        else:
+            budget = max(max_matvecs - used, 1)
+            t, res, vec, n = _dominant(op, shift, vectors, tol, budget, seed + i + 1)
+            used += n
+            if t < 0 and shift == 0.0 and shift_negative:
+                # The rest of the spectrum is dominated by a negative eigenvalue: shift by it.
+                lambda_min, shift = t, t
+                t, res, vec, n = _dominant(op, shift, vectors, tol, max(max_matvecs - used, 1), seed + i + 1)
+                used += n
+            value = t + shift
+            converged &= res <= tol * abs(t)
+        values.append(value)
+        residuals.append(res)
+        vectors.append(vec)
+    return PowerResult(values, residuals, torch.stack(vectors), lambda_min, used, bool(converged), shift != 0.0)
