@@ -13,6 +13,7 @@ from curvdiag._version import __version__
 
 # public name -> module that defines it
 _PUBLIC = {
+    "probe": "curvdiag.api",
     "BadInput": "curvdiag.errors",
     "ProbeFailed": "curvdiag.errors",
     "CurvdiagError": "curvdiag.errors",
