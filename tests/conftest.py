@@ -3,12 +3,19 @@ not torch.func.hessian, which is wrong on affine LayerNorm in torch 2.13: DESIGN
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Callable, List, Sequence
 
+import jsonschema
 import pytest
 import torch
 from torch.func import functional_call
+
+from curvdiag.results.json_safe import finite_or_none
+from curvdiag.results.probe_results import ProbeReport
+from curvdiag.results.schema import SCHEMA_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -59,3 +66,20 @@ def quadratic_spectrum(eigenvalues: List[float], seed: int = 0, dtype=torch.floa
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
+
+
+_REPORT_SCHEMA = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+
+
+@pytest.fixture(autouse=True)
+def _every_report_matches_the_schema(monkeypatch):
+    """Every report the suite writes (``ProbeReport.to_json``, in this process) is checked against
+    the committed JSON Schema as it is written, non-finite numbers as null like the CLI writes them."""
+    write = ProbeReport.to_json
+
+    def checked(report: ProbeReport) -> dict:
+        document = write(report)
+        _REPORT_SCHEMA.validate(finite_or_none(document))
+        return document
+
+    monkeypatch.setattr(ProbeReport, "to_json", checked)

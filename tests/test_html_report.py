@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from curvdiag.cli.app import app
 from curvdiag.plots.html import report_verdict, runs_verdict, write_html_report
-from curvdiag.plots.figures import read_runs
+from curvdiag.results.probe_results import ProbeReport
+from curvdiag.results.run_dir import read_runs
 from test_plots import REPORT_FIGURES, _assert_one_line_error, plot_inputs  # noqa: F401 (fixture)
 
 runner = CliRunner()
@@ -106,7 +107,7 @@ def test_verdict_words(plot_inputs, status, ratio, headline, words):
     eos = report["probes"]["eos"]
     eos.update(status=status, ratio=ratio, lr=1.0, stable_lr=2.0 / ratio, constant=2.0, threshold=2.0,
                curvature_value=2.0 * ratio)
-    verdict = report_verdict(report)
+    verdict = report_verdict(ProbeReport.from_json(report))
     assert verdict.status == status and verdict.headline == headline
     text = " ".join(verdict.sentences)
     assert words in text and f"η·λmax/2 = {ratio:.3f}" in text
@@ -115,7 +116,7 @@ def test_verdict_words(plot_inputs, status, ratio, headline, words):
 
 
 def test_adam_verdict_names_the_preconditioned_sharpness(plot_inputs):
-    verdict = report_verdict(json.loads(plot_inputs["report_adam"].read_text()))
+    verdict = report_verdict(ProbeReport.from_json(json.loads(plot_inputs["report_adam"].read_text())))
     assert verdict.headline == "STABLE"
     assert "η·preconditioned λmax/38 = 0.789" in verdict.sentences[0]
 

@@ -9,15 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from curvdiag.cli.app import app
-from curvdiag.plots.figures import (
-    NotPlottable,
-    figures_for,
-    load_source,
-    loss_figure,
-    read_runs,
-    report_figures,
-    sharpness_figure,
-)
+from curvdiag.plots.canvas import NotPlottable
+from curvdiag.plots.probe import report_figures
+from curvdiag.plots.runs import loss_figure, sharpness_figure
+from curvdiag.plots.sources import figures_for, load_source
+from curvdiag.results.probe_results import ProbeReport
+from curvdiag.results.run_dir import read_runs
 from conftest import RECIPES
 
 runner = CliRunner()
@@ -274,7 +271,7 @@ def test_spectral_density_from_nodes_only(plot_inputs):
     report = json.loads(plot_inputs["report_all"].read_text())
     entry = report["probes"]["spectral_density"]
     del entry["grid"], entry["density"]
-    figures = report_figures(report, "t")
+    figures = report_figures(ProbeReport.from_json(report), "t")
     line = figures.figures["spectral_density"].axes[0].get_lines()[0]
     xs, ys = line.get_xdata(), line.get_ydata()
     area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))

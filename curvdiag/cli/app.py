@@ -21,6 +21,7 @@ from curvdiag._version import __version__
 from curvdiag.errors import BadInput, CurvdiagError
 from curvdiag.results.json_safe import finite_or_none as _finite_or_none
 from curvdiag.curvature.operator import HVP_METHODS
+from curvdiag.probes.registry import PROBE_NAMES
 
 app = typer.Typer(
     name="curvdiag",
@@ -94,7 +95,7 @@ def probe(
     recipe: str = typer.Argument(..., help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors)."),
     previous: Optional[Path] = typer.Option(None, "--previous", help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step)."),
-    probes: str = typer.Option("all", "--probes", help="all, or a comma-separated list of: lambda_max, hessian_trace, hessian_diag, directional_curvature, glass, power_law."),
+    probes: str = typer.Option("all", "--probes", help=f"all, or a comma-separated list of: {', '.join(PROBE_NAMES)}."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (overrides the checkpoint's optimizer state and the recipe)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd|momentum|nesterov|adam|adamw (overrides the checkpoint and recipe)."),
     method: str = typer.Option("lanczos", "--method", help="lanczos (default) or power."),
@@ -299,20 +300,21 @@ def train(
 def _train(recipe, checkpoint, steps, lr, controller, compare, sharpness_every, checkpoint_every, kappa, seed,
            max_batches, out, resume, quiet) -> None:
     from curvdiag.report.runs import render_comparison
-    from curvdiag.train.loop import Trainer, TrainSettings, read_run
+    from curvdiag.results.run_dir import read_run
+    from curvdiag.train.loop import Trainer, TrainSettings
 
     console = Console(quiet=quiet)
     _check(0 < kappa <= 1, f"--kappa {kappa}: must lie in (0, 1]")
     _check(sharpness_every >= 0 and checkpoint_every >= 0, "--sharpness-every and --checkpoint-every must be ≥ 0")
     if resume is not None:
-        previous = read_run(resume)
-        settings = TrainSettings(**previous["settings"])
+        previous = read_run(resume).summary
+        settings = TrainSettings(**previous.settings)
         settings.steps = steps if steps is not None else settings.steps
-        _check(settings.steps >= previous["steps_completed"],
-               f"--steps {settings.steps}: the run in {resume} already completed {previous['steps_completed']} steps",
+        _check(settings.steps >= previous.steps_completed,
+               f"--steps {settings.steps}: the run in {resume} already completed {previous.steps_completed} steps",
                "give a larger --steps to continue it")
         final = torch_load_final(resume)
-        runs = [(previous["controller"], resume, previous["recipe"], previous.get("checkpoint"), settings, final)]
+        runs = [(previous.controller, resume, previous.recipe, previous.checkpoint, settings, final)]
     else:
         _check(recipe is not None, "train needs a RECIPE (or --resume RUN_DIR)")
         steps = 200 if steps is None else steps

@@ -1,6 +1,6 @@
 """``curvdiag plot`` and ``curvdiag report``: figures and a self-contained HTML page for a run
-directory or a probe report (DESIGN §1). A thin layer over :mod:`curvdiag.plots.figures` and
-:mod:`curvdiag.plots.html`; ``register(app)`` adds the commands to the main typer app.
+directory or a probe report (DESIGN §1). A thin layer over :mod:`curvdiag.plots` (``sources``,
+``runs``, ``probe``, ``html``); ``register(app)`` adds the commands to the main typer app.
 
 matplotlib is imported only when a command runs, so the other commands start as fast as before.
 """
@@ -40,7 +40,7 @@ def _check_dpi(dpi: int) -> None:
 
 
 def save_figures(figures, directory: Path, fmt: str = "png", dpi: int = 150) -> List[Path]:
-    """Save a :class:`curvdiag.plots.figures.FigureSet` as DIRECTORY/<name>.<fmt>; return the paths."""
+    """Save a :class:`curvdiag.plots.canvas.FigureSet` as DIRECTORY/<name>.<fmt>; return the paths."""
     fmt = fmt.lower().lstrip(".")
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
@@ -66,15 +66,17 @@ def save_figures(figures, directory: Path, fmt: str = "png", dpi: int = 150) -> 
 def write_report_figures(report: dict, directory: Path, fmt: str = "png", dpi: int = 150) -> tuple:
     """Figures for a probe report held in memory (``ProbeReport.to_json()``), for ``probe --plots DIR``.
     Returns (paths written, {figure: reason skipped})."""
-    from curvdiag.plots.figures import report_figures, report_title
+    from curvdiag.plots.probe import report_figures, report_title
+    from curvdiag.results.probe_results import ProbeReport
 
-    figures = report_figures(report, report_title(report))
+    typed = ProbeReport.from_json(report)
+    figures = report_figures(typed, report_title(typed))
     return save_figures(figures, Path(directory), fmt, dpi), figures.skipped
 
 
 def write_figures(source: Path, out: Optional[Path], fmt: str, dpi: int) -> tuple:
     """Save every figure for ``source`` as OUT/<name>.<fmt>; return (paths, skipped, out dir)."""
-    from curvdiag.plots.figures import figures_for, load_source
+    from curvdiag.plots.sources import figures_for, load_source
 
     if fmt.lower().lstrip(".") not in FORMATS:  # before reading anything
         raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
@@ -116,7 +118,7 @@ def report(
     """One self-contained HTML page (verdict, tables, figures) that opens offline."""
     from curvdiag.cli.app import user_errors
     from curvdiag.plots.html import write_html_report
-    from curvdiag.plots.figures import load_source
+    from curvdiag.plots.sources import load_source
 
     with user_errors(debug):
         _check_dpi(dpi)

@@ -1,9 +1,10 @@
 """One self-contained HTML page for a run directory or a probe report: the verdict in words,
-the context and per-layer tables, and every figure of :mod:`curvdiag.plots.figures` embedded as a
-base64 PNG. It opens offline: no scripts, fonts, style sheets or images are fetched, and the
+the context and per-layer tables, and every figure of :mod:`curvdiag.plots.runs` or
+:mod:`curvdiag.plots.probe` embedded as a base64 PNG. It opens offline: no scripts, fonts, style sheets or images are fetched, and the
 page holds no http(s) address.
 
-The page reads the JSON and the logs and never recomputes a probe (STYLE habit 2); the
+The page reads the typed results and never recomputes a probe (STYLE habit 2); the probe
+verdict is :func:`curvdiag.report.verdict.probe_verdict`, the one the terminal prints; the
 figures are those of ``curvdiag plot``.
 """
 
@@ -20,21 +21,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from curvdiag._version import __version__
 from curvdiag.errors import BadInput
-from curvdiag.plots.figures import FigureSet, PlotSource, RunLog, figures_for, load_source
+from curvdiag.plots.canvas import FigureSet
+from curvdiag.plots.sources import PlotSource, figures_for, load_source
+from curvdiag.report.verdict import probe_verdict
+from curvdiag.results import probe_results as entries
+from curvdiag.results.json_safe import finite
+from curvdiag.results.probe_results import ProbeReport, Skipped
+from curvdiag.results.run_dir import RunLog
 
 PNG_DPI = 110
 # Per-layer columns: (probe, key in its layer entry, heading).
-LAYER_COLUMNS = (
-    ("hessian_diag", "mean", "diag H mean (Hutchinson)"),
-    ("hesscale_diag", "mean", "diag H mean (HesScale)"),
-    ("lambda_max", "share", "share of top eigenvector"),
-    ("directional_curvature", "value", "C_t"),
-    ("glass", "h", "local h"),
-    ("glass", "rho", "glass ρ"),
-    ("power_law", "p", "p"),
-)
-
-
 @dataclass
 class Verdict:
     """The headline and the sentences that say what the numbers mean."""
@@ -58,63 +54,44 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
 # ------------------------------------------------------------------------------- verdicts
-def report_verdict(report: Dict[str, Any]) -> Verdict:
-    """The edge-of-stability verdict of a probe report, from ``eos`` (DESIGN §2.3, §3.1)."""
-    probes = report.get("probes") or {}
-    eos = probes.get("eos")
-    if not isinstance(eos, dict) or "skipped" in eos or _number(eos.get("ratio")) is None:
-        reason = eos.get("skipped") if isinstance(eos, dict) and eos.get("skipped") else (
-            "the report has no eos entry (run the lambda_max probe)")
-        sentences = [f"No stability verdict: {reason}."]
-        lam = probes.get("lambda_max")
-        if isinstance(lam, dict) and _number(lam.get("value")) is not None:
-            sentences.append(f"λmax = {_fmt(lam['value'])}.")
-        return Verdict("unknown", "NO VERDICT", sentences)
-    ratio = float(eos["ratio"])
-    status = eos.get("status", "unknown")
-    curvature = "preconditioned λmax" if eos.get("curvature") == "preconditioned_lambda_max" else "λmax"
-    constant = _number(eos.get("constant"))
-    t_text = _fmt(constant, 3) if constant is not None else "T"
-    lr, stable_lr = _number(eos.get("lr")), _number(eos.get("stable_lr"))
-    value = _number(eos.get("curvature_value"))
-    margin = (f"η·{curvature}/{t_text} = {ratio:.3f} ({curvature} {_fmt(value)} against the threshold "
-              f"{t_text}/η = {_fmt(_number(eos.get('threshold')))} at η = {_fmt(lr)}).")
-    if status == "stable":
-        return Verdict("stable", "STABLE", [margin, f"Learning rates up to {_fmt(stable_lr, 3)} would be stable "
-                                                    f"for this curvature ({_fmt(stable_lr / lr if lr and stable_lr else None, 3)}× the current one)."])
-    safe = 0.95 * stable_lr if stable_lr is not None else None
-    if status == "edge":
-        return Verdict("edge", "AT THE EDGE OF STABILITY", [
-            margin,
-            "Expect the loss to oscillate along the top eigenvector; at the edge, training often "
-            "self-stabilises rather than diverging.",
-            f"lr ≤ {_fmt(safe, 3)} (κ = 0.95) would be stable."])
-    return Verdict("unstable", "UNSTABLE", [
-        margin, "Expect oscillation or divergence along the top eigenvector.",
-        f"lr ≤ {_fmt(safe, 3)} (κ = 0.95) would be stable."])
+def report_verdict(report: ProbeReport) -> Verdict:
+    """The page's words for the probe verdict (:func:`curvdiag.report.verdict.probe_verdict`)."""
+    verdict = probe_verdict(report)
+    eos = verdict.eos
+    if eos is None:
+        sentences = [f"No stability verdict: {verdict.reason}."]
+        if verdict.plain is not None and finite(verdict.plain.value) is not None:
+            sentences.append(f"λmax = {_fmt(verdict.plain.value)}.")
+        return Verdict("unknown", verdict.headline, sentences)
+    curvature = "preconditioned λmax" if verdict.preconditioned else "λmax"
+    t_text = _fmt(finite(eos.constant), 3) if finite(eos.constant) is not None else "T"
+    lr, stable_lr = finite(eos.lr), finite(eos.stable_lr)
+    margin = (f"η·{curvature}/{t_text} = {eos.ratio:.3f} ({curvature} {_fmt(finite(eos.curvature_value))} against "
+              f"the threshold {t_text}/η = {_fmt(finite(eos.threshold))} at η = {_fmt(lr)}).")
+    if eos.status == "stable":
+        times = stable_lr / lr if lr and stable_lr else None
+        return Verdict("stable", verdict.headline, [margin, f"Learning rates up to {_fmt(stable_lr, 3)} would be stable "
+                                                            f"for this curvature ({_fmt(times, 3)}× the current one)."])
+    safe = finite(verdict.safe_lr)
+    return Verdict(eos.status, verdict.headline, [
+        margin, verdict.words.expectation, f"lr ≤ {_fmt(safe, 3)} (κ = {verdict.kappa}) would be stable."])
 
 
 def _run_sentence(run: RunLog) -> str:
     s = run.summary
-    steps = s.get("steps_completed")
+    steps = s.steps_completed
     if run.diverged:
         at = run.diverged_at
-        last = [r.get("loss") for r in run.records if r.get("diverged")]
+        last = [r.loss for r in run.records if r.diverged]
         why = "the loss became non-finite" if last and last[0] is None else "the loss exploded"
-        text = f"{run.name}: diverged at step {_fmt(at)} ({why}); best loss {_fmt(_number(s.get('best_loss')))}."
-    elif s.get("interrupted"):
-        text = f"{run.name}: interrupted after {_fmt(steps)} steps; last loss {_fmt(_number(s.get('final_loss')))}."
+        text = f"{run.name}: diverged at step {_fmt(at)} ({why}); best loss {_fmt(finite(s.best_loss))}."
+    elif s.interrupted:
+        text = f"{run.name}: interrupted after {_fmt(steps)} steps; last loss {_fmt(finite(s.final_loss))}."
     else:
-        text = (f"{run.name}: completed {_fmt(steps)} steps; final loss {_fmt(_number(s.get('final_loss')))} "
-                f"(from {_fmt(_number(s.get('initial_loss')))}, best {_fmt(_number(s.get('best_loss')))}).")
-    throttle = _number(s.get("mean_throttle"))
+        text = (f"{run.name}: completed {_fmt(steps)} steps; final loss {_fmt(finite(s.final_loss))} "
+                f"(from {_fmt(finite(s.initial_loss))}, best {_fmt(finite(s.best_loss))}).")
+    throttle = finite(s.mean_throttle)
     if throttle is not None and abs(throttle - 1.0) > 1e-9:
         text += f" Mean learning-rate factor {_fmt(throttle, 3)}."
     ratios = run.series("eos_ratio")[1]
@@ -131,17 +108,17 @@ def runs_verdict(runs: Sequence[RunLog]) -> Verdict:
         run = runs[0]
         if run.diverged:
             return Verdict("diverged", f"DIVERGED AT STEP {_fmt(run.diverged_at)}", sentences)
-        if run.summary.get("interrupted"):
+        if run.summary.interrupted:
             return Verdict("unknown", "INTERRUPTED", sentences)
         return Verdict("completed", "COMPLETED WITHOUT DIVERGING", sentences)
-    finished = [(float(r.summary["final_loss"]), r.name) for r in runs
-                if not r.diverged and _number(r.summary.get("final_loss")) is not None]
+    finished = [(r.summary.final_loss, r.name) for r in runs
+                if not r.diverged and finite(r.summary.final_loss) is not None]
     if finished:
         best_loss, best = min(finished)
         baseline = next((r for r in runs if r.name in ("baseline", "none")), None)
         summary = f"Lowest final loss: {best} ({_fmt(best_loss)})"
-        if baseline is not None and baseline.name != best and _number(baseline.summary.get("final_loss")):
-            summary += f", {best_loss / float(baseline.summary['final_loss']):.3g}× the baseline's"
+        if baseline is not None and baseline.name != best and finite(baseline.summary.final_loss):
+            summary += f", {best_loss / baseline.summary.final_loss:.3g}× the baseline's"
         sentences.insert(0, summary + ".")
     if not diverged:
         return Verdict("completed", f"ALL {len(runs)} RUNS COMPLETED", sentences)
@@ -151,7 +128,7 @@ def runs_verdict(runs: Sequence[RunLog]) -> Verdict:
 
 
 def verdict_for(source: PlotSource) -> Verdict:
-    return runs_verdict(source.runs) if source.kind == "runs" else report_verdict(source.report or {})
+    return runs_verdict(source.runs) if source.kind == "runs" else report_verdict(source.report)
 
 
 # --------------------------------------------------------------------------------- tables
@@ -164,80 +141,87 @@ def _table(headings: Sequence[str], rows: Sequence[Sequence[Any]], caption: str 
     return f"<table>{cap}{head}<tbody>{body}</tbody></table>"
 
 
-def _context_rows(report: Dict[str, Any]) -> List[Tuple[str, Any]]:
-    model, operator, optimizer = report.get("model") or {}, report.get("operator") or {}, report.get("optimizer") or {}
-    opt = ", ".join(f"{k} {_fmt(optimizer.get(k))}" for k in ("name", "family", "lr", "momentum", "betas", "source")
-                    if optimizer.get(k) is not None)
-    op = ", ".join(f"{k} {_fmt(operator.get(k))}" for k in ("hvp_method", "fallback", "mode", "batches", "samples",
-                                                            "device", "dtype", "hvps") if operator.get(k) is not None)
-    return [("checkpoint", report.get("checkpoint") or "none (recipe initialisation)"), ("step", report.get("step")),
-            ("recipe", report.get("recipe")), ("parameters", model.get("parameters")), ("loss", report.get("loss")),
-            ("gradient norm ‖g‖", report.get("grad_norm")), ("optimizer", opt or "—"), ("curvature operator", op or "—"),
-            ("curvdiag version", report.get("curvdiag_version"))]
+def _context_rows(report: ProbeReport) -> List[Tuple[str, Any]]:
+    optimizer, operator = report.optimizer, report.operator
+    opt = ", ".join(f"{k} {_fmt(getattr(optimizer, k))}" for k in ("name", "family", "lr", "momentum", "betas", "source")
+                    if getattr(optimizer, k) is not None)
+    op = ", ".join(f"{k} {_fmt(getattr(operator, k))}" for k in ("hvp_method", "fallback", "mode", "batches", "samples",
+                                                                 "device", "dtype", "hvps") if getattr(operator, k) is not None)
+    return [("checkpoint", report.checkpoint or "none (recipe initialisation)"), ("step", report.step),
+            ("recipe", report.recipe), ("parameters", report.model.parameters), ("loss", report.loss),
+            ("gradient norm ‖g‖", report.grad_norm), ("optimizer", opt or "—"), ("curvature operator", op or "—"),
+            ("curvdiag version", report.curvdiag_version)]
 
 
-def _probe_summary(name: str, entry: Any) -> str:
-    if not isinstance(entry, dict):
-        return _fmt(entry)
-    if "skipped" in entry:
-        return f"skipped: {entry['skipped']}"
-    g = entry.get
-    if name in ("lambda_max", "preconditioned_lambda_max"):
-        text = (f"{_fmt(g('value'))} ({g('method')}, {_fmt(g('hvps'))} HVPs, "
-                f"{'converged' if g('converged') else 'NOT converged'})")
-        if g("lambda_min") is not None:
-            text += f"; λmin {_fmt(g('lambda_min'))}"
-        elif g("lambda_min_estimate") is not None:
-            text += f"; λmin ≈ {_fmt(g('lambda_min_estimate'))} (not converged)"
-        return text
-    if name == "eos":
-        return (f"{g('status')}: ratio {_fmt(g('ratio'))}, threshold {_fmt(g('threshold'))}, "
-                f"stable lr ≤ {_fmt(g('stable_lr'))} ({g('optimizer')}, lr {_fmt(g('lr'))})")
-    if name == "hessian_trace":
-        return f"{_fmt(g('value'))} ± {_fmt(g('stderr'), 2)} ({g('estimator')}, {_fmt(g('samples'))} samples)"
-    if name == "hessian_diag":
-        return f"trace {_fmt(g('trace'))} ± {_fmt(g('trace_stderr'), 2)} ({_fmt(g('samples'))} samples); per layer below"
-    if name == "hesscale_diag":
-        return "per layer below"
-    if name == "directional_curvature":
-        return f"C_t {_fmt(g('value'))}, Rayleigh {_fmt(g('rayleigh'))} ({g('source')})"
-    if name == "glass":
-        return f"ρ {_fmt(g('rho'))}, h {_fmt(g('h'))} (λ = {_fmt(g('lambda'))}, {_fmt(g('samples'))} samples)"
-    if name == "power_law":
-        return f"p {_fmt(g('p'))} ± {_fmt(g('p_stderr'), 2)} (λ = {_fmt(g('lambda'))})"
-    if name == "spectral_density":
-        return (f"support [{_fmt(g('lambda_min'))}, {_fmt(g('lambda_max'))}], tr ≈ {_fmt(g('trace_estimate'))} "
-                f"({_fmt(g('probes'))} probes × {_fmt(g('steps'))} steps, {_fmt(g('hvps'))} HVPs)")
-    scalars = {k: v for k, v in entry.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return ", ".join(f"{k} {_fmt(v)}" for k, v in list(scalars.items())[:6]) or "—"
+def _sharpness_summary(e: entries.LambdaMax) -> str:
+    text = f"{_fmt(e.value)} ({e.method}, {_fmt(e.hvps)} HVPs, {'converged' if e.converged else 'NOT converged'})"
+    if e.lambda_min is not None:
+        text += f"; λmin {_fmt(e.lambda_min)}"
+    elif e.lambda_min_estimate is not None:
+        text += f"; λmin ≈ {_fmt(e.lambda_min_estimate)} (not converged)"
+    return text
 
 
-def _layer_table(report: Dict[str, Any]) -> str:
-    probes = report.get("probes") or {}
-    columns, values = [], {}
-    for probe, key, heading in LAYER_COLUMNS:
-        entry = probes.get(probe)
-        if not isinstance(entry, dict) or "skipped" in entry:
-            continue
-        layers = entry.get("top_eigenvector_layers") if probe == "lambda_max" else entry.get("layers")
-        if not layers:
-            continue
-        columns.append(heading)
-        for layer in layers:
-            cell = _number(layer.get(key))
-            if cell is not None and key == "share":
-                text = f"{100 * cell:.0f}%"
-            elif key == "mean" and _number(layer.get("stderr")) is not None and cell is not None:
-                text = f"{_fmt(cell, 3)} ± {_fmt(float(layer['stderr']), 2)}"
-            else:
-                text = _fmt(cell, 3)
-            values.setdefault(layer.get("name"), {})[heading] = text
+# One line per probe entry in the "probes" table, by the entry's record.
+PROBE_SUMMARIES = {
+    entries.LambdaMax: _sharpness_summary,
+    entries.EdgeOfStability: lambda e: (f"{e.status}: ratio {_fmt(e.ratio)}, threshold {_fmt(e.threshold)}, "
+                                        f"stable lr ≤ {_fmt(e.stable_lr)} ({e.optimizer}, lr {_fmt(e.lr)})"),
+    entries.HessianTrace: lambda e: f"{_fmt(e.value)} ± {_fmt(e.stderr, 2)} ({e.estimator}, {_fmt(e.samples)} samples)",
+    entries.HessianDiag: lambda e: (f"trace {_fmt(e.trace)} ± {_fmt(e.trace_stderr, 2)} ({_fmt(e.samples)} samples); "
+                                    "per layer below"),
+    entries.HesScaleDiag: lambda e: "per layer below",
+    entries.DirectionalCurvature: lambda e: f"C_t {_fmt(e.value)}, Rayleigh {_fmt(e.rayleigh)} ({e.source})",
+    entries.Glass: lambda e: f"ρ {_fmt(e.rho)}, h {_fmt(e.h)} (λ = {_fmt(e.lam)}, {_fmt(e.samples)} samples)",
+    entries.PowerLaw: lambda e: f"p {_fmt(e.p)} ± {_fmt(e.p_stderr, 2)} (λ = {_fmt(e.lam)})",
+    entries.SpectralDensity: lambda e: (f"support [{_fmt(e.lambda_min)}, {_fmt(e.lambda_max)}], tr ≈ "
+                                        f"{_fmt(e.trace_estimate)} ({_fmt(e.probes)} probes × {_fmt(e.steps)} steps, "
+                                        f"{_fmt(e.hvps)} HVPs)"),
+    Skipped: lambda e: f"skipped: {e.reason}",
+}
+
+
+def _layer_cells(report: ProbeReport) -> Dict[str, List[Tuple[str, Optional[float], Optional[float]]]]:
+    """heading → [(layer name, value, its standard error)] for the probes that ran."""
+    lam = report.entry("lambda_max", entries.LambdaMax)
+    diag = report.entry("hessian_diag", entries.HessianDiag)
+    hesscale = report.entry("hesscale_diag", entries.HesScaleDiag)
+    directional = report.entry("directional_curvature", entries.DirectionalCurvature)
+    glass = report.entry("glass", entries.Glass)
+    power = report.entry("power_law", entries.PowerLaw)
+    columns = {
+        "diag H mean (Hutchinson)": [(l.name, l.mean, l.stderr) for l in diag.layers] if diag else [],
+        "diag H mean (HesScale)": [(l.name, l.mean, None) for l in hesscale.layers] if hesscale else [],
+        "share of top eigenvector": [(l.name, l.share, None) for l in lam.top_eigenvector_layers or []] if lam else [],
+        "C_t": [(l.name, l.value, None) for l in directional.layers] if directional else [],
+        "local h": [(l.name, l.h, None) for l in glass.layers] if glass else [],
+        "glass ρ": [(l.name, l.rho, None) for l in glass.layers] if glass else [],
+        "p": [(l.name, l.p, None) for l in power.layers] if power else [],
+    }
+    return {heading: cells for heading, cells in columns.items() if cells}
+
+
+def _cell_text(heading: str, value: Optional[float], stderr: Optional[float]) -> str:
+    value, stderr = finite(value), finite(stderr)
+    if value is not None and heading == "share of top eigenvector":
+        return f"{100 * value:.0f}%"
+    if value is not None and stderr is not None:
+        return f"{_fmt(value, 3)} ± {_fmt(stderr, 2)}"
+    return _fmt(value, 3)
+
+
+def _layer_table(report: ProbeReport) -> str:
+    columns = _layer_cells(report)
     if not columns:
         return ""
-    names = [n for n in (report.get("model") or {}).get("layers", []) if n in values]
+    values: Dict[str, Dict[str, str]] = {}
+    for heading, cells in columns.items():
+        for name, value, stderr in cells:
+            values.setdefault(name, {})[heading] = _cell_text(heading, value, stderr)
+    names = [n for n in report.model.layers if n in values]
     names += [n for n in values if n not in names]
-    rows = [[str(name)] + [values[name].get(c, "—") for c in columns] for name in names]
-    return _table(["layer"] + columns, rows, "per layer (one parameter tensor each)")
+    rows = [[name] + [values[name].get(c, "—") for c in columns] for name in names]
+    return _table(["layer"] + list(columns), rows, "per layer (one parameter tensor each)")
 
 
 def _runs_table(runs: Sequence[RunLog]) -> str:
@@ -245,17 +229,17 @@ def _runs_table(runs: Sequence[RunLog]) -> str:
     for run in runs:
         s = run.summary
         lam = run.series("lambda_max")[1]
-        rows.append([run.name, str(s.get("controller", "?")), s.get("steps_completed"),
+        rows.append([run.name, s.controller, s.steps_completed,
                      "yes, at step " + _fmt(run.diverged_at) if run.diverged else "no",
-                     _number(s.get("final_loss")), _number(s.get("best_loss")), _number(s.get("initial_loss")),
-                     _number(s.get("mean_throttle")), max(lam) if lam else None,
-                     _number(s.get("extra_hvps_per_step")), _number(s.get("seconds_per_step"))])
+                     finite(s.final_loss), finite(s.best_loss), finite(s.initial_loss),
+                     finite(s.mean_throttle), max(lam) if lam else None,
+                     finite(s.extra_hvps_per_step), finite(s.seconds_per_step)])
     return _table(["run", "controller", "steps", "diverged", "final loss", "best loss", "initial loss",
                    "mean lr factor", "peak λmax", "extra HVPs / step", "s / step"], rows, "runs")
 
 
 def _settings_table(runs: Sequence[RunLog]) -> str:
-    settings = runs[0].summary.get("settings") or {}
+    settings = runs[0].summary.settings
     if not settings:
         return ""
     rows = [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in settings.items()]
@@ -310,11 +294,11 @@ def render_html(source: PlotSource, figures: FigureSet, dpi: int = PNG_DPI) -> s
     verdict = verdict_for(source)
     sentences = "".join(f"<p>{html.escape(s)}</p>" for s in verdict.sentences)
     if source.kind == "report":
-        report = source.report or {}
-        probes = report.get("probes") or {}
+        report = source.report
         tables = (_table(["", ""], [[k, v if isinstance(v, str) else _fmt(v)] for k, v in _context_rows(report)],
                          "context")
-                  + _table(["probe", "result"], [[n, _probe_summary(n, e)] for n, e in probes.items()], "probes")
+                  + _table(["probe", "result"], [[n, PROBE_SUMMARIES[type(e)](e)] for n, e in report.probes.items()],
+                           "probes")
                   + _layer_table(report))
         kind = "probe report"
     else:

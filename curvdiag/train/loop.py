@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -37,7 +37,7 @@ from curvdiag.train.data_parallel import DataParallel
 from curvdiag.curvature.distributed import as_communication_error
 from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.errors import BadInput
-from curvdiag.results.json_safe import finite_or_none
+from curvdiag.results.run_dir import RunSummary, write_run_summary
 from curvdiag.curvature.operator import CurvatureOperator, preserved_state
 from curvdiag.loading.recipe import load_recipe
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max
@@ -61,27 +61,6 @@ class TrainSettings:
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
-
-
-@dataclass
-class RunSummary:
-    controller: str
-    steps_completed: int
-    diverged: bool
-    interrupted: bool
-    final_loss: Optional[float]
-    best_loss: float
-    initial_loss: Optional[float]
-    mean_throttle: float
-    seconds_per_step: float
-    extra_hvps_per_step: float
-    recipe: str
-    checkpoint: Optional[str]
-    curvdiag_version: str = __version__
-    settings: Dict[str, Any] = field(default_factory=dict)
-    world_size: int = 1  # processes (data parallelism under torchrun)
-    replica_spread: Optional[float] = None  # max over weights of (max − min over ranks): 0.0 when in sync
-    failure: Optional[str] = None  # why the run stopped early, when it did not diverge or get interrupted
 
 
 def _flat(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -313,13 +292,14 @@ class Trainer:
             extra_hvps_per_step=floor.hvps / max(len(times), 1),
             recipe=self.recipe.name,
             checkpoint=self.checkpoint_path,
+            curvdiag_version=__version__,
             settings=asdict(s),
             world_size=replicas.world_size,
             replica_spread=spread,
             failure=None if failure is None else f"{type(failure).__name__}: {failure}".strip()[:500],
         )
         if replicas.is_writer:
-            (self.out / "run.json").write_text(json.dumps(finite_or_none(asdict(summary)), indent=2) + "\n")
+            write_run_summary(self.out, summary)
         if failure is not None:
             raise failure
         return summary
@@ -370,11 +350,3 @@ def _stop_on_signals() -> Iterator[_Signals]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def read_run(run_dir: Path) -> Dict[str, Any]:
-    """run.json of a run directory, with a clear error when it is not one."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise BadInput(f"{run_dir}: not a curvdiag run directory (no run.json)")
-    return json.loads(path.read_text())

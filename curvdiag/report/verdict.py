@@ -1,0 +1,90 @@
+"""The verdict of a probe report, as data: how close the learning rate is to the edge of
+stability (DESIGN §2.3, §3.7) and what to do about it. The terminal and the HTML page render
+this one record; neither decides anything of its own.
+
+With ``eos`` = (T, η, curvature, ratio = η·curvature/T, stable_lr = T/curvature): the status is
+the probe's (ratio < 0.9 stable, ≤ 1.1 edge, above unstable: :mod:`curvdiag.stability`), and
+the advice is a learning rate with a margin, ``safe_lr`` = κ·stable_lr with κ = :data:`SAFETY`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from curvdiag.results.probe_results import EdgeOfStability, LambdaMax, ProbeReport, Skipped
+
+SAFETY = 0.95  # κ: a learning rate with a 5% margin below the threshold
+
+
+@dataclass(frozen=True)
+class StatusWords:
+    word: str  # the terminal's first word
+    headline: str  # the page's heading
+    expectation: str  # what the loss will do
+    advice: str  # one line, formatted with {safe} (κ·stable_lr) and {kappa}
+
+
+STATUS_WORDS = {
+    "stable": StatusWords(
+        "STABLE", "STABLE", "",
+        "Room to spare: the learning rate could grow to about {safe} (κ = {kappa}) before the edge."),
+    "edge": StatusWords(
+        "AT THE EDGE", "AT THE EDGE OF STABILITY",
+        "Expect the loss to oscillate along the top eigenvector; at the edge, training often self-stabilises "
+        "rather than diverging.",
+        "Expect the loss to oscillate along the top eigenvector (edge of stability: often harmless); "
+        "lr ≤ {safe} (κ = {kappa}) would be stable."),
+    "unstable": StatusWords(
+        "UNSTABLE", "UNSTABLE", "Expect oscillation or divergence along the top eigenvector.",
+        "Unstable: expect oscillation or divergence along the top eigenvector; lr ≤ {safe} (κ = {kappa}) would be stable."),
+}
+NO_VERDICT = "NO VERDICT"
+
+
+@dataclass(frozen=True)
+class ProbeVerdict:
+    """The verdict of one report. ``eos`` is None when there is none, and ``reason`` says why."""
+
+    eos: Optional[EdgeOfStability]
+    curvature: Optional[LambdaMax]  # the sharpness the threshold applies to (preconditioned for Adam)
+    plain: Optional[LambdaMax]  # λmax of H, whichever the threshold applies to
+    preconditioned: bool  # the threshold applies to λmax(P^{-1/2} H P^{-1/2})
+    reason: Optional[str]
+    kappa: float = SAFETY
+
+    @property
+    def status(self) -> str:
+        return self.eos.status if self.eos is not None else "unknown"
+
+    @property
+    def words(self) -> Optional[StatusWords]:
+        return STATUS_WORDS.get(self.status)
+
+    @property
+    def headline(self) -> str:
+        return self.words.headline if self.words else NO_VERDICT
+
+    @property
+    def safe_lr(self) -> Optional[float]:
+        """κ · T / curvature."""
+        return self.kappa * self.eos.stable_lr if self.eos is not None else None
+
+    def advice(self, number: str) -> str:
+        """The advice line, with the safe learning rate written as ``number``."""
+        return self.words.advice.format(safe=number, kappa=self.kappa) if self.words else ""
+
+
+def probe_verdict(report: ProbeReport) -> ProbeVerdict:
+    """The verdict of ``report``: from its ``eos`` entry and the sharpness that entry used."""
+    plain = report.entry("lambda_max", LambdaMax)
+    pre = report.entry("preconditioned_lambda_max", LambdaMax)
+    eos = report.probes.get("eos")
+    if isinstance(eos, EdgeOfStability) and eos.status in STATUS_WORDS:
+        preconditioned = eos.curvature == "preconditioned_lambda_max"
+        return ProbeVerdict(eos, pre if preconditioned else plain, plain, preconditioned, None)
+    if isinstance(eos, Skipped):
+        reason = eos.reason
+    else:
+        reason = "the report has no eos entry (run the lambda_max probe)"
+    return ProbeVerdict(None, pre or plain, plain, pre is not None, reason)

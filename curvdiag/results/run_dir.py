@@ -1,0 +1,160 @@
+"""The run directory of ``curvdiag train`` (DESIGN §2.4): its one writer and its one reader.
+
+``run.json`` is a :class:`RunSummary`; ``metrics.jsonl`` holds one :class:`StepRecord` per step
+(a line cut short by a kill is skipped and counted); ``final.pt`` and ``checkpoints/`` are
+written by the training loop. :func:`read_run` is what ``train --resume``, ``plot`` and
+``report`` read; ``train`` writes run.json with :func:`write_run_summary`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from curvdiag.errors import BadInput
+from curvdiag.results.codec import decode_record, encode
+from curvdiag.results.json_safe import finite, finite_or_none, read_json
+
+SUMMARY_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+# Runs in a --compare directory, in this order first (the rest alphabetically).
+COMPARE_ORDER = ("baseline", "none", "throttle", "newton", "clip")
+
+
+@dataclass
+class RunSummary:
+    """``run.json``. Fields after ``diverged`` have defaults so that summaries written by older
+    versions (or by hand) still read; ``train`` always writes every field."""
+
+    controller: str
+    steps_completed: int
+    diverged: bool
+    interrupted: bool = False
+    final_loss: Optional[float] = None
+    best_loss: float = math.nan
+    initial_loss: Optional[float] = None
+    mean_throttle: Optional[float] = None
+    seconds_per_step: Optional[float] = None
+    extra_hvps_per_step: Optional[float] = None
+    recipe: Optional[str] = None
+    checkpoint: Optional[str] = None
+    curvdiag_version: Optional[str] = None
+    settings: Dict[str, Any] = field(default_factory=dict)  # the train settings, as given
+    world_size: int = 1  # processes (data parallelism under torchrun)
+    replica_spread: Optional[float] = None  # max over weights of (max − min over ranks): 0.0 when in sync
+    failure: Optional[str] = None  # why the run stopped early, when it did not diverge or get interrupted
+
+
+@dataclass
+class StepRecord:
+    """One line of ``metrics.jsonl``. None: not measured at this step (``lambda_max`` only every
+    ``--sharpness-every`` steps) or, for the loss, not finite. A ``diverged`` line holds only
+    the step and the loss that ended the run."""
+
+    step: int
+    loss: Optional[float] = None
+    lr: Optional[float] = None  # in use: base_lr × throttle
+    base_lr: Optional[float] = None  # what the optimizer and its scheduler set
+    grad_norm: Optional[float] = None
+    update_norm: Optional[float] = None
+    directional_curvature: Optional[float] = None
+    throttle: Optional[float] = None  # the controller's factor; 1.0 when nothing scales the rate
+    lambda_floor: Optional[float] = None
+    lambda_max: Optional[float] = None
+    lambda_max_hvps: Optional[int] = None
+    eos_ratio: Optional[float] = None
+    threshold: Optional[float] = None  # T / lr
+    seconds: Optional[float] = None
+    diverged: bool = False
+
+
+@dataclass
+class RunLog:
+    """One run directory, read."""
+
+    name: str
+    path: Path
+    summary: RunSummary
+    records: List[StepRecord]
+    unreadable_lines: int = 0
+
+    @property
+    def diverged(self) -> bool:
+        return self.summary.diverged or any(r.diverged for r in self.records)
+
+    @property
+    def diverged_at(self) -> Optional[int]:
+        for record in self.records:
+            if record.diverged:
+                return record.step
+        return self.summary.steps_completed if self.summary.diverged else None
+
+    def series(self, name: str, include_diverged: bool = False) -> Tuple[List[float], List[float]]:
+        """(steps, values) of the records whose field ``name`` is a finite number."""
+        steps, values = [], []
+        for record in self.records:
+            if record.diverged and not include_diverged:
+                continue
+            value = finite(getattr(record, name))
+            if value is not None:
+                steps.append(float(record.step))
+                values.append(value)
+        return steps, values
+
+
+def write_run_summary(run_dir: Path, summary: RunSummary) -> Path:
+    """``RUN_DIR/run.json`` (non-finite numbers as null)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    path.write_text(json.dumps(finite_or_none(encode(summary)), indent=2) + "\n")
+    return path
+
+
+def _read_records(path: Path) -> Tuple[List[StepRecord], int]:
+    if not path.is_file():
+        return [], 0
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: cannot read ({exc})") from exc
+    records, unreadable = [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(decode_record(StepRecord, json.loads(line), f"{path}:{number}"))
+        except (json.JSONDecodeError, BadInput):
+            unreadable += 1
+    return records, unreadable
+
+
+def read_run(run_dir: Path, name: Optional[str] = None) -> RunLog:
+    """A run directory → :class:`RunLog`; BadInput when it is not one."""
+    path = Path(run_dir)
+    if not (path / SUMMARY_FILE).is_file():
+        raise BadInput(f"{run_dir}: not a curvdiag run directory (no run.json)")
+    document = read_json(path / SUMMARY_FILE)
+    if not isinstance(document, dict):
+        raise BadInput(f"{path / SUMMARY_FILE}: not a curvdiag run summary (expected a JSON object)")
+    summary = decode_record(RunSummary, document, str(path / SUMMARY_FILE))
+    records, unreadable = _read_records(path / METRICS_FILE)
+    return RunLog(name=name or path.name, path=path, summary=summary, records=records, unreadable_lines=unreadable)
+
+
+def _compare_key(run: RunLog) -> Tuple[int, str]:
+    order = COMPARE_ORDER.index(run.name) if run.name in COMPARE_ORDER else len(COMPARE_ORDER)
+    return order, run.name
+
+
+def read_runs(path: Path) -> List[RunLog]:
+    """A run directory → one run; a ``--compare`` directory → its runs, baseline first."""
+    path = Path(path)
+    if (path / SUMMARY_FILE).is_file():
+        return [read_run(path)]
+    children = sorted(p for p in path.iterdir() if p.is_dir() and (p / SUMMARY_FILE).is_file()) if path.is_dir() else []
+    if not children:
+        raise BadInput(f"{path}: not a curvdiag run directory (no run.json here or in its subdirectories)",
+                       hint="give the --out directory of curvdiag train, or a report written by curvdiag probe --json")
+    return sorted((read_run(child) for child in children), key=_compare_key)
