@@ -39,20 +39,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from curvdiag.curvature.linear_operator import as_operator
 from curvdiag.probes.eigen import gauss_quadrature
+from curvdiag.results.probe_results import GRID_POINTS
+from curvdiag.results.probe_results import smoothed_density as smoothed_density_of_nodes
 
 DEFAULT_STEPS = 64
 DEFAULT_PROBES = 2
-GRID_POINTS = 512
-# σ = this fraction of the node span: narrow enough to show outliers apart from the bulk,
-# wide enough that a few tens of nodes read as a density rather than spikes.
-SIGMA_FRACTION = 0.01
-GRID_PADDING_SIGMAS = 6.0
 
 
 @dataclass
@@ -169,52 +166,14 @@ def spectral_density(
                                  breakdowns=breakdowns)
 
 
-def default_sigma(nodes: Sequence[float]) -> float:
-    """σ = 1% of the node span (or of the node magnitude when all nodes coincide)."""
-    low, high = min(nodes), max(nodes)
-    span = high - low
-    if span > 0:
-        return SIGMA_FRACTION * span
-    return SIGMA_FRACTION * max(abs(high), 1.0)
-
-
-def smoothed_density(
-    result: Any,
-    grid: Optional[torch.Tensor] = None,
-    points: int = GRID_POINTS,
-    sigma: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """The Gaussian-smoothed spectral density φ(t) = (1/p) Σ_l Σ_k τ_k^l N(t; θ_k^l, σ²).
-
-    Args:
-        result: a :class:`SpectralDensityResult`, or its JSON form (a dict with "nodes" and
-            "weights", one list per probe).
-        grid: where to evaluate φ, shape (G,); default ``points`` equally spaced points over
-            [min θ − 6σ, max θ + 6σ], which holds all but ~1e-9 of the mass.
-        sigma: kernel width; default :func:`default_sigma` of the nodes.
-
-    Returns:
-        (grid, density, sigma): float64 tensors of shape (G,) and the width used. On the default
-        grid the trapezoidal integral of the density is 1 up to discretisation error.
-    """
+def smoothed_density(result: Any, points: int = GRID_POINTS,
+                     sigma: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The Gaussian-smoothed density of :func:`curvdiag.results.probe_results.smoothed_density`
+    (the one definition, which reports and figures read) for a :class:`SpectralDensityResult` or its
+    JSON form, as float64 tensors (grid (G,), density (G,)) and the width σ used."""
     if isinstance(result, dict):
-        node_lists = [torch.as_tensor(n, dtype=torch.float64) for n in result["nodes"]]
-        weight_lists = [torch.as_tensor(w, dtype=torch.float64) for w in result["weights"]]
+        nodes, weights = result["nodes"], result["weights"]
     else:
-        node_lists, weight_lists = list(result.nodes), list(result.weights)
-    if not node_lists or any(n.numel() == 0 for n in node_lists):
-        raise ValueError("no quadrature nodes to smooth")
-    nodes = torch.cat(node_lists)
-    weights = torch.cat(weight_lists) / len(node_lists)
-    width = float(sigma) if sigma is not None else default_sigma(nodes.tolist())
-    if not width > 0:
-        raise ValueError(f"sigma must be positive, got {width}")
-    if grid is None:
-        low = float(nodes.min()) - GRID_PADDING_SIGMAS * width
-        high = float(nodes.max()) + GRID_PADDING_SIGMAS * width
-        grid = torch.linspace(low, high, int(points), dtype=torch.float64)
-    else:
-        grid = torch.as_tensor(grid, dtype=torch.float64)
-    z = (grid[:, None] - nodes[None, :]) / width
-    density = (weights[None, :] * torch.exp(-0.5 * z * z)).sum(dim=1) / (width * math.sqrt(2 * math.pi))
-    return grid, density, width
+        nodes, weights = [t.tolist() for t in result.nodes], [w.tolist() for w in result.weights]
+    grid, density, width = smoothed_density_of_nodes(nodes, weights, points=points, sigma=sigma)
+    return torch.tensor(grid, dtype=torch.float64), torch.tensor(density, dtype=torch.float64), width
