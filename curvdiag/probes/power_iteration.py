@@ -28,9 +28,11 @@ class PowerResult:
     shifted: bool
 
 
-def _dominant(op: Any, shift: float, found: List[torch.Tensor], tol: float, budget: int, seed: int) -> tuple:
-    """Dominant eigenpair of (A − shift·I) restricted to the complement of ``found``."""
-    x = random_vector(op.size, seed, op.device, op.dtype)
+def _dominant(op: Any, shift: float, found: List[torch.Tensor], tol: float, budget: int, seed: int,
+              start: Optional[torch.Tensor] = None) -> tuple:
+    """Dominant eigenpair of (A − shift·I) restricted to the complement of ``found``, from
+    ``start`` when given, else from a random vector drawn from ``seed``."""
+    x = random_vector(op.size, seed, op.device, op.dtype) if start is None else start.to(op.device, op.dtype).clone()
     for f in found:
         x -= torch.dot(f, x) * f
     x /= x.norm()
@@ -51,11 +53,14 @@ def _dominant(op: Any, shift: float, found: List[torch.Tensor], tol: float, budg
     return theta, residual, x, used
 
 
-def power_iteration(operator: Any, *, top_k: int = 1, tol: float = 1e-4, max_matvecs: int = 1000, seed: int = 0) -> PowerResult:
-    """Top-k algebraic eigenvalues by (shifted, deflated) power iteration."""
+def power_iteration(operator: Any, *, top_k: int = 1, tol: float = 1e-4, max_matvecs: int = 1000, seed: int = 0,
+                    start: Optional[torch.Tensor] = None) -> PowerResult:
+    """Top-k algebraic eigenvalues by (shifted, deflated) power iteration. ``start`` (shape (n,)):
+    where the first eigenpair's iteration starts (a warm start, e.g. the previous top
+    eigenvector); without it, a random vector drawn from ``seed``."""
     op = as_operator(operator)
     used = 0
-    theta, residual, x, n = _dominant(op, 0.0, [], tol, max_matvecs, seed)
+    theta, residual, x, n = _dominant(op, 0.0, [], tol, max_matvecs, seed, start)
     used += n
     lambda_min, shift = None, 0.0
     if theta < 0:
@@ -68,12 +73,13 @@ def power_iteration(operator: Any, *, top_k: int = 1, tol: float = 1e-4, max_mat
             converged &= res <= tol * abs(value)
         else:
             budget = max(max_matvecs - used, 1)
-            t, res, vec, n = _dominant(op, shift, vectors, tol, budget, seed + i + 1)
+            first = start if i == 0 else None
+            t, res, vec, n = _dominant(op, shift, vectors, tol, budget, seed + i + 1, first)
             used += n
             if t < 0 and shift == 0.0:
                 # The rest of the spectrum is dominated by a negative eigenvalue: shift by it.
                 lambda_min, shift = t, t
-                t, res, vec, n = _dominant(op, shift, vectors, tol, max(max_matvecs - used, 1), seed + i + 1)
+                t, res, vec, n = _dominant(op, shift, vectors, tol, max(max_matvecs - used, 1), seed + i + 1, first)
                 used += n
             value = t + shift
             converged &= res <= tol * abs(t)
