@@ -112,6 +112,25 @@ def test_newton_iteration_against_a_hand_computation_on_a_quadratic():
     assert skipped.alpha == alpha and skipped.skipped == 1
 
 
+def test_clip_is_a_controller_that_scales_the_gradient_not_the_lr():
+    clip = controllers.clip(max_norm=1.0)
+    state = clip.update(clip.init(0.1), Observation(lr=0.1, grad_norm=4.0))
+    assert state.factor == 1.0 and state.gradient_scale == pytest.approx(1.0 / (4.0 + 1e-6)) and state.clipped == 1
+    assert clip.update(state, Observation(lr=0.1, grad_norm=0.5)).gradient_scale == 1.0
+    with pytest.raises(BadArgument, match="max_norm=0.0"):
+        controllers.clip(max_norm=0.0)
+
+
+def test_one_table_builds_every_controller_and_refuses_unknown_names():
+    offered = dict(constant=2.0, kappa=0.5, decay=0.95, max_norm=1.0, gamma=1e-3)
+    for name in controllers.CONTROLLERS:
+        controller = controllers.configured(controllers.builder_of(name), **offered)
+        state = controller.update(controller.init(0.1), Observation(lr=0.1, grad_norm=1.0))
+        assert 0.0 < state.factor <= 1.0, name
+    with pytest.raises(BadArgument, match="controller='magic': unknown"):
+        controllers.builder_of("magic")
+
+
 def test_newton_adapter_uses_the_lookahead_on_the_same_batch():
     A = quadratic_spectrum([1.0, 2.0, 3.0], seed=3)
     model = QuadraticModel(A)
