@@ -1,8 +1,9 @@
 """The stability constants of DESIGN §3.7 and the edge-of-stability classification."""
 
 import pytest
+import torch
 
-from curvdiag.stability import classify, stability_constant, stability_margin
+from curvdiag.stability import OPTIMIZER_FAMILIES, classify, family_of_group, stability_constant, stability_margin
 
 
 def test_constants():
@@ -51,3 +52,22 @@ def test_non_positive_curvature_has_no_learning_rate_limit():
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown optimizer family"):
         stability_constant("rmsprop")
+
+
+@pytest.mark.parametrize("make, family", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), "sgd"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "nesterov"),
+    (lambda p: torch.optim.Adam(p, lr=0.1), "adam"),
+    (lambda p: torch.optim.AdamW(p, lr=0.1), "adamw"),
+])
+def test_the_family_table_recognises_torch_optimizers_and_names_their_class(make, family):
+    optimizer = make([torch.nn.Parameter(torch.zeros(2))])
+    row = family_of_group(optimizer.param_groups[0])
+    assert row is OPTIMIZER_FAMILIES[family]
+    assert isinstance(optimizer, getattr(torch.optim, row.torch_class))
+    assert row.preconditioned == (family in ("adam", "adamw"))
+
+
+def test_no_family_for_an_optimizer_outside_the_table():
+    assert family_of_group(torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(2))]).param_groups[0]) is None

@@ -11,8 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from curvdiag.errors import BadArgument
 from curvdiag.train import controllers
 from curvdiag.train.adapters import CurvatureThrottle, NewtonLearningRate, apply_factor
+from curvdiag.train.controllers import Lookahead, Observation
 from curvdiag.cli.app import app
 from curvdiag.train.loop import Trainer, TrainSettings
 from conftest import RECIPES, quadratic_spectrum
@@ -51,17 +53,18 @@ def test_throttle_factor_on_a_quadratic_equals_the_closed_form():
 
 
 def test_throttle_state_machine_reacts_at_once_and_relaxes_slowly():
-    state = controllers.throttle_init()
-    state = controllers.throttle_update(state, 10.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    throttle = controllers.throttle(constant=2.0, kappa=0.5, decay=0.9)
+    state = throttle.init(0.1)
+    state = throttle.update(state, Observation(lr=0.1, curvature=10.0))
     assert state.curvature == 10.0 and state.factor == pytest.approx(1.0)
-    state = controllers.throttle_update(state, 40.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    state = throttle.update(state, Observation(lr=0.1, curvature=40.0))
     assert state.curvature == 40.0 and state.factor == pytest.approx(0.25)
-    state = controllers.throttle_update(state, 1.0, lr=0.1, constant=2.0, kappa=0.5, decay=0.9)
+    state = throttle.update(state, Observation(lr=0.1, curvature=1.0))
     assert state.curvature == pytest.approx(36.0)  # relaxes by the decay, not to 1
-    state = controllers.throttle_update(state, None, lr=0.1, constant=2.0, kappa=0.5, decay=0.9, floor=100.0)
+    state = throttle.update(state, Observation(lr=0.1, curvature=None, floor=100.0))
     assert state.curvature == 100.0 and state.factor == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="kappa=1.5"):
-        controllers.throttle_update(state, 1.0, lr=0.1, constant=2.0, kappa=1.5)
+    with pytest.raises(BadArgument, match="kappa=1.5"):  # checked when built
+        controllers.throttle(constant=2.0, kappa=1.5)
 
 
 @pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
@@ -89,19 +92,43 @@ def test_newton_iteration_against_a_hand_computation_on_a_quadratic():
     look = loss0 - (alpha * c0 - 0.5 * alpha ** 2 * k)
     star = c0 / k
     expected = alpha * (1 + gamma * (star / alpha - 1))
+
+    def one_step(lookahead_loss, c0, c1, **hyperparameters):
+        newton = controllers.newton(**hyperparameters)
+        observation = Observation(lr=alpha, lookahead=Lookahead(loss0, lookahead_loss, c0, c1))
+        return newton.update(newton.init(alpha), observation)
+
     for form in ("loss", "gradient"):
-        state = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=gamma,
-                                          eps=0.0 if form == "gradient" else 1e-12, form=form, max_growth=10.0)
+        state = one_step(look, c0, c1, gamma=gamma, eps=0.0 if form == "gradient" else 1e-12, form=form, max_growth=10.0)
         assert state.alpha == pytest.approx(expected, rel=1e-9), form
     # γ = 1 jumps to the line minimiser; the growth clamp caps it at 5%.
-    jump = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=1.0, max_growth=10.0)
+    jump = one_step(look, c0, c1, gamma=1.0, max_growth=10.0)
     assert jump.alpha == pytest.approx(star, rel=1e-6)
-    capped = controllers.newton_update(controllers.newton_init(alpha), loss0, look, c0, c1, gamma=1.0)
+    capped = one_step(look, c0, c1, gamma=1.0)
     assert capped.alpha == pytest.approx(alpha * 1.05)
-    worse = controllers.newton_update(controllers.newton_init(alpha), loss0, loss0 + 1, c0, c1)
+    worse = one_step(loss0 + 1, c0, c1)
     assert worse.alpha == pytest.approx(alpha * 0.1) and worse.backtracked == 1
-    skipped = controllers.newton_update(controllers.newton_init(alpha), loss0, loss0, 0.0, 0.0, eps=1e-9)
+    skipped = one_step(loss0, 0.0, 0.0, eps=1e-9)
     assert skipped.alpha == alpha and skipped.skipped == 1
+
+
+def test_clip_is_a_controller_that_scales_the_gradient_not_the_lr():
+    clip = controllers.clip(max_norm=1.0)
+    state = clip.update(clip.init(0.1), Observation(lr=0.1, grad_norm=4.0))
+    assert state.factor == 1.0 and state.gradient_scale == pytest.approx(1.0 / (4.0 + 1e-6)) and state.clipped == 1
+    assert clip.update(state, Observation(lr=0.1, grad_norm=0.5)).gradient_scale == 1.0
+    with pytest.raises(BadArgument, match="max_norm=0.0"):
+        controllers.clip(max_norm=0.0)
+
+
+def test_one_table_builds_every_controller_and_refuses_unknown_names():
+    offered = dict(constant=2.0, kappa=0.5, decay=0.95, max_norm=1.0, gamma=1e-3)
+    for name in controllers.CONTROLLERS:
+        controller = controllers.configured(controllers.builder_of(name), **offered)
+        state = controller.update(controller.init(0.1), Observation(lr=0.1, grad_norm=1.0))
+        assert 0.0 < state.factor <= 1.0, name
+    with pytest.raises(BadArgument, match="controller='magic': unknown"):
+        controllers.builder_of("magic")
 
 
 def test_newton_adapter_uses_the_lookahead_on_the_same_batch():
@@ -265,13 +292,13 @@ def test_adam_metric_is_defined_from_the_first_step():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99), eps=1e-8)
     model.loss().backward()
     g = model.theta.grad.clone()
-    from curvdiag.train.adapters import adam_preconditioner
+    from curvdiag.train.adapters import optimizer_preconditioner
 
-    assert adam_preconditioner(optimizer, [model.theta]) is None  # no state before the first step
-    prospective = adam_preconditioner(optimizer, [model.theta], [g])[0]
+    assert optimizer_preconditioner(optimizer, [model.theta]) is None  # no state before the first step
+    prospective = optimizer_preconditioner(optimizer, [model.theta], [g])[0]
     torch.testing.assert_close(prospective, g.abs() + 1e-8)  # v̂ = g² after one step
     optimizer.step()
-    torch.testing.assert_close(adam_preconditioner(optimizer, [model.theta])[0], prospective)
+    torch.testing.assert_close(optimizer_preconditioner(optimizer, [model.theta])[0], prospective)
 
 
 @pytest.mark.parametrize("case", ["diverge_gd", "diverge_momentum", "diverge_adam"])

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from curvdiag._version import __version__
-from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.results.json_safe import finite_or_none as _finite_or_none
 from curvdiag.curvature.operator import HVP_METHODS
 from curvdiag.probes.registry import PROBE_NAMES
@@ -41,7 +41,10 @@ def _fail(exc: CurvdiagError, debug: bool, prefix: str = "") -> None:
     if debug:
         raise exc
     err = Console(stderr=True, highlight=False)
-    err.print(f"{escape(prefix)}[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
+    message = exc.message
+    if isinstance(exc, BadArgument):  # the library names the argument; say it as its flag
+        message = exc.with_flag({"optimizer_family": "--optimizer"}.get(exc.argument, "--" + exc.argument.replace("_", "-")))
+    err.print(f"{escape(prefix)}[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     if exc.hint:
         err.print(f"{prefix}hint: {exc.hint}", markup=False, soft_wrap=True)
     raise typer.Exit(code=exc.exit_code)

@@ -1,20 +1,40 @@
 """What the run's optimizer tells the probes: family, learning rate, momentum, Adam moments.
 
 Sources, in order of precedence: command-line flags, the checkpoint's optimizer state, the
-recipe's ``optimizer(params)``. Adam's second moments (``exp_avg_sq``) come only from a
-checkpoint; they define the preconditioner P = diag(sqrt(v / (1 - β2^t)) + ε) of DESIGN §3.2.
+recipe's ``optimizer(params)``. Which family a param group belongs to and which of its keys hold
+β come from the one table :data:`curvdiag.stability.OPTIMIZER_FAMILIES`. Adam's second moments
+(``exp_avg_sq``) come only from a checkpoint or a live optimizer; they define the preconditioner
+P = diag(sqrt(v / (1 - β2^t)) + ε) of DESIGN §3.2, computed by :func:`adam_preconditioner` alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadArgument, BadInput
+from curvdiag.stability import OPTIMIZER_FAMILIES, family_of_group
 
-FAMILIES = ("sgd", "momentum", "nesterov", "adam", "adamw")
+FAMILIES = tuple(OPTIMIZER_FAMILIES)
+
+# How each param-group key of the table's ``group_keys`` is read into OptimizerInfo.
+_READ_SETTING: Dict[str, Callable[[Dict[str, Any]], Any]] = {
+    "momentum": lambda group: float(group.get("momentum") or 0.0),
+    "betas": lambda group: tuple(float(b) for b in group["betas"]),
+    "eps": lambda group: float(group.get("eps", 1e-8)),
+}
+
+
+def adam_preconditioner(second_moments: Sequence[torch.Tensor], steps: Sequence[float], beta2: float,
+                        eps: float) -> List[torch.Tensor]:
+    """Adam's diagonal preconditioner P = sqrt(v̂) + ε per parameter, v̂ = v / (1 − β2^t).
+
+    ``second_moments[i]`` is ``exp_avg_sq`` of parameter i (its shape), ``steps[i]`` its step
+    count t ≥ 1; each P has the shape of its parameter. Elementwise: O(n).
+    """
+    return [(v / (1.0 - beta2 ** step)).sqrt() + eps for v, step in zip(second_moments, steps)]
 
 
 @dataclass
@@ -35,26 +55,31 @@ class OptimizerInfo:
 
     @property
     def is_adaptive(self) -> bool:
-        return self.family in ("adam", "adamw")
+        """Whether the family's curvature is the preconditioned λmax(P^{-1/2} H P^{-1/2})."""
+        return self.family is not None and OPTIMIZER_FAMILIES[self.family].preconditioned
 
     def preconditioner_diagonal(self) -> Optional[List[torch.Tensor]]:
-        """P = sqrt(v̂) + ε per parameter, v̂ = v / (1 - β2^t); None without second moments."""
+        """P = sqrt(v̂) + ε per parameter (:func:`adam_preconditioner`); None without second moments."""
         if self.second_moments is None or self.betas is None or not self.step:
             return None
-        correction = 1.0 - self.betas[1] ** self.step
-        return [(v / correction).sqrt() + self.eps for v in self.second_moments]
+        return adam_preconditioner(self.second_moments, [self.step] * len(self.second_moments), self.betas[1], self.eps)
+
+    def torch_options(self) -> Dict[str, Any]:
+        """Constructor options of the family's torch class (a simulated step): its settings
+        (momentum; betas and eps) and its fixed options (nesterov), defaults where unknown."""
+        family = OPTIMIZER_FAMILIES[self.family]
+        settings = {key: getattr(self, key) for key in family.group_keys}
+        settings.update({key: value for key, value in family.defaults.items() if settings.get(key) is None})
+        return {**settings, **family.torch_options}
 
 
 def _group_settings(group: Dict[str, Any]) -> Dict[str, Any]:
-    if "betas" in group:
-        family = "adamw" if group.get("decoupled_weight_decay") else "adam"
-        return dict(family=family, betas=tuple(float(b) for b in group["betas"]), eps=float(group.get("eps", 1e-8)),
-                    name="AdamW" if family == "adamw" else "Adam")
-    if "momentum" in group and "dampening" in group:
-        momentum = float(group.get("momentum") or 0.0)
-        family = "nesterov" if group.get("nesterov") and momentum > 0 else ("momentum" if momentum > 0 else "sgd")
-        return dict(family=family, momentum=momentum, name="SGD")
-    return dict(family=None, name=None)
+    """Family (from the table), name and settings of one torch param group."""
+    family = family_of_group(group)
+    if family is None:
+        return dict(family=None, name=None)
+    settings = {key: _READ_SETTING[key](group) for key in family.group_keys}
+    return dict(family=family.name, name=family.torch_class, **settings)
 
 
 def _lr_of(groups: Sequence[Dict[str, Any]]) -> tuple:
@@ -114,24 +139,24 @@ def from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
     return OptimizerInfo(lr=lr, source="recipe", note=note, **settings)
 
 
-def apply_flags(info: OptimizerInfo, lr: Optional[float], family: Optional[str], momentum: Optional[float] = None) -> OptimizerInfo:
+def apply_flags(info: OptimizerInfo, lr: Optional[float], optimizer_family: Optional[str],
+                momentum: Optional[float] = None) -> OptimizerInfo:
     """Flags override the other sources."""
     if lr is not None:
         if not lr > 0:
-            raise BadInput(f"--lr {lr}: the learning rate must be positive")
+            raise BadArgument("lr", lr, "the learning rate must be positive")
         info.lr = float(lr)
         info.source = "flags" if info.source == "none" else f"{info.source}, lr from flags"
-    if family is not None:
-        family = family.lower()
+    if optimizer_family is not None:
+        family = optimizer_family.lower()
         if family not in FAMILIES:
-            raise BadInput(f"--optimizer {family}: unknown optimizer", hint=f"choose one of {', '.join(FAMILIES)}")
+            raise BadArgument("optimizer_family", family, "unknown optimizer", hint=f"choose one of {', '.join(FAMILIES)}")
         if family != info.family:
             info.family = family
             info.name = family
-            if family in ("momentum", "nesterov") and not info.momentum:
-                info.momentum = 0.9
-            if family in ("adam", "adamw") and info.betas is None:
-                info.betas = (0.9, 0.999)
+            for key, value in OPTIMIZER_FAMILIES[family].defaults.items():
+                if not getattr(info, key):
+                    setattr(info, key, value)
             info.source = "flags" if info.source == "none" else f"{info.source}, optimizer from flags"
     if momentum is not None:
         info.momentum = float(momentum)

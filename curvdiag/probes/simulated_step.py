@@ -2,7 +2,8 @@
 
 Used by the directional-curvature probe when no ``--previous`` checkpoint is given. The step is
 taken by the run's own optimizer class (the recipe's ``optimizer(params)``, else one built from
-the known family), with the checkpoint's optimizer state (momentum buffers, Adam moments) when
+the known family: the torch class the table :data:`curvdiag.stability.OPTIMIZER_FAMILIES`
+names), with the checkpoint's optimizer state (momentum buffers, Adam moments) when
 present and the learning rate in use. The model's parameters, their ``.grad`` and the
 checkpoint's state are all left as they were.
 """
@@ -16,6 +17,7 @@ import torch
 
 from curvdiag.errors import BadInput
 from curvdiag.loading.target import Target
+from curvdiag.stability import OPTIMIZER_FAMILIES
 
 
 def _build_optimizer(target: Target, params: list) -> Optional[torch.optim.Optimizer]:
@@ -24,10 +26,8 @@ def _build_optimizer(target: Target, params: list) -> Optional[torch.optim.Optim
         return target.recipe.optimizer(params)
     if info.family is None or info.lr is None:
         return None
-    if info.family in ("sgd", "momentum", "nesterov"):
-        return torch.optim.SGD(params, lr=info.lr, momentum=info.momentum, nesterov=info.family == "nesterov")
-    cls = torch.optim.AdamW if info.family == "adamw" else torch.optim.Adam
-    return cls(params, lr=info.lr, betas=info.betas or (0.9, 0.999), eps=info.eps)
+    optimizer_class = getattr(torch.optim, OPTIMIZER_FAMILIES[info.family].torch_class)
+    return optimizer_class(params, lr=info.lr, **info.torch_options())
 
 
 def simulate_step(target: Target, op) -> Tuple[Optional[torch.Tensor], str]:

@@ -1,9 +1,13 @@
 """Torch adapters for the controllers: each wraps any ``torch.optim`` optimizer.
 
-:class:`ControlledOptimizer` scales each step's learning rate by the controller's factor by
-writing ``param_group["lr"]`` around ``optimizer.step()`` and putting the scheduled value back
-afterwards (so schedulers keep working); it never patches ``optimizer.step`` and never changes
-the update direction. Public API for a user's own loop::
+:class:`ControlledOptimizer` drives any controller of :mod:`curvdiag.train.controllers`: before
+each step it measures what the controller observes, updates the controller's state, then steps
+with each group's learning rate multiplied by the state's ``factor`` by writing
+``param_group["lr"]`` around ``optimizer.step()`` and putting the scheduled value back afterwards
+(so schedulers keep working); it never patches ``optimizer.step`` and never changes the update
+direction (only clipping, whose state carries ``gradient_scale``, rescales the gradient).
+:class:`CurvatureThrottle` and :class:`NewtonLearningRate` are the two named adapters of the
+public API. For a user's own loop::
 
     throttle = CurvatureThrottle(optimizer)          # family and threshold read off the optimizer
     for x, y in loader:
@@ -22,28 +26,35 @@ same batch (one extra forward and backward) and uses that instead.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from curvdiag.errors import BadArgument
 from curvdiag.loading import optimizer as optimizer_state
+from curvdiag.stability import family_of_group, stability_constant
 from curvdiag.train import controllers
-from curvdiag.stability import stability_constant
+from curvdiag.train.controllers import Controller, Lookahead, Observation
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+Closure = Callable[[], torch.Tensor]
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
-                        grads: Optional[List[torch.Tensor]] = None) -> Optional[List[torch.Tensor]]:
-    """P = sqrt(v̂) + ε per parameter for an Adam-family optimizer; None for other optimizers.
+def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
+                             grads: Optional[List[torch.Tensor]] = None) -> Optional[List[torch.Tensor]]:
+    """Adam's P = sqrt(v̂) + ε (:func:`curvdiag.loading.optimizer.adam_preconditioner`) read off a
+    live optimizer; None for a family without a preconditioner.
 
     Without ``grads``: from the optimizer's state (the P its last step used; None before the first
     step). With ``grads``: the P the *next* step will use, v' = β2·v + (1 − β2)·g² bias-corrected
     with step + 1 — defined from the very first step, where Adam's update is about lr·sign(g).
     """
     group = optimizer.param_groups[0]
-    if "betas" not in group:
+    family = family_of_group(group)
+    if family is None or not family.preconditioned:
         return None
-    beta2, eps = group["betas"][1], group["eps"]
-    out = []
+    beta2 = group["betas"][1]
+    moments, steps = [], []
     for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
         v = state.get("exp_avg_sq")
@@ -54,19 +65,21 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Ten
             step += 1
         elif v is None:
             return None
-        out.append((v / (1 - beta2 ** step)).sqrt() + eps)
-    return out
+        moments.append(v)
+        steps.append(step)
+    return optimizer_state.adam_preconditioner(moments, steps, beta2, group["eps"])
 
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
+def closure_gradient(closure: Closure, params: List[torch.Tensor],
+                     reduce: Optional[Reduce] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(loss, ∇loss) of ``closure()`` at the parameters as they are, by ``torch.autograd.grad`` (no
+    ``.grad`` is touched).
 
-
-def gradient_at(closure: Callable[[], torch.Tensor], params: List[torch.Tensor],
-                reduce: Optional[Reduce] = None) -> "tuple[torch.Tensor, List[torch.Tensor]]":
-    """(loss, ∇loss) of ``closure()`` at the current parameters, by ``torch.autograd.grad`` (no
-    ``.grad`` is touched). With ``reduce`` (data parallelism: the closure returns this rank's share
-    of the global mean loss) loss and gradient are summed over the ranks in one collective on
-    the flat [gradient, loss] buffer."""
+    Not the operator's ``gradient_at(θ)``: that one writes θ into the model and sums over the
+    operator's batches; here the user's loop owns the batch, and the closure (this step's batch,
+    at the weights the optimizer just wrote) is all there is. With ``reduce`` (data parallelism:
+    the closure returns this rank's share of the global mean loss) loss and gradient are summed
+    over the ranks in one collective on the flat [gradient, loss] buffer."""
     with torch.enable_grad():
         loss = closure()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -78,6 +91,10 @@ def gradient_at(closure: Callable[[], torch.Tensor], params: List[torch.Tensor],
     return flat[-1], [piece.view_as(p) for piece, p in zip(pieces, params)]
 
 
+def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
+
+
 def metric_curvature(d_theta: List[torch.Tensor], d_grad: List[torch.Tensor], preconditioner: Optional[List[torch.Tensor]]) -> float:
     """‖ΔG‖/‖Δθ‖, or for Adam ‖P^{-1/2}ΔG‖/‖P^{1/2}Δθ‖ (the curvature of P^{-1/2}HP^{-1/2})."""
     if preconditioner is None:
@@ -87,55 +104,6 @@ def metric_curvature(d_theta: List[torch.Tensor], d_grad: List[torch.Tensor], pr
         num = sum(float((g.double().pow(2) / p.double()).sum()) for g, p in zip(d_grad, preconditioner))
         den = sum(float((t.double().pow(2) * p.double()).sum()) for t, p in zip(d_theta, preconditioner))
     return math.sqrt(num) / (math.sqrt(den) + 1e-30)
-
-
-class CurvatureThrottle:
-    """Wraps a torch optimizer with the curvature throttle (DESIGN §3.8)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, kappa: float = 0.5, decay: float = 0.95,
-                 constant: Optional[float] = None, reduce: Optional[Reduce] = None):
-        self.optimizer = optimizer
-        self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
-        info = optimizer_state.from_optimizer(optimizer)
-        if constant is None:
-            if info.family is None:
-                raise ValueError(f"no stability threshold known for {type(optimizer).__name__}: pass constant=T")
-            constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9)
-        self.constant = constant
-        self.kappa, self.decay = kappa, decay
-        self.adaptive = info.is_adaptive
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.state = controllers.throttle_init()
-        self.floor: Optional[float] = None  # an external λmax estimate may be set here
-        self._previous: Optional[tuple] = None
-        self.curvature: Optional[float] = None
-
-    @property
-    def factor(self) -> float:
-        return self.state.factor
-
-    def _lr(self) -> float:
-        return max(float(g["lr"]) for g in self.optimizer.param_groups)
-
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-        theta = [p.detach().clone() for p in self.params]
-        # The metric of the step about to be taken (Adam: the P this step will use).
-        preconditioner = adam_preconditioner(self.optimizer, self.params, grads) if self.adaptive else None
-        if self._previous is not None and closure is None:
-            prev_theta, prev_grads = self._previous
-            self.curvature = metric_curvature([a - b for a, b in zip(theta, prev_theta)],
-                                              [a - b for a, b in zip(grads, prev_grads)], preconditioner)
-        self.state = controllers.throttle_update(self.state, self.curvature, self._lr(), self.constant,
-                                                 self.kappa, self.decay, self.floor)
-        apply_factor(self.optimizer, self.state.factor)
-        self._previous = (theta, grads)
-        if closure is not None:
-            loss, new_grads = gradient_at(closure, self.params, self.reduce)
-            self.curvature = metric_curvature([p.detach() - t for p, t in zip(self.params, theta)],
-                                              [a - b for a, b in zip(new_grads, grads)], preconditioner)
-            return loss
-        return None
 
 
 def apply_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -150,41 +118,126 @@ def apply_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
             g["lr"] = lr
 
 
-class NewtonLearningRate:
+class ControlledOptimizer:
+    """Any controller of :data:`curvdiag.train.controllers.CONTROLLERS` applied to a torch optimizer.
+
+    ``step(closure, loss)``: ``.grad`` holds ∇L_t(θ_t); ``closure()`` returns the loss of the same
+    batch at the current weights (needed by controllers that observe ``curvature`` on the same
+    batch or the ``lookahead``: one extra forward and backward after the step), ``loss`` is
+    L_t(θ_t) (the ``lookahead``). ``floor`` may be set from outside (a λmax estimate).
+    After a step, ``curvature`` is what the step measured along itself: C_t in the optimizer's
+    metric when the controller observes it, else ⟨Δθ, ΔG⟩/‖Δθ‖² from the lookahead, else None.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, controller: Controller, reduce: Optional[Reduce] = None):
+        self.optimizer, self.controller = optimizer, controller
+        self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.state = controller.init(self._lr())
+        self.floor: Optional[float] = None  # an external λmax estimate may be set here
+        self.curvature: Optional[float] = None
+        self._previous: Optional[tuple] = None
+
+    @property
+    def factor(self) -> float:
+        """The factor on the scheduled learning rate of the last step."""
+        return self.state.factor
+
+    @property
+    def measures_step(self) -> bool:
+        """Whether the controller observes the step on its batch (``curvature`` is then set)."""
+        return bool(self.controller.observes & {"curvature", "lookahead"})
+
+    def _lr(self) -> float:
+        return max(float(g["lr"]) for g in self.optimizer.param_groups)
+
+    def step(self, closure: Optional[Closure] = None, loss: Optional[float] = None) -> Optional[torch.Tensor]:
+        """Observe, update the controller, step; then, with a closure, measure the step."""
+        observes, measures_step = self.controller.observes, self.measures_step
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params] if measures_step else None
+        theta = [p.detach().clone() for p in self.params] if measures_step else None
+        # The metric of the step about to be taken (Adam: the P this step will use).
+        preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads) if "curvature" in observes else None
+        if "curvature" in observes and self._previous is not None and closure is None:
+            prev_theta, prev_grads = self._previous
+            self.curvature = metric_curvature([a - b for a, b in zip(theta, prev_theta)],
+                                              [a - b for a, b in zip(grads, prev_grads)], preconditioner)
+        lr = self._lr()
+        self.state = self.controller.update(self.state, self._observe(lr, observes))
+        self._scale_gradients(getattr(self.state, "gradient_scale", 1.0))
+        apply_factor(self.optimizer, self.state.factor)
+        self._previous = (theta, grads)
+        if closure is None or not measures_step:
+            return None
+        new_loss, new_grads = closure_gradient(closure, self.params, self.reduce)
+        d_theta = [p.detach() - t for p, t in zip(self.params, theta)]
+        d_grad = [a - b for a, b in zip(new_grads, grads)]
+        if "curvature" in observes:
+            self.curvature = metric_curvature(d_theta, d_grad, preconditioner)
+        else:  # a lookahead is folded in as soon as it is measured (controllers module docstring)
+            self.state = self.controller.update(self.state, self._lookahead(lr, loss, float(new_loss), grads,
+                                                                            new_grads, d_theta))
+        return new_loss
+
+    def _observe(self, lr: float, observes: frozenset) -> Observation:
+        grad_norm = None
+        if "grad_norm" in observes:
+            grad_norm = float(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                                         for p in self.params]).norm())
+        return Observation(lr=lr, grad_norm=grad_norm, curvature=self.curvature, floor=self.floor)
+
+    def _scale_gradients(self, scale: float) -> None:
+        if scale != 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.detach().mul_(scale)
+
+    def _lookahead(self, lr: float, loss: Optional[float], new_loss: float, grads: List[torch.Tensor],
+                   new_grads: List[torch.Tensor], d_theta: List[torch.Tensor]) -> Observation:
+        """The step's lookahead, ω = −Δθ/α with α the lr the step took; sets ``curvature`` to the
+        Rayleigh form ⟨Δθ, ΔG⟩/‖Δθ‖² = (c0 − c1)/(α‖ω‖²)."""
+        if loss is None:
+            raise BadArgument("loss", loss, "the lookahead needs L(θ_t) of the step's batch")
+        alpha = lr * self.state.factor
+        omega = [-t / alpha for t in d_theta]
+        c0, c1 = _dot(grads, omega), _dot(new_grads, omega)
+        omega_sq = _dot(omega, omega)
+        self.curvature = (c0 - c1) / (alpha * omega_sq) if omega_sq > 0 else None
+        return Observation(lr=lr, lookahead=Lookahead(float(loss), new_loss, c0, c1))
+
+
+class CurvatureThrottle(ControlledOptimizer):
+    """Wraps a torch optimizer with the curvature throttle (DESIGN §3.8)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kappa: float = 0.5, decay: float = 0.95,
+                 constant: Optional[float] = None, reduce: Optional[Reduce] = None):
+        info = optimizer_state.from_optimizer(optimizer)
+        if constant is None and info.family is not None:
+            constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9)
+        if constant is None:
+            raise BadArgument("constant", None, f"no stability threshold known for {type(optimizer).__name__}",
+                              hint="pass constant=T")
+        self.constant, self.kappa, self.decay = constant, kappa, decay
+        super().__init__(optimizer, controllers.throttle(constant, kappa, decay), reduce)
+
+    def step(self, closure: Optional[Closure] = None) -> Optional[torch.Tensor]:
+        return super().step(closure)
+
+
+class NewtonLearningRate(ControlledOptimizer):
     """Wraps a torch optimizer with the Newton-like learning rate of seed 001 (DESIGN §3.9).
 
     ``step(loss, closure)``: ``loss`` is L(θ_t) on the current batch with gradients in ``.grad``;
-    the optimizer steps with lr α_t to θ' = θ_t − α_t ω_t, ``closure()`` re-evaluates the loss of
-    the same batch at θ' (one extra forward and backward), and α is updated for the next step.
+    α_t is updated from the previous step's lookahead, the optimizer steps with lr α_t to
+    θ' = θ_t − α_t ω_t, and ``closure()`` re-evaluates the loss of the same batch at θ' (one extra
+    forward and backward): the lookahead the next step's α reads. Returns L(θ').
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, gamma: float = 1e-3, eps: float = 1e-9,
                  alpha_min: float = 1e-8, alpha_max: float = 10.0, form: str = "loss",
                  reduce: Optional[Reduce] = None):
-        self.optimizer = optimizer
-        self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.state = controllers.newton_init(max(float(g["lr"]) for g in optimizer.param_groups))
-        self.settings = dict(gamma=gamma, eps=eps, alpha_min=alpha_min, alpha_max=alpha_max, form=form)
-        self.curvature: Optional[float] = None  # ω-direction curvature (c0 − c1)/(α‖ω‖²)
+        controller = controllers.newton(gamma=gamma, eps=eps, alpha_min=alpha_min, alpha_max=alpha_max, form=form)
+        super().__init__(optimizer, controller, reduce)
 
-    @property
-    def factor(self) -> float:
-        """α_t relative to the optimizer's (scheduled) learning rate."""
-        base = max(float(g["lr"]) for g in self.optimizer.param_groups)
-        return self.state.alpha / base if base > 0 else 1.0
-
-    def step(self, loss: float, closure: Callable[[], torch.Tensor]) -> float:
-        alpha = self.state.alpha
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params]
-        theta = [p.detach().clone() for p in self.params]
-        apply_factor(self.optimizer, self.factor)
-        omega = [(t - p.detach()) / alpha for t, p in zip(theta, self.params)]
-        look, new_grads = gradient_at(closure, self.params, self.reduce)
-        c0 = sum(float(torch.dot(g.reshape(-1).double(), w.reshape(-1).double())) for g, w in zip(grads, omega))
-        c1 = sum(float(torch.dot(g.reshape(-1).double(), w.reshape(-1).double())) for g, w in zip(new_grads, omega))
-        omega_sq = sum(float(w.double().pow(2).sum()) for w in omega)
-        self.curvature = (c0 - c1) / (alpha * omega_sq) if omega_sq > 0 else None
-        look_value = float(look.detach())
-        self.state = controllers.newton_update(self.state, float(loss), look_value, c0, c1, **self.settings)
-        return look_value
+    def step(self, loss: float, closure: Closure) -> float:
+        return float(super().step(closure, loss))

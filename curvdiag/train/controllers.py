@@ -1,15 +1,25 @@
-"""Learning-rate controllers as pure state machines (DESIGN §3.8–3.9), plus gradient clipping.
+"""Learning-rate controllers as pure state machines (DESIGN §3.8–3.9), gradient clipping among them.
 
-Each controller is an ``init``/``update`` pair over an immutable state (the optax pattern), so
-every branch can be tested from a hand-built state. The torch adapter that applies them to an
-optimizer is :class:`curvdiag.throttle.ControlledOptimizer`.
+Every controller has one shape, the optax pattern: a builder takes its hyperparameters, checks
+them (a bad value raises :class:`~curvdiag.errors.BadArgument` naming it) and returns a
+:class:`Controller` of two pure functions over an immutable NamedTuple state::
+
+    controller = throttle(constant=2.0, kappa=0.5)
+    state = controller.init(lr)                        # lr: the optimizer's learning rate
+    state = controller.update(state, Observation(...))  # before each step
+    state.factor                                       # multiplies every group's lr for this step
+
+so every branch can be tested from a hand-built state. A state may also carry ``gradient_scale``
+(clip: the gradient is multiplied by it before the step). ``observes`` names what the torch
+adapter (:class:`curvdiag.train.adapters.ControlledOptimizer`) must measure for it. A new
+controller is a builder returning its (init, update) pair plus one line in :data:`CONTROLLERS`.
 
 Throttle (seed 000): one global factor s_t ∈ (0, 1] multiplies every group's learning rate, so
 the update direction is never changed, only its length:
 
-    Ĉ_t = max(C_t, decay·Ĉ_{t−1}, floor),    s_t = min(1, κ·T / (η_t·Ĉ_t))
+    Ĉ_t = max(C_{t−1}, decay·Ĉ_{t−1}, floor),    s_t = min(1, κ·T / (η_t·Ĉ_t))
 
-with C_t the directional curvature of the last step (§3.4, in the optimizer's metric), T the
+with C_{t−1} the directional curvature of the last step (§3.4, in the optimizer's metric), T the
 stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ < 1 a
 safety factor. The max with the decayed previous value reacts at once to a rise in curvature and
 relaxes slowly; ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a
@@ -26,92 +36,192 @@ On a quadratic both are α_t(1 + γ(α*/α_t − 1)) with α* the line minimiser
 boxed γ-forms carry one extra factor α_t inside the bracket, which makes the update depend on the
 units of θ; these are the unit-free forms. Safeguards as in the authors' code: skip when the
 denominator is below ε or not finite, multiply α by 0.1 when the lookahead loss went up, clamp
-the per-step factor to [0, 1.05] and α to [α_min, α_max].
+the per-step factor to [0, 1.05] and α to [α_min, α_max]. The adapter folds a step's lookahead in
+as soon as it is measured (so α_{t+1} is known after step t); an update without one only puts
+``factor`` = α/η in terms of the learning rate now scheduled.
+
+Clip: gradient-norm clipping, g ← g·min(1, c/(‖g‖ + 10⁻⁶)) (``torch.nn.utils.clip_grad_norm_``'s
+rule), the baseline practitioners use; the learning rate is left alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import NamedTuple, Optional
+from typing import Any, Callable, Dict, FrozenSet, NamedTuple, Optional, Tuple
 
-CONTROLLERS = ("none", "throttle", "newton", "clip")
+from curvdiag.errors import BadArgument
 
 
-def _check(name: str, value: float, low: float, high: float, closed_low: bool = False) -> None:
+class Lookahead(NamedTuple):
+    """A step's lookahead on its own batch: L(θ), L(θ') and the gradients' projections on ω."""
+
+    loss: float  # L(θ_t)
+    lookahead_loss: float  # L(θ'), θ' = θ_t − α_t ω_t
+    c0: float  # ⟨∇L(θ_t), ω_t⟩
+    c1: float  # ⟨∇L(θ'), ω_t⟩
+
+
+class Observation(NamedTuple):
+    """What a controller sees, numbers only, measured by the adapter: before each step ``lr``,
+    ``grad_norm``, ``curvature`` and ``floor``; right after a step, that step's ``lookahead``."""
+
+    lr: float  # η_t, the scheduled learning rate (the largest group's)
+    grad_norm: Optional[float] = None  # ‖∇L_t(θ_t)‖ of this step's batch
+    curvature: Optional[float] = None  # the last directional curvature C in the optimizer's metric
+    floor: Optional[float] = None  # a λmax estimate for the throttle (the latest one)
+    lookahead: Optional[Lookahead] = None  # the step's lookahead, once measured
+
+
+class Controller(NamedTuple):
+    """A pure controller: ``init(lr) -> state``, ``update(state, observation) -> state``."""
+
+    init: Callable[[float], Any]
+    update: Callable[[Any, Observation], Any]
+    observes: FrozenSet[str] = frozenset()  # of "grad_norm", "curvature", "floor", "lookahead"
+
+
+def _check_range(argument: str, value: float, low: float, high: float, closed_low: bool = False) -> None:
     ok = (low <= value if closed_low else low < value) and value <= high and math.isfinite(value)
     if not ok:
-        raise ValueError(f"{name}={value!r} must lie in {'[' if closed_low else '('}{low}, {high}]")
+        raise BadArgument(argument, value, f"must lie in {'[' if closed_low else '('}{low}, {high}]")
 
 
+# ---------------------------------------------------------------------------- none
+class ConstantRateState(NamedTuple):
+    factor: float = 1.0
+
+
+def constant_rate() -> Controller:
+    """No control: every step at the optimizer's (scheduled) learning rate."""
+    return Controller(init=lambda lr: ConstantRateState(), update=lambda state, observation: state)
+
+
+# ---------------------------------------------------------------------------- clip
+class ClipState(NamedTuple):
+    factor: float  # always 1.0: clipping leaves the learning rate alone
+    gradient_scale: float  # min(1, c/(‖g‖ + 1e-6)) for this step
+    clipped: int  # steps whose gradient was shortened
+
+
+def clip(max_norm: float = 1.0) -> Controller:
+    """Gradient-norm clipping at ``max_norm``."""
+    _check_range("max_norm", max_norm, 0.0, math.inf)
+
+    def update(state: ClipState, observation: Observation) -> ClipState:
+        # min(coefficient, 1.0), coefficient first: a NaN norm gives NaN, as clip_grad_norm_ does.
+        scale = min(max_norm / (observation.grad_norm + 1e-6), 1.0)
+        return ClipState(1.0, scale, state.clipped + int(scale < 1.0))
+
+    return Controller(init=lambda lr: ClipState(1.0, 1.0, 0), update=update, observes=frozenset({"grad_norm"}))
+
+
+# ---------------------------------------------------------------------------- throttle
 class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
-    factor: float  # s, the factor applied at the last step
+    factor: float  # s, the factor for this step
     steps: int
 
 
-def throttle_init() -> ThrottleState:
-    return ThrottleState(curvature=0.0, factor=1.0, steps=0)
+def throttle(constant: Optional[float], kappa: float = 0.5, decay: float = 0.95) -> Controller:
+    """The curvature throttle with stability constant T = ``constant`` (§3.7)."""
+    if constant is None or not (math.isfinite(constant) and constant > 0):
+        raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
+                          hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")
+    _check_range("kappa", kappa, 0.0, 1.0)
+    _check_range("decay", decay, 0.0, 1.0, closed_low=True)
+
+    def update(state: ThrottleState, observation: Observation) -> ThrottleState:
+        smoothed = decay * state.curvature
+        if observation.curvature is not None and math.isfinite(observation.curvature):
+            smoothed = max(smoothed, abs(observation.curvature))
+        if observation.floor is not None and math.isfinite(observation.floor):
+            smoothed = max(smoothed, observation.floor)
+        lr = observation.lr
+        factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, kappa * constant / (lr * smoothed))
+        return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1)
+
+    return Controller(init=lambda lr: ThrottleState(curvature=0.0, factor=1.0, steps=0), update=update,
+                      observes=frozenset({"curvature", "floor"}))
 
 
-def throttle_update(
-    state: ThrottleState,
-    curvature: Optional[float],
-    lr: float,
-    constant: float,
-    kappa: float = 0.5,
-    decay: float = 0.95,
-    floor: Optional[float] = None,
-) -> ThrottleState:
-    """Fold one curvature measurement (None: none this step) into the state; returns the new
-    state whose ``factor`` is s_t = min(1, κT/(η Ĉ))."""
-    _check("kappa", kappa, 0.0, 1.0)
-    _check("decay", decay, 0.0, 1.0, closed_low=True)
-    smoothed = decay * state.curvature
-    if curvature is not None and math.isfinite(curvature):
-        smoothed = max(smoothed, abs(curvature))
-    if floor is not None and math.isfinite(floor):
-        smoothed = max(smoothed, floor)
-    factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, kappa * constant / (lr * smoothed))
-    return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1)
-
-
+# ---------------------------------------------------------------------------- newton
 class NewtonState(NamedTuple):
     alpha: float  # the learning rate α_t
+    factor: float  # α_t / η_t, the factor on the scheduled learning rate
     skipped: int  # updates skipped by the safeguards
     backtracked: int  # times α was cut by 10 after the lookahead loss went up
 
 
-def newton_init(alpha: float) -> NewtonState:
-    _check("alpha", alpha, 0.0, math.inf)
-    return NewtonState(alpha=float(alpha), skipped=0, backtracked=0)
+# (numerator, curvature term) of the α iteration: α_{t+1} = α_t (1 + γ·numerator / (term + ε)).
+_NEWTON_FORMS: Dict[str, Callable[[float, Lookahead], Tuple[float, float]]] = {
+    "loss": lambda alpha, look: (alpha * look.c1, 2.0 * (look.loss - look.lookahead_loss) - 2.0 * alpha * look.c1),
+    "gradient": lambda alpha, look: (look.c1, look.c0 - look.c1),
+}
 
 
-def newton_update(
-    state: NewtonState,
-    loss: float,
-    lookahead_loss: float,
-    c0: float,
-    c1: float,
-    gamma: float = 1e-3,
-    eps: float = 1e-9,
-    alpha_min: float = 1e-8,
-    alpha_max: float = 10.0,
-    form: str = "loss",
-    max_growth: float = 1.05,
-) -> NewtonState:
-    """One α iteration from the lookahead at θ' = θ − α ω (same batch)."""
-    alpha = state.alpha
-    if not (math.isfinite(lookahead_loss) and math.isfinite(loss)) or lookahead_loss > loss:
-        new = min(max(alpha * 0.1, alpha_min), alpha_max)
-        return NewtonState(new, state.skipped, state.backtracked + 1)
-    if form == "loss":
-        numerator, curvature_term = alpha * c1, 2.0 * (loss - lookahead_loss) - 2.0 * alpha * c1
-    elif form == "gradient":
-        numerator, curvature_term = c1, c0 - c1
-    else:
-        raise ValueError(f"form must be 'loss' or 'gradient', got {form!r}")
+def _newton_alpha(alpha: float, look: Lookahead, gamma: float, eps: float, max_growth: float,
+                  form: str) -> Tuple[Optional[float], bool]:
+    """(α_{t+1} before the [α_min, α_max] clamp, or None when the safeguards skip; backtracked)."""
+    if not (math.isfinite(look.lookahead_loss) and math.isfinite(look.loss)) or look.lookahead_loss > look.loss:
+        return alpha * 0.1, True
+    numerator, curvature_term = _NEWTON_FORMS[form](alpha, look)
     if not math.isfinite(curvature_term) or abs(curvature_term) <= eps or not math.isfinite(numerator):
-        return NewtonState(alpha, state.skipped + 1, state.backtracked)
-    factor = min(max(1.0 + gamma * numerator / (curvature_term + eps), 0.0), max_growth)
-    new = min(max(alpha * factor, alpha_min), alpha_max)
-    return NewtonState(new, state.skipped, state.backtracked)
+        return None, False
+    return alpha * min(max(1.0 + gamma * numerator / (curvature_term + eps), 0.0), max_growth), False
+
+
+def newton(gamma: float = 1e-3, eps: float = 1e-9, alpha_min: float = 1e-8, alpha_max: float = 10.0,
+           form: str = "loss", max_growth: float = 1.05) -> Controller:
+    """The Newton-like learning rate of seed 001 (DESIGN §3.9)."""
+    _check_range("gamma", gamma, 0.0, math.inf)
+    _check_range("eps", eps, 0.0, math.inf, closed_low=True)
+    _check_range("alpha_min", alpha_min, 0.0, math.inf)
+    _check_range("alpha_max", alpha_max, alpha_min, math.inf, closed_low=True)
+    _check_range("max_growth", max_growth, 0.0, math.inf)
+    if form not in _NEWTON_FORMS:
+        raise BadArgument("form", form, f"must be one of {', '.join(_NEWTON_FORMS)}")
+
+    def init(lr: float) -> NewtonState:
+        _check_range("lr", lr, 0.0, math.inf)
+        return NewtonState(alpha=float(lr), factor=1.0, skipped=0, backtracked=0)
+
+    def update(state: NewtonState, observation: Observation) -> NewtonState:
+        alpha, skipped, backtracked = state.alpha, state.skipped, state.backtracked
+        if observation.lookahead is not None:
+            new, went_up = _newton_alpha(alpha, observation.lookahead, gamma, eps, max_growth, form)
+            skipped += new is None
+            backtracked += went_up
+            alpha = alpha if new is None else min(max(new, alpha_min), alpha_max)
+        factor = alpha / observation.lr if observation.lr > 0 else 1.0
+        return NewtonState(alpha, factor, skipped, backtracked)
+
+    return Controller(init=init, update=update, observes=frozenset({"lookahead"}))
+
+
+# ---------------------------------------------------------------------------- the table
+CONTROLLERS: Dict[str, Callable[..., Controller]] = {
+    "none": constant_rate,
+    "clip": clip,
+    "throttle": throttle,
+    "newton": newton,
+}
+
+
+def builder_of(name: str) -> Callable[..., Controller]:
+    """The builder of the controller ``name`` in :data:`CONTROLLERS`."""
+    if name not in CONTROLLERS:
+        raise BadArgument("controller", name, "unknown", hint=f"choose from {', '.join(CONTROLLERS)}")
+    return CONTROLLERS[name]
+
+
+def hyperparameters_of(builder: Callable[..., Controller]) -> FrozenSet[str]:
+    """The names of the hyperparameters a controller's builder takes."""
+    return frozenset(inspect.signature(builder).parameters)
+
+
+def configured(builder: Callable[..., Controller], **offered: Any) -> Controller:
+    """The controller built with those of the ``offered`` hyperparameters its builder takes (a
+    run offers all it has: ``constant``, ``kappa``, ``decay``, ``max_norm``, ``gamma``)."""
+    taken = hyperparameters_of(builder)
+    return builder(**{key: value for key, value in offered.items() if key in taken})
