@@ -30,6 +30,7 @@ from curvdiag.errors import BadInput
 from curvdiag.probes.hutchinson import hutchinson_trace
 from curvdiag.loading.target import load_target
 from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.loading import shards as sharding
 from curvdiag.loading.recipe import load_recipe
 
 pytestmark = pytest.mark.skipif(
@@ -55,48 +56,48 @@ Pair = collections.namedtuple("Pair", "x y")
 def test_split_batch_splits_every_tensor_container_along_the_leading_dimension():
     x, y = torch.arange(20.0).reshape(10, 2), torch.arange(10)
     batch = {"pair": Pair(x, y), "list": [x, (y, "label")], "scale": torch.tensor(2.0), "n": 7}
-    pieces = distributed.split_batch(batch, 3)
+    pieces = sharding.split_batch(batch, 3)
     assert [len(p["pair"].y) for p in pieces] == [4, 3, 3]  # torch.tensor_split: unequal shards
     assert torch.equal(torch.cat([p["pair"].x for p in pieces]), x)
     assert torch.equal(torch.cat([p["list"][1][0] for p in pieces]), y)
     assert all(isinstance(p["pair"], Pair) and p["list"][1][1] == "label" and p["n"] == 7 for p in pieces)
     assert all(float(p["scale"]) == 2.0 for p in pieces)  # 0-d tensors go to every piece
-    assert [len(p) for p in distributed.split_batch(torch.arange(2), 3)] == [1, 1, 0]
+    assert [len(p) for p in sharding.split_batch(torch.arange(2), 3)] == [1, 1, 0]
 
 
 def test_split_batch_refuses_what_it_cannot_split():
     with pytest.raises(BadInput, match="leading dimension is not the batch's 10"):
-        distributed.split_batch((torch.zeros(10, 3), torch.zeros(4, 4)), 2)
+        sharding.split_batch((torch.zeros(10, 3), torch.zeros(4, 4)), 2)
     with pytest.raises(BadInput, match="holds no tensor"):
-        distributed.split_batch({"text": "abc"}, 2)
+        sharding.split_batch({"text": "abc"}, 2)
 
 
 def test_shard_round_robin_split_and_max_batches():
     batches = [torch.full((n, 1), float(i)) for i, n in enumerate((3, 3, 3, 3, 2))]
-    assert [float(b[0]) for b in distributed.shard(batches, 0, 2)] == [0, 2, 4]
-    assert [float(b[0]) for b in distributed.shard(batches, 1, 2)] == [1, 3]
-    assert [float(b[0]) for b in distributed.shard(batches, 1, 2, max_batches=3)] == [1]
-    assert distributed.shard_batches(batches, 1, 2)[1:] == ("round-robin", 5)
+    assert [float(b[0]) for b in sharding.shard(batches, 0, 2)] == [0, 2, 4]
+    assert [float(b[0]) for b in sharding.shard(batches, 1, 2)] == [1, 3]
+    assert [float(b[0]) for b in sharding.shard(batches, 1, 2, max_batches=3)] == [1]
+    assert sharding.shard_batches(batches, 1, 2)[1:] == ("round-robin", 5)
     # Fewer batches than ranks: every batch is split, rank r takes piece r of each; no sample is lost.
     two = [torch.arange(7), torch.arange(7, 10)]
-    shards = [distributed.shard_batches(two, r, 3) for r in range(3)]
+    shards = [sharding.shard_batches(two, r, 3) for r in range(3)]
     assert {s[1] for s in shards} == {"split"} and {s[2] for s in shards} == {2}
     assert [[len(b) for b in s[0]] for s in shards] == [[3, 1], [2, 1], [2, 1]]
     assert sorted(torch.cat([b for s in shards for b in s[0]]).tolist()) == list(range(10))
     # Fewer samples than ranks: the last rank gets nothing (the operator allows an empty share).
-    assert distributed.shard([torch.arange(2)], 2, 3) == []
+    assert sharding.shard([torch.arange(2)], 2, 3) == []
     with pytest.raises(BadInput, match="no batches"):
-        distributed.shard([], 0, 2)
+        sharding.shard([], 0, 2)
 
 
 def test_shard_calls_data_rank_world_size_when_the_recipe_defines_it():
     recipe = load_recipe(RANK_DATA)
-    mine, how, total = distributed.shard_batches(recipe, 1, 3)
+    mine, how, total = sharding.shard_batches(recipe, 1, 3)
     assert how == "recipe" and total is None and [len(b["x"]) for b in mine] == [6]
-    everything, how, _ = distributed.shard_batches(recipe, 0, 1)  # one process: data(0, 1)
+    everything, how, _ = sharding.shard_batches(recipe, 0, 1)  # one process: data(0, 1)
     assert how == "recipe" and [len(b["x"]) for b in everything] == [6, 6, 6, 4]
     plain = load_recipe(TINY)
-    assert distributed.shard_batches(plain, 0, 1) [1:] == (None, 2)
+    assert sharding.shard_batches(plain, 0, 1) [1:] == (None, 2)
 
 
 @pytest.mark.parametrize("source, takes", [
@@ -106,7 +107,7 @@ def test_shard_calls_data_rank_world_size_when_the_recipe_defines_it():
 def test_data_rank_world_size_is_detected_by_signature(source, takes):
     namespace: dict = {}
     exec(source, namespace)
-    assert distributed._takes_rank(namespace["data"]) is takes
+    assert sharding._takes_rank(namespace["data"]) is takes
 
 
 def test_one_process_never_communicates(monkeypatch):
