@@ -11,6 +11,8 @@ shares over the ranks (DESIGN §4: the operator is the only place that communica
   connections, so the others fail at once; torchrun's agent then ends the job.
 - Which batches a rank loads is :mod:`curvdiag.loading.shards`' business.
 - :func:`all_reduce_sum`: the sum over ranks, in place; nothing at all in one process.
+- :func:`first_rank_where` and :func:`broadcast_text`: the ranks agree on an outcome (the
+  operator's refusal of a model one rank's batches are not covered on) and share its reason.
 - :func:`check_supported`: parameters sharded over ranks (FSDP, DTensor) are refused.
 """
 
@@ -22,11 +24,11 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
-from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 
 DEFAULT_TIMEOUT = 120.0
 STATUS_DIR_ENV = "CURVDIAG_STATUS_DIR"  # where ranks leave their failure (set by --nproc)
@@ -69,7 +71,7 @@ def init_from_env(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> bool
     """
     global _initialised_here, _timeout
     if not (timeout > 0):
-        raise BadInput(f"--dist-timeout {timeout}: must be a positive number of seconds")
+        raise BadArgument("timeout", timeout, "must be a positive number of seconds")
     _timeout = float(timeout)
     if not torch.distributed.is_available():
         if launched_by_torchrun():
@@ -82,7 +84,7 @@ def init_from_env(device: str = "cpu", timeout: float = DEFAULT_TIMEOUT) -> bool
     cuda = str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: CUDA is not available on this machine", hint="use --device cpu")
+            raise BadArgument("device", device, "CUDA is not available on this machine", hint="use the CPU")
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     backend = "nccl" if cuda else "gloo"
     try:
@@ -190,6 +192,28 @@ def all_gather_rows(row: torch.Tensor) -> torch.Tensor:
     except Exception as exc:
         raise _communication_error(exc) from exc
     return torch.stack(rows)
+
+
+def first_rank_where(condition: bool, device: Any = "cpu") -> Optional[int]:
+    """The lowest rank on which ``condition`` holds, or None (one collective, a min over ranks;
+    in one process the condition itself). ``device``: where the collective's tensor lives."""
+    if not is_distributed():
+        return 0 if condition else None
+    flag = torch.tensor([float(rank() if condition else world_size())], dtype=torch.float64, device=device)
+    first = int(all_reduce(flag, "min")[0])
+    return first if first < world_size() else None
+
+
+def broadcast_text(text: Optional[str], source: int) -> str:
+    """Rank ``source``'s ``text`` on every rank (one collective); ``text`` itself in one process."""
+    if not is_distributed():
+        return text
+    box = [text]
+    try:
+        torch.distributed.broadcast_object_list(box, src=source)
+    except Exception as exc:
+        raise _communication_error(exc) from exc
+    return box[0]
 
 
 # ---------------------------------------------------------------------------- same model everywhere

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from curvdiag._version import __version__
-from curvdiag.errors import BadInput, CurvdiagError, ProbeFailed
+from curvdiag.errors import BadInput, CurvdiagError, NotCovered, ProbeFailed
 from curvdiag.probes.directional import directional_curvature
-from curvdiag.probes.ggn_trace import GGNNotApplicable, ggn_control_variate_trace
+from curvdiag.probes.ggn_trace import ggn_control_variate_trace
 from curvdiag.probes.glass import glass_probe
 from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.loading.target import Target
@@ -258,12 +258,9 @@ def _run_trace(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[s
     kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
     fallback_reason = None
     try:
-        if op.world_size > 1:
-            raise GGNNotApplicable(f"not supported across {op.world_size} processes yet (it evaluates each batch "
-                                   "outside the curvature operator, which is what sums over ranks)")
         result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES, **kwargs)
-    except GGNNotApplicable as exc:
-        fallback_reason = f"Gauss-Newton control variate not applicable: {exc}"
+    except NotCovered as exc:
+        fallback_reason = f"Gauss-Newton control variate not applicable: {exc.reason}"
         result = hutchinson_trace(op, **kwargs)
     entry = {"value": result.value, "stderr": result.stderr, "samples": result.samples,
              "estimator": result.estimator, "seconds": result.seconds, "hvps": result.samples}
@@ -290,16 +287,11 @@ def _run_diag(op: CurvatureOperator, s: ProbeSettings, probes: Dict[str, Dict[st
 def _run_hesscale(op: CurvatureOperator, probes: Dict[str, Dict[str, Any]]) -> None:
     """HesScale's diagonal (DESIGN §3.10) where the model is a covered Sequential; otherwise the
     entry says why it does not apply, never a wrong number."""
-    from curvdiag.probes.hesscale import HesScaleNotApplicable, hesscale_diag
+    from curvdiag.probes.hesscale import hesscale_diag
 
-    if op.world_size > 1:
-        probes["hesscale_diag"] = {"skipped": f"HesScale is not supported across {op.world_size} processes yet "
-                                              "(its recursion evaluates each batch outside the curvature operator, "
-                                              "which is what sums over ranks): run it in one process"}
-        return
     try:
         result = hesscale_diag(op)
-    except HesScaleNotApplicable as exc:
+    except NotCovered as exc:
         probes["hesscale_diag"] = {"skipped": str(exc)}
         return
     layers = []
