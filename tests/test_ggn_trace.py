@@ -310,3 +310,17 @@ def test_uncovered_models_and_losses_are_refused_with_a_reason(make, loss_fn, kw
         ggn_control_variate_trace(op, samples=2)
     assert str(info.value) == f"not applicable: {info.value.reason}"  # NotCovered's one wording
     assert op.hvp_count <= 1  # refused before any probe (the operator's own start-up check aside)
+
+
+def test_gauss_newton_and_hesscale_share_one_output_hessian_and_its_size_cap(monkeypatch):
+    """One per-sample output Hessian (curvature/output_hessian.py), one cap: both refuse alike."""
+    from curvdiag.curvature import output_hessian
+    from curvdiag.probes.hesscale import hesscale_diag
+
+    *_, op = _case("mse")
+    monkeypatch.setattr(output_hessian, "MAX_OUTPUT_HESSIAN_ENTRIES", 10)
+    with pytest.raises(NotCovered, match="use smaller batches") as ggn_refusal:
+        GaussNewton(op)
+    with pytest.raises(NotCovered, match="use smaller batches") as hesscale_refusal:
+        hesscale_diag(op)
+    assert str(ggn_refusal.value) == str(hesscale_refusal.value)

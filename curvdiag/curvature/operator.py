@@ -155,17 +155,7 @@ class CurvatureOperator:
         self.num_samples = int(sum(sizes))  # over all ranks: N of the weights n_b / N
         self.train_mode = train_mode
         self.fd_step = fd_step
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise BadInput("the model has no trainable parameters", hint="does model() freeze everything?")
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.shapes = [p.shape for p in self.params]
-        self.numels = [p.numel() for p in self.params]
-        self.num_params = sum(self.numels)
-        self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
-        self.device = self.params[0].device
-        self.dtype = self.params[0].dtype
+        self._lay_out_parameters(model)
         if self.distributed:
             self._agree_on_start()
         self.weights = [s / self.num_samples for s in sizes]
@@ -186,6 +176,20 @@ class CurvatureOperator:
             self._prepare()
 
     # ------------------------------------------------------------------ set-up
+    def _lay_out_parameters(self, model: torch.nn.Module) -> None:
+        """θ: the trainable parameters in ``named_parameters()`` order (tied tensors once), flat."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise BadInput("the model has no trainable parameters", hint="does model() freeze everything?")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.num_params = sum(self.numels)
+        self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
     def _agree_on_start(self) -> None:
         """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
         counts, and the same BadInput on every rank when the ranks' models differ."""
