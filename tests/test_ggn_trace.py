@@ -1,7 +1,7 @@
 """The Gauss–Newton control variate against dense references (float64, tiny models): exact
 tr(G) and G z against J_bᵀ A_b J_b built from dense Jacobians and dense output Hessians, the
 estimator against the dense tr(H) within the exact spread of its probes, and every case it
-must refuse (GGNNotApplicable) rather than answer wrongly."""
+must refuse (NotCovered) rather than answer wrongly."""
 
 import math
 
@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from curvdiag.probes.ggn_trace import GaussNewton, GGNNotApplicable, ggn_control_variate_trace
+from curvdiag.curvature.ggn import GaussNewton
+from curvdiag.errors import NotCovered
+from curvdiag.probes.ggn_trace import ggn_control_variate_trace
 from curvdiag.probes.hutchinson import hutchinson_trace
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
@@ -304,7 +306,21 @@ def test_uncovered_models_and_losses_are_refused_with_a_reason(make, loss_fn, kw
     else:
         batches = [(x, y[:, :3] if y.shape[-1] != 3 else y) for x, y in regression_batches()]
     op = CurvatureOperator(model, batches, loss_fn, [len(b[0]) for b in batches], **kw)
-    with pytest.raises(GGNNotApplicable, match=reason) as info:
+    with pytest.raises(NotCovered, match=reason) as info:
         ggn_control_variate_trace(op, samples=2)
-    assert info.value.reason == str(info.value)
+    assert str(info.value) == f"not applicable: {info.value.reason}"  # NotCovered's one wording
     assert op.hvp_count <= 1  # refused before any probe (the operator's own start-up check aside)
+
+
+def test_gauss_newton_and_hesscale_share_one_output_hessian_and_its_size_cap(monkeypatch):
+    """One per-sample output Hessian (curvature/output_hessian.py), one cap: both refuse alike."""
+    from curvdiag.curvature import output_hessian
+    from curvdiag.probes.hesscale import hesscale_diag
+
+    *_, op = _case("mse")
+    monkeypatch.setattr(output_hessian, "MAX_OUTPUT_HESSIAN_ENTRIES", 10)
+    with pytest.raises(NotCovered, match="use smaller batches") as ggn_refusal:
+        GaussNewton(op)
+    with pytest.raises(NotCovered, match="use smaller batches") as hesscale_refusal:
+        hesscale_diag(op)
+    assert str(ggn_refusal.value) == str(hesscale_refusal.value)

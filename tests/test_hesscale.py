@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curvdiag.probes.hesscale import (RULES, HesScaleNotApplicable, _ACTIVATIONS, _Diag, _eigen_factors, _Full, _Linear,
-                               _LowRank, _Record, hesscale_diag)
+from curvdiag.errors import NotCovered
+from curvdiag.probes.hesscale import hesscale_diag
+from curvdiag.probes.hesscale_rules import RULES, ACTIVATIONS, Diag, eigen_factors, Full, _Linear, LowRank, Record
 from curvdiag.probes.hutchinson import hutchinson_diag
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
@@ -168,7 +169,7 @@ def test_unequal_batch_sizes_are_sample_weighted():
 # ---------------------------------------------------------------------------- (5) not applicable
 def _not_applicable(model, batches, loss, **kw):
     op = CurvatureOperator(model, batches, loss, [b[0].shape[0] for b in batches], **kw)
-    with pytest.raises(HesScaleNotApplicable) as info:
+    with pytest.raises(NotCovered) as info:
         hesscale_diag(op)
     assert str(info.value).startswith("not applicable: ")
     return str(info.value)
@@ -238,7 +239,7 @@ def test_model_buffers_grads_modes_and_inplace_flags_untouched():
                                     nn.Softplus(2.0, 3.0), nn.SiLU(), nn.GELU(), nn.GELU("tanh"),
                                     nn.Softsign()], ids=lambda m: repr(m))
 def test_activation_derivatives_match_autograd(module):
-    assert type(module) in _ACTIVATIONS
+    assert type(module) in ACTIVATIONS
     z = torch.cat([torch.linspace(-7.05, 7.05, 57, dtype=D64), torch.tensor([-0.3, 0.2, 1.45, 1.55], dtype=D64)])
     zz = z.clone().requires_grad_()
     (d1,) = torch.autograd.grad(module(zz).sum(), zz, create_graph=True)
@@ -254,7 +255,7 @@ def test_activation_derivatives_match_autograd(module):
 def _record(module, x, graph=False):
     """What the hooks would record; with ``graph`` the output keeps its autograd node, which
     pooling rules use for a single vector per sample (otherwise their own transpose runs)."""
-    rec = _Record()
+    rec = Record()
     rec.calls, rec.x, rec.training = 1, x, False
     if graph:
         rec.x_graph = x.clone().requires_grad_()
@@ -308,14 +309,14 @@ def test_parameter_free_and_diagonal_maps_against_jacobians(module, shape):
     h = torch.rand((n,) + tuple(out_shape), generator=gen, dtype=D64)
     want = torch.stack([(j * j).T @ h[i].reshape(-1) for i, j in enumerate(jac)])
     for record in (rec, _record(module, x, graph=True)):
-        got = rule.backpropagate(module, record, _Diag(h, True))
+        got = rule.backpropagate(module, record, Diag(h, True))
         torch.testing.assert_close(got.h.reshape(n, -1), want, rtol=1e-12, atol=1e-14)
     # Full state Σ s v vᵀ + diag(d): the low-rank part is carried exactly (Jᵀ A J), d by (J∘J)ᵀ d.
     a = _random_symmetric(n, dim, gen)
-    state = _eigen_factors(a, out_shape)
+    state = eigen_factors(a, out_shape)
     state.d = h
     got = rule.backpropagate(module, rec, state)
-    assert isinstance(got, _LowRank)
+    assert isinstance(got, LowRank)
     v = got.v.reshape(n, got.v.shape[1], -1)
     full = torch.einsum("nr,nri,nrj->nij", got.sign, v, v)
     torch.testing.assert_close(full, torch.stack([j.T @ a[i] @ j for i, j in enumerate(jac)]), rtol=1e-10, atol=1e-12)
@@ -338,20 +339,20 @@ def test_layers_with_parameters_pass_diagonals_like_their_jacobians(module, shap
     jac = _jacobians(module, x)
     n, dim = shape[0], rec.y[0].numel()
     h = torch.rand((n,) + tuple(rec.y.shape[1:]), generator=gen, dtype=D64)
-    got = rule.backpropagate(module, rec, _Diag(h, True))
+    got = rule.backpropagate(module, rec, Diag(h, True))
     want = torch.stack([(j * j).T @ h[i].reshape(-1) for i, j in enumerate(jac)])
     torch.testing.assert_close(got.h.reshape(n, -1), want, rtol=1e-12, atol=1e-14)
     # From a full state, the input gets the exact diagonal of Jᵀ A J.
     a = _random_symmetric(n, dim, gen)
     want = torch.stack([torch.diagonal(j.T @ a[i] @ j) for i, j in enumerate(jac)])
-    for state in (_Full(a, rec.y.shape[1:]), _eigen_factors(a, rec.y.shape[1:])):
-        if isinstance(state, _Full) and not rule.handles_full:
+    for state in (Full(a, rec.y.shape[1:]), eigen_factors(a, rec.y.shape[1:])):
+        if isinstance(state, Full) and not rule.handles_full:
             state = state.low_rank()  # as the driver does
         got = rule.backpropagate(module, rec, state)
         torch.testing.assert_close(got.h.reshape(n, -1), want, rtol=1e-10, atol=1e-12)
     if isinstance(module, nn.Linear):  # the large-layer branch of the dense form
         monkeypatch.setattr(_Linear, "MAX_PAIR_ENTRIES", 0)
-        got = rule.backpropagate(module, rec, _Full(a, rec.y.shape[1:]))
+        got = rule.backpropagate(module, rec, Full(a, rec.y.shape[1:]))
         torch.testing.assert_close(got.h.reshape(n, -1), want, rtol=1e-10, atol=1e-12)
 
 
@@ -403,12 +404,12 @@ def test_parameter_diagonals_against_parameter_jacobians(module, shape):
     dim = rec.y[0].numel()
     h = torch.rand((n,) + tuple(out_shape), generator=gen, dtype=D64)
     a = _random_symmetric(n, dim, gen)
-    low_rank = _eigen_factors(a, out_shape)
+    low_rank = eigen_factors(a, out_shape)
     low_rank.d = h
     a_plus_d = a + torch.diag_embed(h.reshape(n, -1))
-    states = [(_Diag(h, True), None), (low_rank, a_plus_d), (_Full(a_plus_d, out_shape), a_plus_d)]
+    states = [(Diag(h, True), None), (low_rank, a_plus_d), (Full(a_plus_d, out_shape), a_plus_d)]
     for state, full in states:
-        if isinstance(state, _Full) and not rule.handles_full:
+        if isinstance(state, Full) and not rule.handles_full:
             state = state.low_rank()
         got, _ = rule.param_diagonals(module, rec, state)
         for name, _ in rule.params(module):

@@ -4,7 +4,7 @@ sample weighting, determinism, untouched buffers/grads/modes, fallbacks."""
 import pytest
 import torch
 
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadArgument, BadInput
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian, flat_loss
 from models import (BatchNormNet, FusedKernelMLP, TiedAutoencoder, TinyAttention, mse, regression_batches,
@@ -155,3 +155,27 @@ def test_kept_graph_products_stay_exact_after_gradients_at_other_parameters():
     op.gradient_at(op.parameters_vector() + 0.1 * v)  # writes the parameters in place, then restores them
     torch.testing.assert_close(op.hvp(v), H @ v, rtol=1e-10, atol=1e-12)
     assert op.hvp_method == "kept-graph"
+
+
+def test_bad_arguments_are_named_as_the_python_api_spells_them():
+    model, batches = tanh_mlp(), regression_batches()
+    with pytest.raises(BadArgument, match=r"^hvp_method='newton': unknown$") as caught:
+        CurvatureOperator(model, batches, mse, [7, 3], hvp_method="newton")
+    assert "kept-graph" in caught.value.hint
+    with pytest.raises(BadArgument, match=r"^batch_sizes=\[7\]: must have one entry per batch \(2\)$"):
+        CurvatureOperator(model, batches, mse, [7])
+
+
+def test_the_per_batch_interface_sums_to_the_operator_loss_and_gradient():
+    """What the Gauss-Newton matrix and HesScale build on: Σ_b w_b over for_each_batch, through
+    sum_over_ranks, is the operator's own loss and gradient; probing leaves no trace."""
+    model, batches = tanh_mlp(), regression_batches()
+    op = CurvatureOperator(model, batches, mse, [7, 3])
+    loss, gradient = 0.0, torch.zeros(op.num_params, dtype=op.dtype)
+    for weight, batch in op.for_each_batch():
+        batch_loss = op.batch_loss(batch)
+        loss += weight * float(batch_loss.detach())
+        gradient.add_(op.flatten(op.parameter_gradients(batch_loss)), alpha=weight)
+    assert loss == pytest.approx(op.loss(), rel=1e-12)
+    torch.testing.assert_close(op.sum_over_ranks(gradient), op.gradient(), rtol=1e-12, atol=1e-14)
+    assert op.keeps_graph and model.training and all(p.grad is None for p in model.parameters())

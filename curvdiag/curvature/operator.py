@@ -4,7 +4,15 @@ L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b over the batches b (n_b samples each: a samp
 never an equal-weight mean of batch means), G = ∇L, and Hv = ∇(Gᵀv) for a flat vector v of
 ``num_params`` entries (the trainable parameters of ``model.named_parameters()`` concatenated
 in order; weight-tied tensors once). Every probe works on this object, so this is the one
-place where contributions of batches are summed.
+place where contributions of batches and ranks are summed.
+
+Probes that need more than products (the Gauss–Newton matrix, HesScale) evaluate each batch
+through the public per-batch interface and sum through the operator, never around it:
+:meth:`for_each_batch` yields (w_b, batch) inside :meth:`probing`, :meth:`batch_loss` is the
+batch's scalar loss, :meth:`parameter_gradients` differentiates w.r.t. θ, :meth:`sum_over_ranks`
+is the one collective, and :meth:`covered_on_every_rank` makes a refusal found on one rank's
+batches (:class:`~curvdiag.errors.NotCovered`) every rank's refusal. Σ_ranks Σ_b w_b f_b of a
+per-batch quantity f_b is then the single-process sum over all batches, to rounding.
 
 How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
 - ``kept-graph``: the gradient graph of every batch is built once (``create_graph=True``) and
@@ -38,7 +46,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadArgument, BadInput, NotCovered
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -128,7 +136,7 @@ class CurvatureOperator:
         distributed: bool = False,
     ):
         if hvp_method not in HVP_METHODS:
-            raise BadInput(f"hvp method {hvp_method!r} unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
+            raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
         from curvdiag.curvature import distributed as dist
 
         self.distributed = bool(distributed) and dist.is_distributed()
@@ -140,29 +148,18 @@ class CurvatureOperator:
         self.loss_fn = loss_fn
         sizes = list(batch_sizes) if batch_sizes is not None else [1] * len(self.batches)
         if len(sizes) != len(self.batches):
-            raise ValueError("batch_sizes must have one entry per batch")
+            raise BadArgument("batch_sizes", sizes, f"must have one entry per batch ({len(self.batches)})")
         self.batch_sizes = sizes
         self.rank, self.world_size = (dist.rank(), dist.world_size()) if self.distributed else (0, 1)
         self.num_batches = len(self.batches)  # over all ranks (set below when distributed)
         self.num_samples = int(sum(sizes))  # over all ranks: N of the weights n_b / N
         self.train_mode = train_mode
         self.fd_step = fd_step
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise BadInput("the model has no trainable parameters", hint="does model() freeze everything?")
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.shapes = [p.shape for p in self.params]
-        self.numels = [p.numel() for p in self.params]
-        self.num_params = sum(self.numels)
-        self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
-        self.device = self.params[0].device
-        self.dtype = self.params[0].dtype
+        self._lay_out_parameters(model)
         if self.distributed:
             self._agree_on_start()
         self.weights = [s / self.num_samples for s in sizes]
         self.hvp_count = 0
-        self.gradient_count = 0
         self.on_hvp: Optional[Callable[[int], None]] = None  # called with hvp_count after each product
         self.fallback: Optional[str] = None
         self.fallback_reason: Optional[str] = None
@@ -179,6 +176,20 @@ class CurvatureOperator:
             self._prepare()
 
     # ------------------------------------------------------------------ set-up
+    def _lay_out_parameters(self, model: torch.nn.Module) -> None:
+        """θ: the trainable parameters in ``named_parameters()`` order (tied tensors once), flat."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise BadInput("the model has no trainable parameters", hint="does model() freeze everything?")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.num_params = sum(self.numels)
+        self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+
     def _agree_on_start(self) -> None:
         """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
         counts, and the same BadInput on every rank when the ranks' models differ."""
@@ -190,20 +201,40 @@ class CurvatureOperator:
         if self.num_batches == 0:
             raise BadInput("no batches to probe on any rank", hint="the recipe's data() returned nothing")
 
-    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks (one collective), in place; the tensor itself in one process."""
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Σ over the ranks of each rank's ``tensor`` (one collective), in place, and returned; the
+        tensor itself in one process. Every rank must call it with the same shape, in the same order."""
         if self.distributed:
             from curvdiag.curvature.distributed import all_reduce_sum
 
             all_reduce_sum(tensor)
         return tensor
 
+    @contextlib.contextmanager
+    def covered_on_every_rank(self) -> Iterator[None]:
+        """A block whose checks look at this rank's batches and may raise :class:`NotCovered` on
+        some ranks only: afterwards every rank raises the lowest refusing rank's NotCovered, or
+        none does (one collective; one more on a refusal), so all ranks take the same branch."""
+        refusal: Optional[NotCovered] = None
+        try:
+            yield
+        except NotCovered as exc:
+            refusal = exc
+        if self.distributed:
+            from curvdiag.curvature import distributed as dist
+
+            first = dist.first_rank_where(refusal is not None, self.device)
+            if first is not None:
+                raise NotCovered(dist.broadcast_text(None if refusal is None else refusal.reason, first))
+        if refusal is not None:
+            raise refusal
+
     def _reduce_loss_and_gradient(self, loss: float, gradient: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """(Σ_ranks loss, Σ_ranks gradient) in one collective on [gradient, loss] (the loss travels
         in the parameters' dtype: float32 rounding, 1e-7 relative, for a float32 model)."""
         if not self.distributed:
             return loss, gradient
-        buffer = self._reduce(torch.cat([gradient, gradient.new_tensor([loss])]))
+        buffer = self.sum_over_ranks(torch.cat([gradient, gradient.new_tensor([loss])]))
         return float(buffer[-1]), buffer[:-1]
 
     def _prepare(self) -> None:
@@ -237,7 +268,7 @@ class CurvatureOperator:
                 raise
             local, failure = None, exc
         if self.distributed:
-            flag = self._reduce(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
+            flag = self.sum_over_ranks(torch.tensor([0.0 if failure is None else 1.0], device=self.device))
             if float(flag[0]) > 0 and failure is None:
                 local, failure = None, RuntimeError("another rank: a kernel has no double backward")
         return local, failure
@@ -262,26 +293,41 @@ class CurvatureOperator:
         self.fallback = "finite-difference"
         self._prepare()
 
+    # ------------------------------------------------------------------ per batch
     @contextlib.contextmanager
-    def _probing(self) -> Iterator[None]:
-        """Set the probing mode; afterwards restore every buffer and every module's mode."""
+    def probing(self) -> Iterator[None]:
+        """The probing mode (eval, or train mode with dropout off; the attention kernel chosen at
+        start-up); afterwards every buffer and every module's mode is restored."""
         with preserved_state(self.model, self.train_mode), self._attention_context():
             yield
 
-    def _batch_loss(self, batch: Any) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        return loss.reshape(())
+    def for_each_batch(self) -> Iterator[Tuple[float, Any]]:
+        """(w_b, batch) for each of this rank's batches, each yielded inside :meth:`probing`;
+        w_b = n_b / N with N the sample count over all ranks."""
+        for weight, batch in zip(self.weights, self.batches):
+            with self.probing():
+                yield weight, batch
 
-    def _grad(self, outputs: Any, inputs: Sequence[torch.Tensor], grad_outputs: Any = None, **kw: Any) -> List[torch.Tensor]:
-        """torch.autograd.grad with zeros for unused inputs; outputs that do not depend on the
-        parameters (a gradient that is constant: a zero Hessian block) contribute nothing."""
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The scalar mean loss of one batch, shape (), in the graph (call inside :meth:`probing`)."""
+        return self.loss_fn(self.model, batch).reshape(())
+
+    @property
+    def keeps_graph(self) -> bool:
+        """Whether products go back through kept gradient graphs of all batches (their memory is
+        affordable: a probe may keep per-batch graphs of its own too)."""
+        return self.hvp_method == "kept-graph"
+
+    def parameter_gradients(self, outputs: Any, grad_outputs: Any = None, **kw: Any) -> List[torch.Tensor]:
+        """torch.autograd.grad of ``outputs`` w.r.t. θ, one tensor per parameter, zeros for unused
+        ones; outputs that do not depend on θ (a constant gradient: a zero Hessian block) add nothing."""
         if isinstance(outputs, torch.Tensor):
             outputs, grad_outputs = [outputs], None if grad_outputs is None else [grad_outputs]
         keep = [i for i, o in enumerate(outputs) if o.requires_grad]
         grads: Sequence[Optional[torch.Tensor]] = [None] * len(self.params)
         if keep:
             grads = torch.autograd.grad(
-                [outputs[i] for i in keep], inputs, allow_unused=True,
+                [outputs[i] for i in keep], self.params, allow_unused=True,
                 grad_outputs=None if grad_outputs is None else [grad_outputs[i] for i in keep], **kw)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
@@ -289,34 +335,27 @@ class CurvatureOperator:
         """Keep this rank's gradient graph; return its (loss, flat gradient), not summed over ranks."""
         total_loss = 0.0
         gradient: Optional[List[torch.Tensor]] = None
-        with self._probing():
-            for weight, batch in zip(self.weights, self.batches):
-                loss = self._batch_loss(batch)
-                # Weight the scalar loss, not the gradient tensors: no extra node per parameter in
-                # the graph that every product goes back through.
-                grads = self._grad(loss * weight if weight != 1.0 else loss, self.params, create_graph=True)
-                total_loss += weight * float(loss.detach())
-                # Weighted sum of per-batch gradients: one graph, one backward per product.
-                gradient = grads if gradient is None else [a + b for a, b in zip(gradient, grads)]
+        for weight, batch in self.for_each_batch():
+            loss = self.batch_loss(batch)
+            # Weight the scalar loss, not the gradient tensors: no extra node per parameter in
+            # the graph that every product goes back through.
+            grads = self.parameter_gradients(loss * weight if weight != 1.0 else loss, create_graph=True)
+            total_loss += weight * float(loss.detach())
+            # Weighted sum of per-batch gradients: one graph, one backward per product.
+            gradient = grads if gradient is None else [a + b for a, b in zip(gradient, grads)]
         if gradient is None:  # a rank without batches contributes nothing
             gradient = [torch.zeros_like(p) for p in self.params]
         self._kept_gradient = gradient
-        self.gradient_count += 1
         return total_loss, self.flatten([g.detach() for g in gradient])
 
-    def _loss_and_gradient(self) -> tuple:
-        """(L, G) at the current parameters, summed over ranks (one collective)."""
-        return self._reduce_loss_and_gradient(*self._local_loss_and_gradient())
-
-    def _local_loss_and_gradient(self) -> tuple:
+    def _local_loss_and_gradient(self) -> Tuple[float, torch.Tensor]:
+        """This rank's Σ_b w_b L_b and Σ_b w_b ∇L_b (not yet summed over ranks)."""
         total_loss = 0.0
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-        with self._probing():
-            for weight, batch in zip(self.weights, self.batches):
-                loss = self._batch_loss(batch)
-                total.add_(self.flatten(self._grad(loss, self.params)), alpha=weight)
-                total_loss += weight * float(loss.detach())
-        self.gradient_count += 1
+        for weight, batch in self.for_each_batch():
+            loss = self.batch_loss(batch)
+            total.add_(self.flatten(self.parameter_gradients(loss)), alpha=weight)
+            total_loss += weight * float(loss.detach())
         return total_loss, total
 
     def _estimate_finite_difference_error(self) -> None:
@@ -378,7 +417,7 @@ class CurvatureOperator:
         return self.hvp(v)
 
     def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self._local_hvp(v))
+        return self.sum_over_ranks(self._local_hvp(v))
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's share of H v."""
@@ -387,12 +426,11 @@ class CurvatureOperator:
             self._graph_stale = False
             self._build_kept_graph()
         if self._kept_gradient is not None:
-            return self.flatten(self._grad(self._kept_gradient, self.params, pieces, retain_graph=True))
+            return self.flatten(self.parameter_gradients(self._kept_gradient, pieces, retain_graph=True))
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-        with self._probing():
-            for weight, batch in zip(self.weights, self.batches):
-                grads = self._grad(self._batch_loss(batch), self.params, create_graph=True)
-                total.add_(self.flatten(self._grad(grads, self.params, pieces)), alpha=weight)
+        for weight, batch in self.for_each_batch():
+            grads = self.parameter_gradients(self.batch_loss(batch), create_graph=True)
+            total.add_(self.flatten(self.parameter_gradients(grads, pieces)), alpha=weight)
         return total
 
     def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
@@ -429,8 +467,7 @@ class CurvatureOperator:
         theta, direction = self.parameters_vector(), v / norm
         _, plus = self._local_gradient_at(theta + step * direction)
         _, minus = self._local_gradient_at(theta - step * direction)
-        self.gradient_count -= 2  # products are counted as HVPs, not gradients
-        return self._reduce(plus - minus) * (norm / (2.0 * step))
+        return self.sum_over_ranks(plus - minus) * (norm / (2.0 * step))
 
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""

@@ -16,6 +16,7 @@ from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_check
 from curvdiag.errors import BadInput
 from curvdiag.loading.optimizer import OptimizerInfo
 from curvdiag.loading.recipe import Recipe, load_recipe
+from curvdiag.loading.shards import shard_batches
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Target:
     dtype: torch.dtype
     rank: int = 0
     world_size: int = 1
-    sharding: Optional[str] = None  # how this rank's batches were chosen (curvdiag.curvature.distributed)
+    sharding: Optional[str] = None  # how this rank's batches were chosen (curvdiag.loading.shards)
     total_batches: Optional[int] = None  # the recipe's batches over all ranks, when known
 
     @property
@@ -86,7 +87,7 @@ def load_target(
 
     Optimizer settings come from flags, else the checkpoint's optimizer state, else the
     recipe's ``optimizer(params)``. With ``world_size`` > 1 only this rank's shard of the batches
-    is kept (:func:`curvdiag.curvature.distributed.shard_batches`; ``max_batches`` counts the whole stream).
+    is kept (:func:`curvdiag.loading.shards.shard_batches`; ``max_batches`` counts the whole stream).
     """
     if max_batches is not None and max_batches < 1:
         raise BadInput(f"--max-batches {max_batches}: must be at least 1")
@@ -103,8 +104,6 @@ def load_target(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise BadInput(f"recipe {recipe.name}: the model has no trainable parameters", hint="does model() freeze everything?")
-    from curvdiag.curvature.distributed import shard_batches
-
     shard, sharding, total_batches = shard_batches(recipe, rank, world_size, max_batches=max_batches)
     batches, sizes = [], []
     for batch in shard:

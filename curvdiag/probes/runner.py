@@ -17,10 +17,10 @@ import torch
 
 from curvdiag._version import __version__
 from curvdiag.curvature.operator import CurvatureOperator
-from curvdiag.errors import BadArgument, CurvdiagError, ProbeFailed
+from curvdiag.errors import BadArgument, CurvdiagError, NotCovered, ProbeFailed
 from curvdiag.loading.target import Target
 from curvdiag.probes.directional import directional_curvature
-from curvdiag.probes.ggn_trace import GGNNotApplicable, ggn_control_variate_trace
+from curvdiag.probes.ggn_trace import ggn_control_variate_trace
 from curvdiag.probes.glass import glass_probe
 from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.probes.registry import COMPANIONS, PROBE_NAMES, REGISTRY
@@ -201,12 +201,9 @@ def run_hessian_trace(target: Target, op: CurvatureOperator, s: ProbeSettings) -
     kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
     fallback_reason = None
     try:
-        if op.world_size > 1:
-            raise GGNNotApplicable(f"not supported across {op.world_size} processes yet (it evaluates each batch "
-                                   "outside the curvature operator, which is what sums over ranks)")
         result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES, **kwargs)
-    except GGNNotApplicable as exc:
-        fallback_reason = f"Gauss-Newton control variate not applicable: {exc}"
+    except NotCovered as exc:
+        fallback_reason = f"Gauss-Newton control variate not applicable: {exc.reason}"
         result = hutchinson_trace(op, **kwargs)
     trace = entry.HessianTrace(value=result.value, stderr=result.stderr, samples=result.samples,
                                estimator=result.estimator, seconds=result.seconds, hvps=result.samples,
@@ -232,15 +229,11 @@ def run_hessian_diag(target: Target, op: CurvatureOperator, s: ProbeSettings) ->
 def run_hesscale_diag(target: Target, op: CurvatureOperator, s: ProbeSettings) -> Entries:
     """HesScale's diagonal (DESIGN §3.10) where the model is a covered Sequential; otherwise the
     entry says why it does not apply, never a wrong number."""
-    from curvdiag.probes.hesscale import HesScaleNotApplicable, hesscale_diag
+    from curvdiag.probes.hesscale import hesscale_diag
 
-    if op.world_size > 1:
-        return {"hesscale_diag": Skipped(f"HesScale is not supported across {op.world_size} processes yet "
-                                         "(its recursion evaluates each batch outside the curvature operator, "
-                                         "which is what sums over ranks): run it in one process")}
     try:
         result = hesscale_diag(op)
-    except HesScaleNotApplicable as exc:
+    except NotCovered as exc:
         return {"hesscale_diag": Skipped(str(exc))}
     layers = []
     for name, a, b in op.layer_slices():

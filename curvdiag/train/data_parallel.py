@@ -26,6 +26,7 @@ import torch
 
 from curvdiag.curvature import distributed
 from curvdiag.errors import BadInput
+from curvdiag.loading import shards
 from curvdiag.loading.recipe import Recipe
 
 
@@ -48,7 +49,7 @@ class DataParallel:
         self.recipe, self.max_batches = recipe, max_batches
         self.model = model
         self.module: torch.nn.Module = model  # what the recipe's loss sees for the step's backward
-        self.recipe_shards = self.world_size > 1 and distributed.recipe_shards_data(recipe)
+        self.recipe_shards = self.world_size > 1 and shards.recipe_shards_data(recipe)
         if self.world_size > 1:
             distributed.check_supported(model)
             distributed.agree_on_model(model)
@@ -81,7 +82,7 @@ class DataParallel:
             next(stream)
         for batch in stream:
             if self.world_size > 1 and not self.recipe_shards:
-                batch = distributed.split_batch(batch, self.world_size)[self.rank]
+                batch = shards.split_batch(batch, self.world_size)[self.rank]
             size = self.recipe.batch_size(batch)
             if size < 1:
                 raise BadInput(f"a batch has fewer samples than the {self.world_size} ranks: rank {self.rank} got none",
@@ -103,7 +104,7 @@ class DataParallel:
 
     def sharpness_batches(self) -> Tuple[List[Any], List[int]]:
         """This rank's shard of all batches (for λmax under the probe's sharding rules) and sizes."""
-        batches = distributed.shard(self.recipe, self.rank, self.world_size, self.max_batches)
+        batches = shards.shard(self.recipe, self.rank, self.world_size, self.max_batches)
         return batches, [self.recipe.batch_size(b) for b in batches]
 
     # ------------------------------------------------------------------ reductions
