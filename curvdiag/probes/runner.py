@@ -21,10 +21,9 @@ from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.loading.target import Target
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.probes.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
+from curvdiag.probes.names import PROBES
 from curvdiag.stability import stability_margin
 
-PROBES = ("lambda_max", "hessian_trace", "hessian_diag", "hesscale_diag", "directional_curvature", "glass", "power_law",
-          "spectral_density")
 # Three probes give a noisy s.d. (1.1% rms error at a 1% target on the tanh MLP); ten give 0.7%.
 GGN_MIN_SAMPLES = 10
 # Reported with lambda_max: the preconditioned sharpness (Adam) and the stability margin.
