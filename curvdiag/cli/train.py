@@ -51,7 +51,7 @@ class PlannedRun:
     run_dir: Path
     recipe: str
     checkpoint: Optional[str]
-    settings: "TrainSettings"
+    settings: TrainSettings
     resume_state: Optional[dict] = None
 
 
