@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from conftest import ROOT
-from curvdiag.curvature import distributed
+from curvdiag.cli.launch import STATUS_DIR_ENV
 
 
 class Job:
@@ -17,7 +17,7 @@ class Job:
 
     def __init__(self, command, env_extra=None):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-        env.pop(distributed.STATUS_DIR_ENV, None)
+        env.pop(STATUS_DIR_ENV, None)
         self.command, self.started = command, time.monotonic()
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, start_new_session=True)

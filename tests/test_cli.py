@@ -167,3 +167,80 @@ def test_hesscale_probe_reports_exact_layers_or_why_it_does_not_apply(tmp_path):
     skipped = runner.invoke(app, ["probe", str(other), "--probes", "hesscale_diag", "--json", "-", "-q"])
     assert skipped.exit_code == 0, skipped.output
     assert json.loads(skipped.stdout)["probes"]["hesscale_diag"]["skipped"].startswith("not applicable: LayerNorm")
+
+
+def test_help_starts_without_torch_or_matplotlib():
+    """--help of every command, in a fresh interpreter: the library is imported only when a command runs."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import sys
+        from typer.testing import CliRunner
+        from curvdiag.cli.app import app
+        for args in ([], ["probe"], ["train"], ["plot"], ["report"]):
+            result = CliRunner().invoke(app, [*args, "--help"])
+            assert result.exit_code == 0, result.output
+        print(sorted(name for name in ("torch", "matplotlib") if name in sys.modules))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_probes_help_lists_every_probe():
+    from curvdiag.probes.registry import PROBE_NAMES as PROBES
+
+    text = " ".join(runner.invoke(app, ["probe", "--help"], terminal_width=400).output.split())
+    assert all(name in text for name in PROBES), text
+
+
+def test_choices_are_the_library_s():
+    from curvdiag.cli.choices import DType, HvpMethod, OptimizerFamily
+    from curvdiag.curvature.operator import HVP_METHODS
+    from curvdiag.loading.optimizer import FAMILIES
+    from curvdiag.loading.target import DTYPES
+
+    assert [m.value for m in OptimizerFamily] == list(FAMILIES)
+    assert [m.value for m in HvpMethod] == list(HVP_METHODS)
+    assert [m.value for m in DType] == list(DTYPES)
+
+
+def test_library_arguments_are_named_by_their_flags(capsys):
+    import typer
+
+    from curvdiag.cli.errors import user_errors
+    from curvdiag.errors import BadArgument
+
+    cases = [(BadArgument("max_batches", 0, "must be at least 1"), "error: --max-batches 0: must be at least 1"),
+             (BadArgument("optimizer_family", "rmsprop", "unknown optimizer", hint="choose one of sgd, adam"),
+              "error: --optimizer rmsprop: unknown optimizer"),
+             (BadArgument("timeout", -1.0, "must be a positive number of seconds"), "error: --dist-timeout -1.0:")]
+    for exc, line in cases:
+        with pytest.raises(typer.Exit) as exit_:
+            with user_errors(debug=False):
+                raise exc
+        assert exit_.value.exit_code == 2
+        assert capsys.readouterr().err.startswith(line)
+    _assert_one_line_error(invoke(TINY, "--top-k", "0"), 2, "--top-k 0: must be at least 1")
+
+
+def test_bad_values_are_one_line_and_choices_any_case(tmp_path):
+    _assert_one_line_error(invoke(TINY, "--tol", "abc"), 2, "--tol", "hint: see")
+    _assert_one_line_error(invoke(TINY, "--hvp-method", "exact"), 2, "--hvp-method exact: unknown",
+                           "auto, kept-graph, double-backward, finite-difference")
+    _assert_one_line_error(runner.invoke(app, ["train", TINY, "--controller", "throttle,magic", "--compare"]), 2,
+                           "--controller magic: unknown", "choose from none, clip, throttle, newton")
+    result = invoke(TINY, "--probes", "lambda_max", "--method", "Power", "--dtype", "FLOAT64", "--json", "-", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["probes"]["lambda_max"]["method"] == "power"
+
+
+def test_nproc_forwards_the_same_command_line():
+    import typer
+
+    from curvdiag.cli.launch import forwarded_args
+
+    command = typer.main.get_command(app).commands["probe"]
+    ctx = command.make_context("probe", [TINY, "--dtype", "FLOAT64", "--method", "power", "--train-mode", "--nproc", "2"])
+    assert forwarded_args(ctx) == [TINY, "--method", "power", "--dtype", "float64", "--train-mode"]

@@ -1,35 +1,38 @@
 """``curvdiag plot`` and ``curvdiag report``: figures and a self-contained HTML page for a run
-directory or a probe report (DESIGN §1). A thin layer over :mod:`curvdiag.plots` (``sources``,
-``runs``, ``probe``, ``html``); ``register(app)`` adds the commands to the main typer app.
+directory or a probe report (DESIGN §1). A thin layer over :mod:`curvdiag.plots` (``sources``, ``runs``, ``probe``) and
+:mod:`curvdiag.plots.html`, which draw; this module saves.
 
-matplotlib is imported only when a command runs, so the other commands start as fast as before.
+matplotlib is imported only when a command runs, so every ``--help`` starts fast.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Dict, List, Optional, Tuple
 
 import typer
 
+from curvdiag.cli.choices import FigureFormat
+from curvdiag.cli.errors import user_errors
 from curvdiag.errors import BadInput
 
-FORMATS = ("png", "svg", "pdf")
+RUN_FILES = ("run.json", "metrics.jsonl")
 
 
 def _default_plot_dir(source: Path) -> Path:
     """RUN_DIR/plots for a run directory, REPORT_plots/ beside a report JSON."""
     if source.is_dir():
         return source / "plots"
-    if source.name in ("run.json", "metrics.jsonl"):
+    if source.name in RUN_FILES:
         return source.parent / "plots"
     return source.with_name(source.stem + "_plots")
 
 
 def _default_report_path(source: Path) -> Path:
+    """RUN_DIR/report.html for a run directory, REPORT.html beside a report JSON."""
     if source.is_dir():
         return source / "report.html"
-    if source.name in ("run.json", "metrics.jsonl"):
+    if source.name in RUN_FILES:
         return source.parent / "report.html"
     return source.with_suffix(".html")
 
@@ -39,11 +42,9 @@ def _check_dpi(dpi: int) -> None:
         raise BadInput(f"--dpi {dpi}: must lie in [10, 1200]")
 
 
-def save_figures(figures, directory: Path, fmt: str = "png", dpi: int = 150) -> List[Path]:
+def save_figures(figures, directory: Path, fmt: FigureFormat = FigureFormat.png, dpi: int = 150) -> List[Path]:
     """Save a :class:`curvdiag.plots.canvas.FigureSet` as DIRECTORY/<name>.<fmt>; return the paths."""
-    fmt = fmt.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
+    fmt = FigureFormat.parse(fmt).value
     _check_dpi(dpi)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def save_figures(figures, directory: Path, fmt: str = "png", dpi: int = 150) -> 
     return written
 
 
-def write_report_figures(report: dict, directory: Path, fmt: str = "png", dpi: int = 150) -> tuple:
+def write_report_figures(report: dict, directory: Path, fmt: FigureFormat = FigureFormat.png,
+                         dpi: int = 150) -> Tuple[List[Path], Dict[str, str]]:
     """Figures for a probe report held in memory (``ProbeReport.to_json()``), for ``probe --plots DIR``.
     Returns (paths written, {figure: reason skipped})."""
     from curvdiag.plots.probe import report_figures, report_title
@@ -74,13 +76,11 @@ def write_report_figures(report: dict, directory: Path, fmt: str = "png", dpi: i
     return save_figures(figures, Path(directory), fmt, dpi), figures.skipped
 
 
-def write_figures(source: Path, out: Optional[Path], fmt: str, dpi: int) -> tuple:
+def write_figures(source: Path, out: Optional[Path], fmt: FigureFormat, dpi: int) -> Tuple[List[Path], Dict[str, str], Path]:
     """Save every figure for ``source`` as OUT/<name>.<fmt>; return (paths, skipped, out dir)."""
     from curvdiag.plots.sources import figures_for, load_source
 
-    if fmt.lower().lstrip(".") not in FORMATS:  # before reading anything
-        raise BadInput(f"--format {fmt}: unknown", hint=f"choose one of {', '.join(FORMATS)}")
-    _check_dpi(dpi)
+    _check_dpi(dpi)  # before reading anything
     loaded = load_source(source)
     directory = out if out is not None else _default_plot_dir(Path(source))
     figures = figures_for(loaded)
@@ -88,15 +88,13 @@ def write_figures(source: Path, out: Optional[Path], fmt: str, dpi: int) -> tupl
 
 
 def plot(
-    source: Path = typer.Argument(..., help="A run directory (curvdiag train --out), a --compare directory, or a report JSON (curvdiag probe --json)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the figures (default: RUN_DIR/plots, or REPORT_plots/ beside the JSON)."),
-    fmt: str = typer.Option("png", "--format", "-f", help="png, svg or pdf."),
-    dpi: int = typer.Option(150, "--dpi", help="Resolution of PNG figures."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    source: Annotated[Path, typer.Argument(help="A run directory (curvdiag train --out), a --compare directory, or a report JSON (curvdiag probe --json).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the figures (default: RUN_DIR/plots, or REPORT_plots/ beside the JSON).")] = None,
+    fmt: Annotated[FigureFormat, typer.Option("--format", "-f", parser=FigureFormat.parse, help="File format of the figures.")] = FigureFormat.png,
+    dpi: Annotated[int, typer.Option(help="Resolution of PNG figures.")] = 150,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Figures for a training run or a probe report: one file per figure."""
-    from curvdiag.cli.app import user_errors
-
     with user_errors(debug):
         written, skipped, directory = write_figures(source, out, fmt, dpi)
         if written:
@@ -110,17 +108,16 @@ def plot(
 
 
 def report(
-    source: Path = typer.Argument(..., help="A run directory, a --compare directory, or a report JSON."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: RUN_DIR/report.html, or REPORT.html beside the JSON)."),
-    dpi: int = typer.Option(110, "--dpi", help="Resolution of the embedded PNG figures."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    source: Annotated[Path, typer.Argument(help="A run directory, a --compare directory, or a report JSON.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html, or REPORT.html beside the JSON).")] = None,
+    dpi: Annotated[int, typer.Option(help="Resolution of the embedded PNG figures.")] = 110,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """One self-contained HTML page (verdict, tables, figures) that opens offline."""
-    from curvdiag.cli.app import user_errors
-    from curvdiag.plots.html import write_html_report
-    from curvdiag.plots.sources import load_source
-
     with user_errors(debug):
+        from curvdiag.plots.sources import load_source
+        from curvdiag.plots.html import write_html_report
+
         _check_dpi(dpi)
         loaded = load_source(source)
         target = out if out is not None else _default_report_path(Path(source))
@@ -128,9 +125,3 @@ def report(
             raise BadInput(f"--out {target}: is a directory", hint="give a file name such as report.html")
         path = write_html_report(loaded, target, dpi=dpi)
         typer.echo(f"report written to {path}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``plot`` and ``report`` to the curvdiag app."""
-    app.command("plot")(plot)
-    app.command("report")(report)

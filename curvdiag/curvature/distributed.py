@@ -19,11 +19,8 @@ shares over the ranks (DESIGN §4: the operator is the only place that communica
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
-import time
-from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -31,7 +28,6 @@ import torch
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 
 DEFAULT_TIMEOUT = 120.0
-STATUS_DIR_ENV = "CURVDIAG_STATUS_DIR"  # where ranks leave their failure (set by --nproc)
 
 _initialised_here = False
 _timeout = DEFAULT_TIMEOUT
@@ -285,47 +281,3 @@ def check_supported(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor):
                 raise BadInput(f"parameter {name} is a DTensor (sharded or replicated over a device mesh)", hint=hint)
-
-
-# ---------------------------------------------------------------------------- failures (--nproc)
-def record_failure(rank_: int, code: int, message: str, communication: bool = False) -> None:
-    """Leave this rank's failure where the ``--nproc`` launcher looks for it (if it set a place)."""
-    where = os.environ.get(STATUS_DIR_ENV)
-    if not where:
-        return
-    try:
-        Path(where, f"rank{rank_}.json").write_text(
-            json.dumps({"rank": rank_, "code": code, "message": message, "communication": communication,
-                        "time": time.time()}))
-    except OSError:
-        pass
-
-
-def record_finished(rank_: int) -> None:
-    """Say that this rank finished its work (outputs written) before leaving the process group."""
-    where = os.environ.get(STATUS_DIR_ENV)
-    if where:
-        try:
-            Path(where, f"finished{rank_}").write_text("")
-        except OSError:
-            pass
-
-
-def all_finished(where: Path, world_size_: int) -> bool:
-    """Whether every rank recorded :func:`record_finished` (and none a failure) in ``where``."""
-    where = Path(where)
-    return (all((where / f"finished{r}").exists() for r in range(world_size_))
-            and not any(where.glob("rank*.json")))
-
-
-def first_failure(where: Path) -> Optional[dict]:
-    """The earliest failure a rank recorded in ``where``, or None."""
-    found = []
-    for path in Path(where).glob("rank*.json"):
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    # A rank that lost contact with the failing one fails too, a moment later: prefer root causes.
-    found.sort(key=lambda f: (f.get("communication", False), f.get("time", 0.0)))
-    return found[0] if found else None

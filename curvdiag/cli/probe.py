@@ -1,0 +1,192 @@
+"""``curvdiag probe RECIPE``: how close is this checkpoint to instability (DESIGN §2.3)?
+
+A thin layer: the flags become a :class:`ProbeRequest`; loading, the curvature operator, the
+probes and the report are the library's (imported when the command runs, so ``--help``
+starts without torch). Only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily
+from curvdiag.cli.launch import across_processes
+from curvdiag.errors import BadArgument, BadInput
+from curvdiag.probes.registry import PROBE_NAMES
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What one ``curvdiag probe`` asks for, as its flags say it (see ``curvdiag probe --help``)."""
+
+    recipe: str
+    checkpoint: Optional[Path]
+    previous: Optional[Path]
+    probes: str
+    lr: Optional[float]
+    optimizer: Optional[OptimizerFamily]
+    method: EigenMethod
+    tol: float
+    top_k: int
+    samples: Optional[int]
+    glass_lambda: float
+    glass_samples: int
+    max_batches: Optional[int]
+    seed: int
+    device: str
+    dtype: Optional[DType]
+    train_mode: bool
+    hvp_method: HvpMethod
+    max_hvps: int
+    json_out: Optional[Path]
+    plots: Optional[Path]
+    quiet: bool
+
+    @property
+    def json_to_stdout(self) -> bool:
+        return self.json_out is not None and str(self.json_out) == "-"
+
+
+def check_probe_settings(request: ProbeRequest) -> None:
+    """The probes' numeric settings, checked before anything is loaded."""
+    checks = [
+        ("tol", request.tol > 0 and math.isfinite(request.tol), "must be a positive number"),
+        ("top_k", request.top_k >= 1, "must be at least 1"),
+        ("samples", request.samples is None or request.samples >= 2, "must be at least 2 (for a standard error)"),
+        ("max_hvps", request.max_hvps >= 1, "must be at least 1"),
+        ("glass_lambda", request.glass_lambda > 0 and math.isfinite(request.glass_lambda), "must be a positive number"),
+        ("glass_samples", request.glass_samples >= 1, "must be at least 1"),
+    ]
+    for argument, holds, problem in checks:
+        if not holds:
+            raise BadArgument(argument, getattr(request, argument), problem)
+
+
+def run_probe(request: ProbeRequest) -> None:
+    """Load the target, run the probes, and (on rank 0) print, write the JSON and the figures."""
+    from rich.console import Console
+
+    from curvdiag.curvature import distributed
+    from curvdiag.probes.runner import parse_probe_names
+
+    names = parse_probe_names(request.probes)
+    check_probe_settings(request)
+    rank = distributed.rank()
+    quiet = request.quiet or rank != 0  # only rank 0 prints, shows progress and writes files
+    console = Console(stderr=request.json_to_stdout, quiet=quiet)
+    report = _measure(request, names, console, quiet)
+    if rank == 0:
+        _write_outputs(request, report, console)
+
+
+def _measure(request: ProbeRequest, names: list, console, quiet: bool):
+    """The probe report, with a spinner naming the stage and counting the products."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from curvdiag.curvature import distributed
+    from curvdiag.curvature.operator import CurvatureOperator
+    from curvdiag.loading.target import load_previous_parameters, load_target
+    from curvdiag.probes.runner import ProbeSettings, run_probes
+
+    world = distributed.world_size()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[hvps]}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=quiet) as progress:
+        task = progress.add_task("loading recipe and checkpoint", hvps="")
+        target = load_target(request.recipe, str(request.checkpoint) if request.checkpoint else None,
+                             max_batches=request.max_batches, device=distributed.device_for(request.device),
+                             dtype=request.dtype.value if request.dtype else None, lr=request.lr,
+                             optimizer_family=request.optimizer.value if request.optimizer else None,
+                             rank=distributed.rank(), world_size=world)
+        previous = load_previous_parameters(target, str(request.previous)) if request.previous else None
+        progress.update(task, description=f"building the curvature operator ({len(target.batches)} batches)")
+        op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
+                               train_mode=request.train_mode, hvp_method=request.hvp_method.value, distributed=world > 1)
+        op.on_hvp = lambda count: progress.update(task, hvps=f"{count} HVPs")
+        settings = ProbeSettings(probes=names, method=request.method.value, tol=request.tol, top_k=request.top_k,
+                                 samples=request.samples, seed=request.seed, max_hvps=request.max_hvps,
+                                 previous=previous, glass_lambda=request.glass_lambda,
+                                 glass_samples=request.glass_samples)
+        return run_probes(target, op, settings, progress=lambda name: progress.update(task, description=f"probe {name}"))
+
+
+def _write_outputs(request: ProbeRequest, report, console) -> None:
+    """The JSON report (a file or stdout), the terminal report, and the figures."""
+    import json
+    import sys
+
+    from curvdiag.report.terminal import render
+    from curvdiag.results.json_safe import finite_or_none
+
+    document = finite_or_none(report.to_json())
+    if request.json_to_stdout:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif request.json_out is not None:
+        _write_file(request.json_out, json.dumps(document, indent=2) + "\n")
+    render(report, console)
+    if request.json_out is not None and not request.json_to_stdout:
+        console.print(f"JSON report written to {request.json_out}", style="dim")
+    if request.plots is not None:
+        _write_figures(document, request.plots, console)
+
+
+def _write_file(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise BadInput(f"--json {path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def _write_figures(document: dict, directory: Path, console) -> None:
+    from curvdiag.cli.plot import write_report_figures
+
+    try:
+        paths, skipped = write_report_figures(document, directory)
+    except OSError as exc:
+        raise BadInput(f"--plots {directory}: cannot write ({exc.strerror or exc})") from exc
+    console.print(f"figures written to {directory}: " + ", ".join(Path(p).name for p in paths), style="dim")
+    for figure, reason in skipped.items():
+        console.print(f"  figure {figure} not drawn: {reason}", style="dim")
+
+
+def probe(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors).")] = None,
+    previous: Annotated[Optional[Path], typer.Option(help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step).")] = None,
+    probes: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {', '.join(PROBE_NAMES)}.")] = "all",
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (overrides the checkpoint's optimizer state and the recipe).")] = None,
+    optimizer: Annotated[Optional[OptimizerFamily], typer.Option(parser=OptimizerFamily.parse, help="Optimizer family (overrides the checkpoint and recipe).")] = None,
+    method: Annotated[EigenMethod, typer.Option(parser=EigenMethod.parse, help="How λmax is computed.")] = EigenMethod.lanczos,
+    tol: Annotated[float, typer.Option(help="Relative Ritz-residual tolerance for λmax.")] = 1e-4,
+    top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to converge.")] = 1,
+    samples: Annotated[Optional[int], typer.Option(help="Hutchinson probes (default: diag 100; trace until 1% s.e.).")] = None,
+    glass_lambda: Annotated[float, typer.Option(help="Length scale λ of the glass and power-law perturbations (absolute, per entry).")] = 1e-3,
+    glass_samples: Annotated[int, typer.Option(help="Rademacher perturbations for glass and power_law.")] = 10,
+    max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random vector.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[Optional[DType], typer.Option(parser=DType.parse, help="Floating-point type (default: the model's).")] = None,
+    train_mode: Annotated[bool, typer.Option("--train-mode", help="Use batch statistics (BatchNorm) instead of eval mode; dropout stays off.")] = False,
+    hvp_method: Annotated[HvpMethod, typer.Option(parser=HvpMethod.parse, help="How Hessian-vector products are taken.")] = HvpMethod.auto,
+    max_hvps: Annotated[int, typer.Option(help="Budget of products for λmax.")] = 500,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here ('-' for stdout).")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Write the report's figures (PNG) into this directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table (errors still go to stderr).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(help="Run on N processes: relaunches this command under torchrun (python -m torch.distributed.run --nproc-per-node N).")] = None,
+    dist_timeout: Annotated[float, typer.Option(help="Under several processes: seconds a rank waits for the others before the job fails.")] = 120.0,
+) -> None:
+    """How close is this checkpoint to instability? λmax, edge-of-stability margin, trace, diagonal."""
+    request = ProbeRequest(
+        recipe=recipe, checkpoint=checkpoint, previous=previous, probes=probes, lr=lr, optimizer=optimizer,
+        method=method, tol=tol, top_k=top_k, samples=samples, glass_lambda=glass_lambda, glass_samples=glass_samples,
+        max_batches=max_batches, seed=seed, device=device, dtype=dtype, train_mode=train_mode, hvp_method=hvp_method,
+        max_hvps=max_hvps, json_out=json_out, plots=plots, quiet=quiet)
+    with across_processes(ctx, nproc, debug, device, dist_timeout):
+        run_probe(request)

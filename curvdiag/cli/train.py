@@ -1,0 +1,179 @@
+"""``curvdiag train RECIPE``: replay training with a curvature controller (DESIGN §2.4).
+
+A thin layer: the flags become a :class:`TrainRequest`, then one :class:`PlannedRun` per
+controller (``--compare`` adds the baseline, ``--resume`` continues a stopped run); the
+:class:`~curvdiag.train.loop.Trainer` runs each and the report prints them side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+
+import typer
+
+from curvdiag.cli.launch import across_processes
+from curvdiag.errors import BadArgument, BadInput
+from curvdiag.train.controllers import CONTROLLERS
+
+if TYPE_CHECKING:
+    from curvdiag.train.loop import TrainSettings
+
+DEFAULT_STEPS = 200
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What one ``curvdiag train`` asks for, as its flags say it (see ``curvdiag train --help``)."""
+
+    recipe: Optional[str]
+    checkpoint: Optional[Path]
+    steps: Optional[int]
+    lr: Optional[float]
+    controller: str
+    compare: bool
+    sharpness_every: int
+    checkpoint_every: int
+    kappa: float
+    seed: int
+    max_batches: Optional[int]
+    out: Optional[Path]
+    resume: Optional[Path]
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One replay: its controller, run directory, start (recipe, checkpoint or a stopped run's state)."""
+
+    controller: str
+    run_dir: Path
+    recipe: str
+    checkpoint: Optional[str]
+    settings: TrainSettings
+    resume_state: Optional[dict] = None
+
+
+def controller_names(request: TrainRequest) -> List[str]:
+    """The controllers of ``--controller a,b`` in run order (with ``--compare``: the baseline first)."""
+    names = [name.strip() for name in request.controller.split(",") if name.strip()]
+    if not names:
+        raise BadInput("--controller is empty", hint=f"choose from {', '.join(CONTROLLERS)}")
+    for name in names:
+        if name not in CONTROLLERS:
+            raise BadInput(f"--controller {name}: unknown", hint=f"choose from {', '.join(CONTROLLERS)}")
+    if len(names) > 1 and not request.compare:
+        raise BadInput("several controllers need --compare")
+    return ["none"] + [name for name in names if name != "none"] if request.compare else names
+
+
+def new_runs(request: TrainRequest) -> List[PlannedRun]:
+    """One run per controller, into ``--out`` (with ``--compare``: ``baseline/`` and ``<controller>/`` in it)."""
+    from curvdiag.train.loop import TrainSettings
+
+    if request.recipe is None:
+        raise BadInput("train needs a RECIPE (or --resume RUN_DIR)")
+    base = request.out or Path("runs") / Path(request.recipe).stem
+    runs = []
+    for name in controller_names(request):
+        settings = TrainSettings(steps=DEFAULT_STEPS if request.steps is None else request.steps, lr=request.lr,
+                                 controller=name, seed=request.seed, sharpness_every=request.sharpness_every,
+                                 checkpoint_every=request.checkpoint_every, kappa=request.kappa,
+                                 max_batches=request.max_batches)
+        run_dir = base / ("baseline" if name == "none" else name) if request.compare else base
+        runs.append(PlannedRun(name, run_dir, request.recipe, str(request.checkpoint) if request.checkpoint else None,
+                               settings))
+    return runs
+
+
+def resumed_run(run_dir: Path, steps: Optional[int]) -> PlannedRun:
+    """The stopped run in ``run_dir``, continued from its final.pt to ``steps`` (default: its own)."""
+    from curvdiag.loading.checkpoint import read_checkpoint
+    from curvdiag.results.run_dir import read_run
+    from curvdiag.train.loop import TrainSettings
+
+    previous = read_run(run_dir).summary
+    settings = TrainSettings(**previous.settings)
+    settings.steps = steps if steps is not None else settings.steps
+    if settings.steps < previous.steps_completed:
+        raise BadInput(f"--steps {settings.steps}: the run in {run_dir} already completed "
+                       f"{previous.steps_completed} steps", hint="give a larger --steps to continue it")
+    final = read_checkpoint(Path(run_dir) / "final.pt")
+    state = {"path": final.path, "model_state": final.model_state, "optimizer_state": final.optimizer_state,
+             "step": final.step, "resume": True}
+    return PlannedRun(previous.controller, run_dir, previous.recipe, previous.checkpoint, settings, state)
+
+
+def replay(run: PlannedRun, console: Any, quiet: bool) -> Any:
+    """Train one planned run with a progress bar; its :class:`~curvdiag.train.loop.RunSummary`."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from curvdiag.train.loop import Trainer
+
+    trainer = Trainer(run.recipe, run.checkpoint, run.run_dir, run.settings, resume_state=run.resume_state)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
+                  disable=quiet) as progress:
+        task = progress.add_task(f"train [{run.controller}]", total=run.settings.steps, completed=trainer.start_step,
+                                 info="")
+
+        def on_step(record: dict) -> None:
+            progress.update(task, completed=record["step"] + 1,
+                            info=f"loss {record['loss']:.4g} · lr {record['lr']:.3g} · throttle {record['throttle']:.3g}")
+
+        return trainer.run(on_step=on_step, append=run.resume_state is not None)
+
+
+def run_train(request: TrainRequest) -> None:
+    """Plan the runs, replay each, and print them side by side (only rank 0 prints)."""
+    from rich.console import Console
+
+    from curvdiag.curvature import distributed
+    from curvdiag.report.runs import render_comparison
+
+    if not 0 < request.kappa <= 1:
+        raise BadArgument("kappa", request.kappa, "must lie in (0, 1]")
+    for argument in ("sharpness_every", "checkpoint_every"):
+        if getattr(request, argument) < 0:
+            raise BadArgument(argument, getattr(request, argument), "must be at least 0")
+    runs = [resumed_run(request.resume, request.steps)] if request.resume is not None else new_runs(request)
+    quiet = request.quiet or distributed.rank() != 0
+    console = Console(quiet=quiet)
+    summaries = []
+    for run in runs:
+        summary = replay(run, console, quiet)
+        summaries.append((run.controller, run.run_dir, summary))
+        if summary.interrupted:
+            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {run.run_dir}")
+            raise typer.Exit(code=130)
+    render_comparison(summaries, console)
+
+
+def train(
+    ctx: typer.Context,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or module (not needed with --resume).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Start from this checkpoint (model and optimizer state); default: model() initialisation.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Total optimizer steps (default {DEFAULT_STEPS}; with --resume: the stopped run's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Override the learning rate of the recipe's optimizer.")] = None,
+    controller: Annotated[str, typer.Option(help=f"{', '.join(CONTROLLERS)} (comma-separated with --compare).")] = "none",
+    compare: Annotated[bool, typer.Option("--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table.")] = False,
+    sharpness_every: Annotated[int, typer.Option(help="Measure λmax (all batches) every K steps; 0 never.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt every K steps; 0 only final.pt.")] = 0,
+    kappa: Annotated[float, typer.Option(help="Throttle safety factor κ in (0, 1].")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
+    max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(help="Train data-parallel on N processes: relaunches this command under torchrun (each step's batch is split over the ranks).")] = None,
+    dist_timeout: Annotated[float, typer.Option(help="Under several processes: seconds a rank waits for the others before the job fails.")] = 120.0,
+) -> None:
+    """Replay training with a curvature controller (and, with --compare, without) and log it."""
+    request = TrainRequest(
+        recipe=recipe, checkpoint=checkpoint, steps=steps, lr=lr, controller=controller, compare=compare,
+        sharpness_every=sharpness_every, checkpoint_every=checkpoint_every, kappa=kappa, seed=seed,
+        max_batches=max_batches, out=out, resume=resume, quiet=quiet)
+    with across_processes(ctx, nproc, debug, "cpu", dist_timeout):
+        run_train(request)
