@@ -14,7 +14,6 @@ The report is the same typed report the CLI renders and writes as JSON.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -29,16 +28,6 @@ from curvdiag.loading.target import Target, move_batch
 from curvdiag.probes.runner import ProbeSettings, parse_probe_names, run_probes
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
-
-
-def _positive(argument: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise BadArgument(argument, value, "must be a positive number")
-
-
-def _at_least(argument: str, value: Optional[int], low: int) -> None:
-    if value is not None and (not isinstance(value, int) or value < low):
-        raise BadArgument(argument, value, f"must be an integer of at least {low}")
 
 
 def _optimizer_info(optimizer: Optional[torch.optim.Optimizer], params: Sequence[torch.nn.Parameter]):
@@ -119,15 +108,9 @@ def probe(
         raise BadArgument("model", type(model).__name__, "expected a torch.nn.Module")
     if not callable(loss):
         raise BadArgument("loss", type(loss).__name__, "expected a function loss(model, batch)")
-    _positive("tol", tol)
-    _positive("glass_lambda", glass_lambda)
-    _at_least("top_k", top_k, 1)
-    _at_least("samples", samples, 2)
-    _at_least("max_hvps", max_hvps, 1)
-    _at_least("glass_samples", glass_samples, 1)
-    if method not in ("lanczos", "power"):
-        raise BadArgument("method", method, "unknown", hint="use lanczos or power")
-    names = parse_probe_names(probes if isinstance(probes, str) else ",".join(probes))
+    settings = ProbeSettings(probes=parse_probe_names(probes if isinstance(probes, str) else ",".join(probes)),
+                             method=method, tol=tol, top_k=top_k, samples=samples, seed=seed, max_hvps=max_hvps,
+                             glass_lambda=glass_lambda, glass_samples=glass_samples)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BadArgument("model", type(model).__name__, "has no trainable parameters")
@@ -146,8 +129,6 @@ def probe(
         if optimizer is not None else None
     target = Target(recipe, model, held, sizes, recipe.loss, info, state, device, dtype, total_batches=len(held))
     op = CurvatureOperator(model, held, recipe.loss, sizes, train_mode=train_mode, hvp_method=hvp_method)
-    theta_previous = _flat_previous(previous, model, op.parameters_vector()) if previous is not None else None
-    settings = ProbeSettings(probes=names, method=method, tol=tol, top_k=top_k, samples=samples, seed=seed,
-                             max_hvps=max_hvps, previous=theta_previous, glass_lambda=glass_lambda,
-                             glass_samples=glass_samples)
+    if previous is not None:
+        settings.previous = _flat_previous(previous, model, op.parameters_vector())
     return run_probes(target, op, settings)

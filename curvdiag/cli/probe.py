@@ -7,7 +7,6 @@ starts without torch). Only rank 0 prints and writes files.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +15,7 @@ import typer
 
 from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily
 from curvdiag.cli.launch import across_processes
-from curvdiag.errors import BadArgument, BadInput
+from curvdiag.errors import BadInput
 from curvdiag.probes.registry import PROBE_NAMES
 
 
@@ -52,46 +51,38 @@ class ProbeRequest:
         return self.json_out is not None and str(self.json_out) == "-"
 
 
-def check_probe_settings(request: ProbeRequest) -> None:
-    """The probes' numeric settings, checked before anything is loaded."""
-    checks = [
-        ("tol", request.tol > 0 and math.isfinite(request.tol), "must be a positive number"),
-        ("top_k", request.top_k >= 1, "must be at least 1"),
-        ("samples", request.samples is None or request.samples >= 2, "must be at least 2 (for a standard error)"),
-        ("max_hvps", request.max_hvps >= 1, "must be at least 1"),
-        ("glass_lambda", request.glass_lambda > 0 and math.isfinite(request.glass_lambda), "must be a positive number"),
-        ("glass_samples", request.glass_samples >= 1, "must be at least 1"),
-    ]
-    for argument, holds, problem in checks:
-        if not holds:
-            raise BadArgument(argument, getattr(request, argument), problem)
-
-
 def run_probe(request: ProbeRequest) -> None:
     """Load the target, run the probes, and (on rank 0) print, write the JSON and the figures."""
     from rich.console import Console
 
     from curvdiag.curvature import distributed
-    from curvdiag.probes.runner import parse_probe_names
 
-    names = parse_probe_names(request.probes)
-    check_probe_settings(request)
+    settings = _settings(request)  # every setting checked before anything is loaded
     rank = distributed.rank()
     quiet = request.quiet or rank != 0  # only rank 0 prints, shows progress and writes files
     console = Console(stderr=request.json_to_stdout, quiet=quiet)
-    report = _measure(request, names, console, quiet)
+    report = _measure(request, settings, console, quiet)
     if rank == 0:
         _write_outputs(request, report, console)
 
 
-def _measure(request: ProbeRequest, names: list, console, quiet: bool):
+def _settings(request: ProbeRequest):
+    """The probes' settings from the flags (the library checks them and names the bad one)."""
+    from curvdiag.probes.runner import ProbeSettings, parse_probe_names
+
+    return ProbeSettings(probes=parse_probe_names(request.probes), method=request.method.value, tol=request.tol,
+                         top_k=request.top_k, samples=request.samples, seed=request.seed, max_hvps=request.max_hvps,
+                         glass_lambda=request.glass_lambda, glass_samples=request.glass_samples)
+
+
+def _measure(request: ProbeRequest, settings, console, quiet: bool):
     """The probe report, with a spinner naming the stage and counting the products."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from curvdiag.curvature import distributed
     from curvdiag.curvature.operator import CurvatureOperator
     from curvdiag.loading.target import load_previous_parameters, load_target
-    from curvdiag.probes.runner import ProbeSettings, run_probes
+    from curvdiag.probes.runner import run_probes
 
     world = distributed.world_size()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[hvps]}"),
@@ -102,15 +93,11 @@ def _measure(request: ProbeRequest, names: list, console, quiet: bool):
                              dtype=request.dtype.value if request.dtype else None, lr=request.lr,
                              optimizer_family=request.optimizer.value if request.optimizer else None,
                              rank=distributed.rank(), world_size=world)
-        previous = load_previous_parameters(target, str(request.previous)) if request.previous else None
+        settings.previous = load_previous_parameters(target, str(request.previous)) if request.previous else None
         progress.update(task, description=f"building the curvature operator ({len(target.batches)} batches)")
         op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
                                train_mode=request.train_mode, hvp_method=request.hvp_method.value, distributed=world > 1)
         op.on_hvp = lambda count: progress.update(task, hvps=f"{count} HVPs")
-        settings = ProbeSettings(probes=names, method=request.method.value, tol=request.tol, top_k=request.top_k,
-                                 samples=request.samples, seed=request.seed, max_hvps=request.max_hvps,
-                                 previous=previous, glass_lambda=request.glass_lambda,
-                                 glass_samples=request.glass_samples)
         return run_probes(target, op, settings, progress=lambda name: progress.update(task, description=f"probe {name}"))
 
 

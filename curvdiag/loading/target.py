@@ -13,7 +13,7 @@ import torch
 
 from curvdiag.loading import optimizer as optimizer_state
 from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_checkpoint
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading.optimizer import OptimizerInfo
 from curvdiag.loading.recipe import Recipe, load_recipe
 from curvdiag.loading.shards import shard_batches
@@ -62,9 +62,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise BadInput(f"--device {name}: not a device ({exc})", hint="use cpu or cuda") from exc
+        raise BadArgument("device", name, f"not a device ({exc})", hint="use cpu or cuda") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {name}: CUDA is not available on this machine", hint="use --device cpu")
+        raise BadArgument("device", name, "CUDA is not available on this machine", hint="use the cpu device")
     return device
 
 
@@ -90,9 +90,9 @@ def load_target(
     is kept (:func:`curvdiag.loading.shards.shard_batches`; ``max_batches`` counts the whole stream).
     """
     if max_batches is not None and max_batches < 1:
-        raise BadInput(f"--max-batches {max_batches}: must be at least 1")
+        raise BadArgument("max_batches", max_batches, "must be at least 1")
     if dtype is not None and dtype not in DTYPES:
-        raise BadInput(f"--dtype {dtype}: unknown", hint=f"choose one of {', '.join(DTYPES)}")
+        raise BadArgument("dtype", dtype, "unknown", hint=f"choose one of {', '.join(DTYPES)}")
     torch_device = resolve_device(device)
     recipe = load_recipe(recipe_spec)
     model = recipe.model()

@@ -9,6 +9,7 @@ presentation is :mod:`curvdiag.report` and :mod:`curvdiag.plots`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -24,7 +25,7 @@ from curvdiag.probes.ggn_trace import ggn_control_variate_trace
 from curvdiag.probes.glass import glass_probe
 from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.probes.registry import COMPANIONS, PROBE_NAMES, REGISTRY
-from curvdiag.probes.sharpness import SharpnessResult, lambda_max, preconditioned_lambda_max
+from curvdiag.probes.sharpness import METHODS, SharpnessResult, lambda_max, preconditioned_lambda_max
 from curvdiag.results import probe_results as entry
 from curvdiag.results.probe_results import ProbeEntry, ProbeReport, Skipped
 from curvdiag.stability import stability_margin
@@ -49,6 +50,30 @@ class ProbeSettings:
     glass_samples: int = 10
     density_steps: int = 64  # stochastic Lanczos quadrature: Lanczos steps per probe
     density_probes: int = 2
+
+    def __post_init__(self) -> None:
+        """Every setting checked here, once, for the command line and the Python API alike."""
+        checks = [
+            ("method", self.method in METHODS, "unknown"),
+            ("tol", _positive(self.tol), "must be a positive number"),
+            ("top_k", _integer(self.top_k, 1), "must be at least 1"),
+            ("samples", self.samples is None or _integer(self.samples, 2), "must be at least 2 (for a standard error)"),
+            ("max_hvps", _integer(self.max_hvps, 1), "must be at least 1"),
+            ("glass_lambda", _positive(self.glass_lambda), "must be a positive number"),
+            ("glass_samples", _integer(self.glass_samples, 1), "must be at least 1"),
+        ]
+        for argument, holds, problem in checks:
+            if not holds:
+                raise BadArgument(argument, getattr(self, argument), problem,
+                                  hint=f"use {' or '.join(METHODS)}" if argument == "method" else None)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def _integer(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def parse_probe_names(text: str) -> List[str]:
