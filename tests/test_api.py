@@ -91,3 +91,16 @@ def test_probe_api_errors_name_the_argument(kwargs, argument):
     with pytest.raises(BadArgument, match=rf"^{argument}=") as caught:
         curvdiag.probe(arguments.pop("model"), arguments.pop("loss"), arguments.pop("batches"), **arguments)
     assert caught.value.argument == argument and "--" not in caught.value.message
+
+
+def test_the_readme_python_api_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- python-api-example[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(block, namespace)
+    printed = capsys.readouterr().out
+    assert re.match(r"(stable|edge|unstable): lr·λmax/T = \d", printed), printed
+    assert namespace["document"]["probes"]["hessian_trace"]["value"] == namespace["report"].probes["hessian_trace"].value

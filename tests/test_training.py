@@ -324,3 +324,23 @@ def test_the_throttle_runs_through_fused_attention(tmp_path):
 
 def _records_with_floor(run_dir):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lambda_floor" in r]
+
+
+def test_the_readme_controller_example_is_a_working_controller():
+    """README "Extending curvdiag": the example builder, run in the controllers module's namespace."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(class HalvingState\(NamedTuple\):.*?)```", readme, re.S).group(1)
+    namespace = dict(vars(controllers))
+    exec(block, namespace)
+    controller = namespace["halving"](every=2)
+    state = controller.init(0.1)
+    factors = []
+    for _ in range(4):
+        state = controller.update(state, controllers.Observation(lr=0.1))
+        factors.append(state.factor)
+    assert factors == [1.0, 0.5, 0.5, 0.25]
+    with pytest.raises(BadArgument, match="every"):
+        namespace["halving"](every=0)

@@ -22,7 +22,6 @@ import torch
 from curvdiag.errors import BadInput
 
 REQUIRED = ("model", "data", "loss")
-OPTIONAL = ("optimizer", "scheduler", "batch_size")
 
 
 @dataclass
