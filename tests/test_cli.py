@@ -244,3 +244,13 @@ def test_nproc_forwards_the_same_command_line():
     command = typer.main.get_command(app).commands["probe"]
     ctx = command.make_context("probe", [TINY, "--dtype", "FLOAT64", "--method", "power", "--train-mode", "--nproc", "2"])
     assert forwarded_args(ctx) == [TINY, "--method", "power", "--dtype", "float64", "--train-mode"]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max-batches", "0"], "error: --max-batches 0: must be at least 1"),
+    (["--samples", "1"], "error: --samples 1: must be at least 2 (for a standard error)"),
+    (["--probes", "lambda_max,nonsense"], "error: --probes lambda_max,nonsense: unknown probe 'nonsense'"),
+])
+def test_library_argument_errors_reach_the_user_as_flags(args, line):
+    result = invoke(TINY, *args)
+    _assert_one_line_error(result, 2, line)

@@ -171,5 +171,5 @@ def test_max_batches_and_batch_sizes():
     target = load_target(TINY, max_batches=1)
     assert target.batch_sizes == [7] and len(target.batches) == 1
     assert load_target(TINY).batch_sizes == [7, 3]
-    with pytest.raises(BadInput, match="--max-batches 0"):
+    with pytest.raises(BadInput, match="max_batches=0: must be at least 1"):
         load_target(TINY, max_batches=0)
