@@ -31,25 +31,9 @@ import torch
 
 from curvdiag.curvature.linear_operator import random_vector
 from curvdiag.probes.sample_mean import mean_and_stderr
+from curvdiag.results.probe_results import GlassLayer, PowerLawLayer  # the report's per-layer records
 
 GLASS_CONSTANT = 2.0  # c in ρ = c·E[γ²]/λ (see the module docstring)
-
-
-@dataclass
-class GlassLayer:
-    name: str
-    rho: float
-    rho_stderr: float
-    h: float
-    h_stderr: float
-    h_abs: float
-
-
-@dataclass
-class PowerLawLayer:
-    name: str
-    p: float
-    p_stderr: Optional[float]
 
 
 @dataclass

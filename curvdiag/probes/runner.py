@@ -22,7 +22,7 @@ from curvdiag.errors import BadArgument, CurvdiagError, NotCovered, ProbeFailed
 from curvdiag.loading.target import Target
 from curvdiag.probes.directional import directional_curvature
 from curvdiag.probes.ggn_trace import ggn_control_variate_trace
-from curvdiag.probes.glass import glass_probe
+from curvdiag.probes.glass import GLASS_CONSTANT, glass_probe
 from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
 from curvdiag.probes.registry import COMPANIONS, PROBE_NAMES, REGISTRY
 from curvdiag.probes.sharpness import METHODS, SharpnessResult, lambda_max, preconditioned_lambda_max
@@ -299,14 +299,13 @@ def run_glass_and_power_law(target: Target, op: CurvatureOperator, s: ProbeSetti
     out: Entries = {}
     if "glass" in s.probes:
         out["glass"] = entry.Glass(
-            lam=glass.lam, samples=glass.samples, rho=glass.rho, h=glass.h, constant=2.0, gradients=glass.gradients,
+            lam=glass.lam, samples=glass.samples, rho=glass.rho, h=glass.h, constant=GLASS_CONSTANT, gradients=glass.gradients,
             seconds=glass.seconds,
-            layers=[entry.GlassLayer(name=l.name, rho=l.rho, rho_stderr=l.rho_stderr, h=l.h, h_stderr=l.h_stderr,
-                                     h_abs=l.h_abs) for l in glass.layers])
+            layers=list(glass.layers))
     if power is not None:
         out["power_law"] = entry.PowerLaw(
             lam=power.lam, samples=power.samples, p=power.p, p_stderr=power.p_stderr,
-            layers=[entry.PowerLawLayer(name=l.name, p=l.p, p_stderr=l.p_stderr) for l in power.layers])
+            layers=list(power.layers))
     return out
 
 
