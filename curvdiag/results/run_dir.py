@@ -3,7 +3,8 @@
 ``run.json`` is a :class:`RunSummary`; ``metrics.jsonl`` holds one :class:`StepRecord` per step
 (a line cut short by a kill is skipped and counted); ``final.pt`` and ``checkpoints/`` are
 written by the training loop. :func:`read_run` is what ``train --resume``, ``plot`` and
-``report`` read; ``train`` writes run.json with :func:`write_run_summary`.
+``report`` read; ``train`` (and any loop that logs the same way) writes metrics.jsonl through
+:class:`MetricsLog` and run.json with :func:`write_run_summary`.
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ class RunLog:
                 steps.append(float(record.step))
                 values.append(value)
         return steps, values
+
+
+class MetricsLog:
+    """The one writer of ``RUN_DIR/metrics.jsonl``: one JSON object per step (a :class:`StepRecord`'s
+    keys; non-finite numbers as null), flushed at once, so a killed run keeps every step it logged.
+    ``run_dir=None`` writes nothing (a rank other than 0). A context manager."""
+
+    def __init__(self, run_dir: Optional[Path], append: bool = False):
+        self._file = None
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._file = open(Path(run_dir) / METRICS_FILE, "a" if append else "w")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(finite_or_none(record)) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def write_run_summary(run_dir: Path, summary: RunSummary) -> Path:

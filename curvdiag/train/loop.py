@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -31,7 +29,7 @@ import torch
 
 from curvdiag._version import __version__
 from curvdiag.curvature.distributed import as_communication_error
-from curvdiag.results.run_dir import RunSummary, write_run_summary
+from curvdiag.results.run_dir import MetricsLog, RunSummary, write_run_summary
 from curvdiag.curvature.operator import CurvatureOperator, preserved_state
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading import optimizer as optimizer_state
@@ -192,13 +190,12 @@ class Trainer:
         controlled = ControlledOptimizer(self.optimizer, self.controller, reduce=reduce)
         tracker, floor = DirectionalCurvatureTracker(self.model), _PowerFloor(self.settings.seed)
         progress = _Progress(step=self.start_step, clean=self.start_step, last_good=self._state(self.start_step))
-        metrics = open(self.out / "metrics.jsonl" if replicas.is_writer else os.devnull, "a" if append else "w")
+        metrics = MetricsLog(self.out if replicas.is_writer else None, append=append)
         try:
             for step in range(self.start_step, self.settings.steps):
                 progress.step = step
                 record = self._step(progress, batches, controlled, tracker, floor)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(record)
                 if progress.diverged:
                     break
                 self._account(progress, record, on_step)
