@@ -24,6 +24,8 @@ _PUBLIC = {
     "stability_margin": "curvdiag.stability",
     "CurvatureThrottle": "curvdiag.train.adapters",
     "NewtonLearningRate": "curvdiag.train.adapters",
+    "Monitor": "curvdiag.train.monitor",
+    "Measurement": "curvdiag.train.monitor",
 }
 
 __all__ = ["__version__", *_PUBLIC]
