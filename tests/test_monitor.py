@@ -283,3 +283,15 @@ def test_a_closed_monitor_refuses_steps(tmp_path):
     monitor.close()
     with pytest.raises(curvdiag.BadInput, match="closed"):
         monitor.step(torch.zeros(1, 2))
+
+
+def test_the_readme_monitor_example_runs(tmp_path, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- monitor-example[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(block, {"RUN_DIR": tmp_path})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["0", "10", "20", "30", "40"]
+    run = read_run(tmp_path)
+    assert run.summary.steps_completed == 50 and len(run.series("lambda_max")[0]) == 5

@@ -110,7 +110,8 @@ class Monitor:
         tensorboard: a log directory or a ``torch.utils.tensorboard.SummaryWriter``, or None.
         on_measure: ``on_measure(step, measurement)`` after every measurement.
         warn_ratio: warn when the EoS ratio crosses this from below.
-        warn_jump: warn when λmax rises by more than this fraction between measurements.
+        warn_jump: warn when λmax rises by more than this fraction between measurements (1.0: it
+            more than doubled; early training sharpens fast, so smaller values warn often).
         actions: what to do on a warning besides logging: "checkpoint", "throttle".
         tol: Lanczos tolerance (relative Ritz residual); max_hvps: its product budget.
         trace_samples: Hutchinson probes per trace; seed: seeds every random vector.
@@ -123,7 +124,7 @@ class Monitor:
                  every: int = 10, trace_every: int = 0, held_batches: Optional[Sequence[Any]] = None,
                  batch_size: Optional[Callable[[Any], int]] = None, out: Union[str, Path, None] = None,
                  tensorboard: Any = None, on_measure: Optional[Callable[[int, Measurement], None]] = None,
-                 warn_ratio: float = 1.0, warn_jump: float = 0.5, actions: Sequence[str] = (),
+                 warn_ratio: float = 1.0, warn_jump: float = 1.0, actions: Sequence[str] = (),
                  tol: float = 1e-3, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
                  hvp_method: str = "auto", train_mode: bool = True, kappa: float = 0.5):
         _check_count("every", every, 1)

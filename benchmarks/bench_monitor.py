@@ -1,0 +1,206 @@
+"""curvdiag.Monitor against the plain training loop (and Cockpit, when installed), in one run.
+
+Workload (issue #13): a ReLU MLP 64-128-128-10 on scikit-learn's digits (1,797 samples), batch
+128, SGD lr 0.05 with momentum 0.9, cross-entropy. Printed and written to
+``benchmarks/monitor_results.json``:
+
+- wall time of the monitored loop relative to the plain loop, λmax every 10 steps and every step
+  (medians of ``--repeats`` runs of ``--steps`` steps each);
+- λmax error against scipy ``eigsh`` (which="LA", tol 1e-10, on the same batch and weights) at
+  every measured step;
+- Hessian-vector products per measurement, cold start (random vector) against warm start (the
+  previous top eigenvector);
+- resident memory (RSS) over ``--rss-steps`` monitored steps with λmax at every step;
+- Cockpit (``cockpit-for-pytorch``) "economy" and "full" tracking every 10 steps, when it imports.
+
+Usage: python benchmarks/bench_monitor.py [--steps 200] [--repeats 3] [--rss-steps 1000]. Run it on
+an idle machine (2 torch threads; another process on a core makes every step slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+import curvdiag
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.probes.sharpness import lambda_max
+
+
+def workload():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    return batches
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 10))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def run(batches, steps, every=None, on_measure=None):
+    """Seconds for ``steps`` steps of the loop, monitored every ``every`` steps (None: plain)."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = curvdiag.Monitor(model, loss_fn, opt, every=every, on_measure=on_measure) if every else None
+    started = time.perf_counter()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        if monitor is not None:
+            monitor.step(batch, loss=loss)
+    return time.perf_counter() - started, monitor
+
+
+def eigsh_lambda_max(model, batch):
+    op = CurvatureOperator(model, [batch], loss_fn, [len(batch[1])], train_mode=True)
+    n = op.num_params
+
+    def matvec(v):
+        return op.hvp(torch.as_tensor(np.asarray(v).reshape(-1), dtype=torch.float32)).double().numpy()
+
+    value = eigsh(LinearOperator((n, n), matvec=matvec, dtype=np.float64), k=1, which="LA", tol=1e-10,
+                  return_eigenvectors=False)[0]
+    cold = lambda_max(op, tol=1e-3, max_hvps=100)  # what a cold start costs at the same weights
+    return float(value), cold.hvps
+
+
+def accuracy(batches, steps, every):
+    """λmax error against eigsh and products cold/warm at every measurement (untimed)."""
+    rows = []
+    holder = {}
+
+    def on_measure(step, m):
+        exact, cold_hvps = eigsh_lambda_max(holder["monitor"].model, batches[step % len(batches)])
+        rows.append({"step": step, "monitor": m.lambda_max, "eigsh": exact, "relative_error": abs(m.lambda_max - exact) / exact,
+                     "hvps": m.hvps, "warm": m.warm_start, "cold_hvps_same_weights": cold_hvps})
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    holder["monitor"] = curvdiag.Monitor(model, loss_fn, opt, every=every, on_measure=on_measure)
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        holder["monitor"].step(batch)
+    return rows
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def rss_trace(batches, steps):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = curvdiag.Monitor(model, loss_fn, opt, every=1)
+    trace = {}
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        monitor.step(batch)
+        monitor.measurements.clear()  # the results list is the caller's: keep only what leaks
+        if step + 1 in (10, 100, steps // 4, steps // 2, steps):
+            trace[step + 1] = round(rss_mib(), 1)
+    return trace
+
+
+def cockpit_times(batches, steps, plain):
+    """Cockpit's "economy" and "full" configurations tracking every 10 steps, relative to plain."""
+    try:
+        from backpack import extend
+        from cockpit import Cockpit
+        from cockpit.utils import schedules
+        from cockpit.utils.configuration import configuration
+    except Exception as exc:  # not installed, or it does not import with this torch
+        return {"skipped": f"cockpit does not import: {type(exc).__name__}: {exc}"[:300]}
+    out = {}
+    for name in ("economy", "full"):
+        try:
+            model = extend(make_model())
+            loss_mean = extend(torch.nn.CrossEntropyLoss())
+            loss_each = torch.nn.CrossEntropyLoss(reduction="none")
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            cockpit = Cockpit(model.parameters(), quantities=configuration(name, track_schedule=schedules.linear(10)))
+            started = time.perf_counter()
+            for step in range(steps):
+                x, y = batches[step % len(batches)]
+                opt.zero_grad()
+                outputs = model(x)
+                loss = loss_mean(outputs, y)
+                losses = loss_each(outputs, y)
+                with cockpit(step, info={"batch_size": len(y), "individual_losses": losses, "loss": loss,
+                                         "optimizer": opt}):
+                    loss.backward(create_graph=cockpit.create_graph(step))
+                opt.step()
+            out[name] = (time.perf_counter() - started) / plain
+        except Exception as exc:
+            out[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss-steps", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("monitor_results.json")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("curvdiag.monitor").setLevel(logging.ERROR)  # early λmax jumps: not the subject here
+    batches = workload()
+    run(batches, 20)  # warm-up
+    times = {label: statistics.median(run(batches, args.steps, every)[0] for _ in range(args.repeats))
+             for label, every in (("plain", None), ("every_10", 10), ("every_1", 1))}
+    plain = times["plain"]
+    rows = accuracy(batches, args.steps, 10)
+    warm = [r["hvps"] for r in rows if r["warm"]]
+    results = {
+        "workload": "ReLU MLP 64-128-128-10, digits, batch 128, SGD lr 0.05 momentum 0.9",
+        "steps": args.steps, "threads": args.threads, "loadavg": list(__import__("os").getloadavg()),
+        "plain_ms_per_step": 1000 * plain / args.steps,
+        "ratio_every_10": times["every_10"] / plain, "ratio_every_1": times["every_1"] / plain,
+        "max_relative_error": max(r["relative_error"] for r in rows),
+        "median_relative_error": statistics.median(r["relative_error"] for r in rows),
+        "hvps_cold_first": rows[0]["hvps"], "hvps_warm_median": statistics.median(warm),
+        "hvps_cold_median_same_weights": statistics.median(r["cold_hvps_same_weights"] for r in rows),
+        "rss_mib_by_step": rss_trace(batches, args.rss_steps),
+        "cockpit_ratio_every_10": cockpit_times(batches, args.steps, plain),
+        "measurements": rows,
+    }
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    for key, value in results.items():
+        if key != "measurements":
+            print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
