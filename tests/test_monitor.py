@@ -110,7 +110,8 @@ def test_lambda_max_trajectory_equals_curvdiag_train_and_is_plotted(tmp_path):
     model = recipe.model()
     opt = recipe.optimizer(model.parameters())
     (batch,) = recipe.data()
-    with curvdiag.Monitor(model, recipe.loss, opt, every=10, out=tmp_path / "monitor") as monitor:
+    # tol=1e-3: the tolerance `curvdiag train` uses; the monitor's default 1e-2 is tested below.
+    with curvdiag.Monitor(model, recipe.loss, opt, every=10, out=tmp_path / "monitor", tol=1e-3) as monitor:
         monitor.watch()
         for _ in range(21):
             opt.zero_grad()
@@ -159,6 +160,33 @@ def test_on_measure_gets_the_preconditioned_lambda_max_of_adam():
         monitor.step(batch)
     assert [s for s, _ in seen] == [0, 3, 6]
     assert all(m.preconditioned and m.batch == "step" and m.threshold == pytest.approx(38.0 / 0.01) for _, m in seen)
+
+
+def test_default_tolerance_is_within_one_percent_at_every_measurement_with_fewer_products():
+    """The default tol=1e-2 bounds the Ritz residual, hence the distance to an eigenvalue: every
+    warm-started λmax of a mini-batch SGD run is within 1e-2 of a tight Lanczos (tol 1e-8) on the
+    same batch and weights, for fewer products than cold starts at the same weights."""
+    rows = []
+
+    def on_measure(step, m):
+        op = CurvatureOperator(state["model"], [state["batch"]], cross_entropy, [32], train_mode=True)
+        rows.append((m, lambda_max(op, tol=1e-8, max_hvps=300).value, lambda_max(op, tol=1e-2, max_hvps=100).hvps))
+
+    model = _bn_dropout_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = {"model": model}
+    monitor = curvdiag.Monitor(model, cross_entropy, opt, every=2, on_measure=on_measure)
+    for batch in _data() * 5:
+        state["batch"] = batch
+        opt.zero_grad()
+        cross_entropy(model, batch).backward()
+        opt.step()
+        monitor.step(batch)
+    assert len(rows) == 10 and [m.warm_start for m, _, _ in rows] == [False] + [True] * 9
+    for m, exact, _ in rows:
+        assert abs(m.lambda_max - exact) <= 1e-2 * exact
+    warm = [(m.hvps, cold) for m, _, cold in rows[1:]]
+    assert sum(h for h, _ in warm) < sum(c for _, c in warm)
 
 
 def test_held_batches_measure_the_fixed_batches():

@@ -125,7 +125,7 @@ class Monitor:
                  batch_size: Optional[Callable[[Any], int]] = None, out: Union[str, Path, None] = None,
                  tensorboard: Any = None, on_measure: Optional[Callable[[int, Measurement], None]] = None,
                  warn_ratio: float = 1.0, warn_jump: float = 1.0, actions: Sequence[str] = (),
-                 tol: float = 1e-3, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
+                 tol: float = 1e-2, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
                  hvp_method: str = "auto", train_mode: bool = True, kappa: float = 0.5):
         _check_count("every", every, 1)
         _check_count("trace_every", trace_every, 0)
