@@ -26,6 +26,8 @@ _PUBLIC = {
     "NewtonLearningRate": "curvdiag.train.adapters",
     "Monitor": "curvdiag.train.monitor",
     "Measurement": "curvdiag.train.monitor",
+    "LightningMonitor": "curvdiag.train.lightning_callback",  # needs lightning
+    "HuggingFaceMonitor": "curvdiag.train.huggingface_callback",  # needs transformers
 }
 
 __all__ = ["__version__", *_PUBLIC]

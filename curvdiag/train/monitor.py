@@ -93,6 +93,13 @@ class Measurement:
     trace_hvps: int = 0
     warnings: List[str] = field(default_factory=list)
 
+    def scalars(self) -> Dict[str, float]:
+        """The numbers a logger plots, by name (those defined at this step): what the Lightning and
+        Hugging Face callbacks log under ``curvdiag/<name>``."""
+        values = {"lambda_max": self.lambda_max, "eos_ratio": self.eos_ratio, "lr": self.lr, "loss": self.loss,
+                  "directional_curvature": self.directional_curvature, "hessian_trace": self.trace}
+        return {name: float(value) for name, value in values.items() if value is not None}
+
 
 class Monitor:
     """Watch λmax, the edge-of-stability ratio and C_t while the user's own loop trains.

@@ -1,0 +1,104 @@
+"""The Lightning and Hugging Face callbacks, each with its real framework on a tiny CPU model:
+what they log is the monitor's numbers of the same run, and for Lightning (SGD, no shuffling)
+the same λmax as a Monitor in a hand-written loop over the same batches."""
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import curvdiag
+
+
+def _data():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(128, 6, generator=generator), torch.randint(0, 3, (128,), generator=generator)
+
+
+def _net():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def test_lightning_callback_logs_the_monitors_lambda_max(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch", reason="pip install curvdiag[lightning]")
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def loss(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=False)
+    callback = curvdiag.LightningMonitor(loss, every=3, tol=1e-3)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), callbacks=[callback],
+                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Tiny(), loader)
+    measured = callback.monitor.measurements
+    assert [m.step for m in measured] == [0, 3, 6] and callback.monitor.steps == 8
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("curvdiag/lambda_max")]
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]  # logged once, at the measured steps
+    assert [float(r["curvdiag/lambda_max"]) for r in rows] == pytest.approx([m.lambda_max for m in measured], rel=1e-6)
+    assert [float(r["curvdiag/eos_ratio"]) for r in rows] == pytest.approx([m.eos_ratio for m in measured], rel=1e-6)
+
+    # The same training by hand (SGD, the same batches in order): the same λmax at the same steps.
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    by_hand = curvdiag.Monitor(model, loss, opt, every=3, tol=1e-3)
+    for batch in list(loader) * 2:
+        opt.zero_grad()
+        loss(model, batch).backward()
+        opt.step()
+        by_hand.step(batch)
+    assert [m.lambda_max for m in by_hand.measurements] == pytest.approx([m.lambda_max for m in measured], rel=1e-5)
+
+
+class _HFTiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_huggingface_callback_logs_the_monitors_lambda_max(tmp_path):
+    pytest.importorskip("transformers", reason="pip install curvdiag[huggingface]")
+    pytest.importorskip("accelerate", reason="pip install curvdiag[huggingface]")
+    from transformers import Trainer, TrainingArguments
+
+    x, y = _data()
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+    held = {"x": x[:64], "labels": y[:64]}
+    seen = []
+    callback = curvdiag.HuggingFaceMonitor([held], every=2, on_measure=lambda step, m: seen.append(step))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=6,
+                             learning_rate=0.01, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", seed=0, disable_tqdm=True)
+    Trainer(model=_HFTiny(), args=args, train_dataset=dataset, callbacks=[callback]).train()
+    measured = callback.monitor.measurements
+    assert seen == [m.step for m in measured] == [0, 2, 4] and callback.monitor.steps == 6
+    assert all(m.batch == "held" and m.preconditioned and m.lambda_max > 0 for m in measured)  # AdamW
+    assert all(m.directional_curvature is None or math.isfinite(m.directional_curvature) for m in measured)
+    logged = [e for e in callback._state.log_history if "curvdiag/lambda_max" in e]
+    assert [e["step"] for e in logged] == [1, 3, 5]
+    assert [e["curvdiag/lambda_max"] for e in logged] == [m.lambda_max for m in measured]
+    assert [e["curvdiag/eos_ratio"] for e in logged] == [m.eos_ratio for m in measured]
