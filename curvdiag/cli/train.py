@@ -88,21 +88,18 @@ def new_runs(request: TrainRequest) -> List[PlannedRun]:
 
 
 def resumed_run(run_dir: Path, steps: Optional[int]) -> PlannedRun:
-    """The stopped run in ``run_dir``, continued from its final.pt to ``steps`` (default: its own)."""
-    from curvdiag.loading.checkpoint import read_checkpoint
-    from curvdiag.results.run_dir import read_run
-    from curvdiag.train.loop import TrainSettings
+    """The stopped run in ``run_dir``, continued from its newest complete checkpoint to ``steps``
+    (default: its own); from the start when it has none. Runs the recipe that run.json (or the
+    checkpoint) names: a run directory is trusted like a recipe."""
+    from curvdiag.train.loop import resume_point
 
-    previous = read_run(run_dir).summary
-    settings = TrainSettings(**previous.settings)
+    point = resume_point(run_dir)
+    settings = point.settings
     settings.steps = steps if steps is not None else settings.steps
-    if settings.steps < previous.steps_completed:
+    if settings.steps < point.step:
         raise BadInput(f"--steps {settings.steps}: the run in {run_dir} already completed "
-                       f"{previous.steps_completed} steps", hint="give a larger --steps to continue it")
-    final = read_checkpoint(Path(run_dir) / "final.pt")
-    state = {"path": final.path, "model_state": final.model_state, "optimizer_state": final.optimizer_state,
-             "step": final.step, "resume": True}
-    return PlannedRun(previous.controller, run_dir, previous.recipe, previous.checkpoint, settings, state)
+                       f"{point.step} steps", hint="give a larger --steps to continue it")
+    return PlannedRun(settings.controller, Path(run_dir), point.recipe, point.checkpoint, settings, point.state)
 
 
 def replay(run: PlannedRun, console: Any, quiet: bool) -> Any:

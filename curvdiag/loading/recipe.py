@@ -42,9 +42,12 @@ class Recipe:
             return self._fn(name)(*args)
         except BadInput:
             raise
+        except SystemExit as exc:  # a recipe that ends the program: say so instead of exiting silently
+            raise BadInput(f"recipe {self.name}: {name}() called sys.exit({exc.code!r})",
+                           hint="a recipe's functions return values; remove the exit") from exc
         except Exception as exc:  # the user's code: report, don't trace back
             raise BadInput(
-                f"recipe {self.name}: {name}() raised {type(exc).__name__}: {exc}",
+                f"recipe {self.name}: {name}() raised {type(exc).__name__}: {_first_line(exc)}",
                 hint="run the recipe's function by hand, or use --debug for the traceback",
             ) from exc
 
@@ -69,6 +72,9 @@ class Recipe:
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Call the recipe's ``loss``; checks that it returns a scalar tensor."""
         value = self._call("loss", model, batch)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            raise BadInput(f"recipe {self.name}: loss(model, batch) returned a {str(value.dtype).replace('torch.', '')} "
+                           "tensor, expected a real floating-point scalar")
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise BadInput(
                 f"recipe {self.name}: loss(model, batch) returned "
@@ -103,6 +109,11 @@ class Recipe:
         return size
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def leading_dimension(batch: Any) -> Optional[int]:
     """The leading dimension of the first tensor found in a (nested) batch, or None."""
     if isinstance(batch, torch.Tensor):
@@ -129,6 +140,10 @@ def load_recipe(spec: str) -> Recipe:
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
+        except SystemExit as exc:
+            sys.modules.pop(module_name, None)
+            raise BadInput(f"recipe {spec}: importing it called sys.exit({exc.code!r})",
+                           hint="guard the script part with if __name__ == \"__main__\":") from exc
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise BadInput(
