@@ -458,6 +458,9 @@ class Trainer:
         """One step: forward, the divergence check, the controlled update, λmax, the scheduler."""
         s = self.settings
         started = time.perf_counter()
+        # The state before this step, taken before the forward (which draws dropout masks from the RNG
+        # and moves BatchNorm statistics): what an interruption keeps, and what resuming it replays.
+        before = self._state(progress.step, progress)
         try:
             batch, size = next(batches)
         except CurvdiagError:
@@ -476,7 +479,7 @@ class Trainer:
         if not math.isfinite(value) or value > s.divergence_factor * max(abs(progress.initial_loss), 1e-12):
             progress.diverged = True
             return {"step": progress.step, "loss": value if math.isfinite(value) else None, "diverged": True}
-        progress.last_good, progress.clean = self._state(progress.step), None
+        progress.last_good, progress.clean = before, None
         record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor)
         if s.sharpness_every and progress.step % s.sharpness_every == 0:
             record.update(self._sharpness(record["lr"]))
