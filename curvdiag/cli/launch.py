@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from curvdiag.cli.errors import fail, message_of, user_errors
-from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 
 STATUS_DIR_ENV = "CURVDIAG_STATUS_DIR"  # where ranks leave their failure (set by --nproc)
 
@@ -82,6 +83,10 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
     each rank leaves the group after success (a failed rank just exits; torchrun ends the others)."""
     from curvdiag.curvature import distributed
 
+    with user_errors(debug):
+        check_device(device)
+        if not (math.isfinite(dist_timeout) and dist_timeout > 0):
+            raise BadArgument("timeout", dist_timeout, "must be a positive finite number of seconds")
     if nproc is not None:
         with user_errors(debug):
             code = relaunch_under_torchrun(ctx, nproc)
@@ -92,6 +97,22 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
         yield
     record_finished(distributed.env_rank())
     distributed.shutdown()
+
+
+def check_device(name: str) -> None:
+    """BadArgument unless ``name`` is ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:N``):
+    meta, mps, xla and absent GPUs would fail later with a torch error, or give no numbers."""
+    import torch
+
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise BadArgument("device", name, "unsupported device", hint="choose cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BadArgument("device", name, "no CUDA device on this machine", hint="use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise BadArgument("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def fail_rank(exc: CurvdiagError, debug: bool) -> None:

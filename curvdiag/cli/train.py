@@ -137,12 +137,16 @@ def run_train(request: TrainRequest) -> None:
     runs = [resumed_run(request.resume, request.steps)] if request.resume is not None else new_runs(request)
     quiet = request.quiet or distributed.rank() != 0
     console = Console(quiet=quiet)
+    warn = Console(stderr=True, quiet=distributed.rank() != 0, markup=False, highlight=False, soft_wrap=True)
     summaries = []
     for run in runs:
         summary = replay(run, console, quiet)
         summaries.append((run.controller, run.run_dir, summary))
+        for failed in summary.save_failures:
+            warn.print(f"warning: a checkpoint could not be saved (retried at the next one): {failed}")
         if summary.interrupted:
-            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {run.run_dir}")
+            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {run.run_dir}",
+                          markup=False, highlight=False)
             raise typer.Exit(code=130)
     render_comparison(summaries, console)
 
@@ -156,7 +160,7 @@ def train(
     controller: Annotated[str, typer.Option(help=f"{', '.join(CONTROLLERS)} (comma-separated with --compare).")] = "none",
     compare: Annotated[bool, typer.Option("--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table.")] = False,
     sharpness_every: Annotated[int, typer.Option(help="Measure λmax (all batches) every K steps; 0 never.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt every K steps; 0 only final.pt.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt (and run.json) every K steps, so that a killed run resumes from there; 0 only final.pt.")] = 50,
     kappa: Annotated[float, typer.Option(help="Throttle safety factor κ in (0, 1].")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,

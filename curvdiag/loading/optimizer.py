@@ -90,6 +90,11 @@ def check_param_groups(groups: Sequence[Any], source: str) -> None:
         if not isinstance(group, dict):
             raise BadInput(f"{source}: param group {index} is a {type(group).__name__}, expected a dict")
         where = f"{source}: param group {index}"
+        params = group.get("params")
+        if params is not None and not (isinstance(params, (list, tuple))
+                                       and all(isinstance(p, (int, torch.Tensor)) and not isinstance(p, bool) for p in params)):
+            raise BadInput(f"{where}: params={params!r:.60}, expected a list of parameter indices",
+                           hint="save optimizer.state_dict() unchanged")
         checks = [("lr", group.get("lr"), lambda x: math.isfinite(x) and x >= 0, "a finite number ≥ 0")]
         if group.get("momentum") is not None:
             checks.append(("momentum", group["momentum"], lambda x: 0 <= x < 1, "in [0, 1)"))

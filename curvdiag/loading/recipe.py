@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -68,6 +68,23 @@ class Recipe:
                 f"recipe {self.name}: data() returned {type(data).__name__}, expected an iterable of batches"
             ) from None
         return data
+
+    def batches(self, data: Any) -> Iterator[Any]:
+        """The batches of ``data`` (what data() returned); an error raised while iterating it (a
+        file gone midway, a sys.exit) as one BadInput naming the recipe."""
+        iterator = iter(data)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except BadInput:
+                raise
+            except (Exception, SystemExit) as exc:
+                what = f"sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {_first_line(exc)}"
+                raise BadInput(f"recipe {self.name}: iterating data() raised {what}",
+                               hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
+            yield batch
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Call the recipe's ``loss``; checks that it returns a scalar tensor."""

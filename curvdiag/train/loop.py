@@ -59,6 +59,13 @@ from curvdiag.train.adapters import ControlledOptimizer, optimizer_preconditione
 from curvdiag.train.data_parallel import DataParallel
 
 
+# One checkpoint (torch.save, fsync, rename, then run.json likewise) costs 8–20 ms on the sample
+# models, whose steps take 5–23 ms (benchmarks/bench_checkpoint_every.py): every 10 steps adds
+# 6–26%, every 50 at most ~6% there and nothing measurable on models whose steps take longer; a kill
+# loses at most 50 steps.
+DEFAULT_CHECKPOINT_EVERY = 50
+
+
 @dataclass
 class TrainSettings:
     steps: int = 200
@@ -66,7 +73,7 @@ class TrainSettings:
     controller: str = "none"
     seed: int = 0
     sharpness_every: int = 0  # measure λmax on all batches every K steps (0: never)
-    checkpoint_every: int = 0  # 0: only final.pt (the CLI's default is DEFAULT_CHECKPOINT_EVERY)
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only final.pt
     divergence_factor: float = 1e3  # loss above this × the first loss counts as divergence
     kappa: float = 0.5  # throttle safety factor κ
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
@@ -93,7 +100,7 @@ def check_settings(settings: TrainSettings) -> None:
         if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 0:
             raise BadArgument(name, getattr(settings, name), "must be at least 0")
     if not isinstance(settings.seed, int) or not -2**63 <= settings.seed < 2**64:
-        raise BadArgument("seed", settings.seed, "must fit in 64 bits (0 … 2^64 − 1)")
+        raise BadArgument("seed", settings.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
     for name in ("divergence_factor", "kappa", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
         value = getattr(settings, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -495,12 +502,17 @@ class Trainer:
         distributed = self.replicas.world_size > 1
         try:
             (local_loss * self.replicas.backward_scale(size, total) if distributed else local_loss).backward()
-        except RuntimeError as exc:
+        except CurvdiagError:
+            raise
+        except Exception as exc:  # the user's loss or model (a custom backward), unless a collective failed
             if as_communication_error(exc) is not exc:
                 raise
             raise BadInput(f"recipe {self.recipe.name}: the loss's backward raised {_what_raised(exc)}",
                            hint="use --debug for the traceback") from exc
         grad_norm = float(_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).norm())
+        if self.scheduler is not None:  # what the scheduler set for this step: a NaN rate would train silently wrong
+            optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: at step {progress.step} "
+                                                                  "the scheduler set")
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         theta_before = _flat(self.params).clone()
         consecutive = tracker.update()
@@ -513,7 +525,13 @@ class Trainer:
                 return local * share if distributed else local
 
         lambda_floor = self._floor(progress, value, batch, size, controlled, floor)
-        controlled.step(same_batch_loss, value)
+        try:
+            controlled.step(same_batch_loss, value)
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise BadInput(f"step {progress.step}: the update overflows (learning rate {base_lr:g} × the controller's "
+                           f"factor {controlled.factor:g} × the gradient)", hint="give a smaller --lr") from exc
         factor = controlled.factor
         curvature = controlled.curvature if controlled.measures_step else getattr(consecutive, "value", None)
         record = {"step": progress.step, "loss": value, "lr": base_lr * factor, "base_lr": base_lr,
