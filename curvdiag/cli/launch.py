@@ -110,7 +110,7 @@ def check_device(name: str) -> None:
     if kind != "cuda" or (index and not index.isdigit()):
         raise BadArgument("device", name, "unsupported device", hint="choose cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise BadArgument("device", name, "no CUDA device on this machine", hint="use --device cpu")
+        raise BadArgument("device", name, "CUDA is not available on this machine", hint="use --device cpu")
     if index and int(index) >= torch.cuda.device_count():
         raise BadArgument("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
 
