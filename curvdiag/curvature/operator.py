@@ -448,17 +448,17 @@ class CurvatureOperator:
     def _local_gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         if theta.shape != (self.num_params,):
             raise ValueError(f"expected a vector of shape ({self.num_params},), got {tuple(theta.shape)}")
-        originals = [p.detach().clone() for p in self.params]
+        # Swap each parameter's tensor (``.data``) rather than writing into it: the caller's values are
+        # never touched and the version counters never move, so a graph the caller (or the kept
+        # gradient graph) built before stays usable after the parameters are put back.
+        originals = [p.data for p in self.params]
         try:
-            with torch.no_grad():
-                for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
-                    p.copy_(value)
+            for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
+                p.data = value.detach().clone()
             return self._local_loss_and_gradient()
         finally:
-            with torch.no_grad():
-                for p, o in zip(self.params, originals):
-                    p.copy_(o)
-            self.parameters_written()
+            for p, o in zip(self.params, originals):
+                p.data = o
 
     def parameters_written(self) -> None:
         """Call after writing the parameters in place (even to restore them): that bumps their
