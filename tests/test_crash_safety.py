@@ -103,6 +103,45 @@ def test_any_kill_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path, unint
     assert not list(run_dir.rglob("*.tmp"))
 
 
+def _gone(pids, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_signals_to_the_nproc_launcher_alone_stop_the_ranks_and_resume_exactly(tmp_path):
+    """SIGTERM, then SIGKILL, to the launcher's PID only (what timeout, docker stop and systemd
+    send): the ranks stop (exit 130, no process left) and the run resumes under --nproc 2 to the
+    metrics of an uninterrupted --nproc 2 run."""
+    common = [RESUMABLE, "--steps", "10", "--controller", "throttle", "--checkpoint-every", "3", "--nproc", "2"]
+    reference = _train([*common, "--out", str(tmp_path / "straight")])
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    run_dir = tmp_path / "run"
+    for args, halt, signum in (([*common, "--out", str(run_dir)], "loss:9", signal.SIGTERM),
+                               (["--resume", str(run_dir), "--nproc", "2"], "loss:5", signal.SIGKILL)):
+        status, err = _run_until_halted_then_signal(args, halt, signum, tmp_path)
+        ranks = [int(line) for line in (tmp_path / "halted").read_text().split()]
+        assert _gone(ranks), f"ranks {ranks} still run after {signum!r} to the launcher"
+        assert status == (130 if signum == signal.SIGTERM else -signal.SIGKILL), err
+        assert "Traceback" not in err and "OMP_NUM_THREADS" not in err and "death signal" not in err, err
+        assert json.loads((run_dir / "run.json").read_text())["interrupted"] is True
+    finished = _train(["--resume", str(run_dir), "--nproc", "2"])
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert _records(run_dir) == _records(tmp_path / "straight")
+
+
 def test_resume_without_run_json_continues_from_the_newest_checkpoint(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     Trainer(RESUMABLE, None, run_dir, TrainSettings(steps=8, controller="throttle", checkpoint_every=3)).run()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from enum import Enum
@@ -166,18 +167,48 @@ def relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
     command = [sys.executable, "-m", "curvdiag.cli.torchrun", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "curvdiag", ctx.command.name, *forwarded_args(ctx)]
     with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
-        process = subprocess.Popen(command, env=dict(os.environ, **{STATUS_DIR_ENV: status_dir}))
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:  # torchrun got the SIGINT too and stops its workers
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            return 130  # the user's Ctrl-C, whatever torchrun made of it
+        # OMP_NUM_THREADS=1 is what torchrun sets anyway; given, it skips its 4-line banner.
+        env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
+        env.setdefault("OMP_NUM_THREADS", "1")
+        # torchrun runs in a session of its own, so that a signal reaches it exactly once, from here,
+        # whether it was sent to this process alone (kill PID, timeout, docker stop, systemd) or to
+        # the terminal's process group (Ctrl-C); it dies with this process even on SIGKILL.
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        with _forwarded_signals(process) as received:
+            code = process.wait()  # torchrun stops its workers between steps, then ends
+        if received:
+            return 130  # an interruption, like one process, whatever torchrun made of it
         if code == 0:
             return 0
         return _job_outcome(code, Path(status_dir), nproc)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, however (Linux prctl PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _forwarded_signals(process: subprocess.Popen) -> Iterator[List[int]]:
+    """While the block runs, SIGINT and SIGTERM to this process are sent on to ``process``
+    (torchrun, which forwards them to its workers); the list of those received is yielded."""
+    received: List[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _job_outcome(code: int, status_dir: Path, nproc: int) -> int:

@@ -7,6 +7,7 @@ one line per failed rank (exit status or signal) — the launcher then names the
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import List, Optional
@@ -27,6 +28,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun's own log lines (its banner, "Received 15 death signal", "failed (exitcode …)") are
+    # not for the user: the ranks print their one-line errors, the launcher the job's last line.
+    logging.disable(logging.CRITICAL)
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)

@@ -3,7 +3,7 @@ everything a resumed run must restore to continue exactly.
 
 Fault hook for the kill tests (tests/test_crash_safety.py): with ``RESUMABLE_HALT=loss:K`` (or
 ``fsync:K``) the K-th call of loss() (of os.fsync: inside a checkpoint or run.json write) in this
-process creates the file ``RESUMABLE_HALTED`` and waits there to be killed, so a test signals the
+process appends its pid to the file ``RESUMABLE_HALTED`` and waits there to be killed, so a test signals the
 run at an exact moment without racing it."""
 import os
 import time
@@ -18,8 +18,8 @@ _calls = {"loss": 0, "fsync": 0}
 def _maybe_halt(kind):
     _calls[kind] += 1
     if _HALT == f"{kind}:{_calls[kind]}":
-        with open(os.environ["RESUMABLE_HALTED"], "w"):
-            pass
+        with open(os.environ["RESUMABLE_HALTED"], "a") as halted:  # one line per process: its pid
+            halted.write(f"{os.getpid()}\n")
         for _ in range(600):  # the test signals within milliseconds; give up after a minute
             time.sleep(0.1)
 
