@@ -18,7 +18,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.markup import escape
 
 from curvdiag.cli.errors import fail, message_of, user_errors
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
+
+if TYPE_CHECKING:
+    import subprocess
 
 STATUS_DIR_ENV = "CURVDIAG_STATUS_DIR"  # where ranks leave their failure (set by --nproc)
 
@@ -194,7 +197,7 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _forwarded_signals(process: subprocess.Popen) -> Iterator[List[int]]:
+def _forwarded_signals(process: "subprocess.Popen") -> Iterator[List[int]]:
     """While the block runs, SIGINT and SIGTERM to this process are sent on to ``process``
     (torchrun, which forwards them to its workers); the list of those received is yielded."""
     received: List[int] = []
