@@ -112,7 +112,9 @@ def test_a_killed_rank_ends_the_job_and_rank_0_keeps_its_log_and_last_clean_stat
     code, _, err, seconds = jobs["killed"].result(timeout=240)
     assert code != 0
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: rank 0 failed: lost contact with another rank"), err[-3000:]
+    # Issue 15 changed this line: it names the rank that died first and why, not the survivor
+    # (rank 0, which only lost contact with it).
+    assert last.startswith("error: rank 1 failed: killed by SIGKILL"), err[-3000:]
     assert any(line.startswith("torchrun: rank 1 ") and "killed by SIGKILL" in line for line in err.splitlines())
     assert "Traceback" not in err
     run = json.loads((out / "killed" / "run.json").read_text())

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import signal
 import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from curvdiag.cli.errors import fail, message_of, user_errors
-from curvdiag.errors import BadInput, CurvdiagError
+from curvdiag.errors import BadArgument, BadInput, CurvdiagError
+
+if TYPE_CHECKING:
+    import subprocess
 
 STATUS_DIR_ENV = "CURVDIAG_STATUS_DIR"  # where ranks leave their failure (set by --nproc)
 
@@ -82,6 +87,10 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
     each rank leaves the group after success (a failed rank just exits; torchrun ends the others)."""
     from curvdiag.curvature import distributed
 
+    with user_errors(debug):
+        check_device(device)
+        if not (math.isfinite(dist_timeout) and dist_timeout > 0):
+            raise BadArgument("timeout", dist_timeout, "must be a positive finite number of seconds")
     if nproc is not None:
         with user_errors(debug):
             code = relaunch_under_torchrun(ctx, nproc)
@@ -92,6 +101,22 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
         yield
     record_finished(distributed.env_rank())
     distributed.shutdown()
+
+
+def check_device(name: str) -> None:
+    """BadArgument unless ``name`` is ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:N``):
+    meta, mps, xla and absent GPUs would fail later with a torch error, or give no numbers."""
+    import torch
+
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise BadArgument("device", name, "unsupported device", hint="choose cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BadArgument("device", name, "CUDA is not available on this machine", hint="use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise BadArgument("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def fail_rank(exc: CurvdiagError, debug: bool) -> None:
@@ -145,18 +170,48 @@ def relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
     command = [sys.executable, "-m", "curvdiag.cli.torchrun", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "curvdiag", ctx.command.name, *forwarded_args(ctx)]
     with tempfile.TemporaryDirectory(prefix="curvdiag-ranks-") as status_dir:
-        process = subprocess.Popen(command, env=dict(os.environ, **{STATUS_DIR_ENV: status_dir}))
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:  # torchrun got the SIGINT too and stops its workers
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            return 130  # the user's Ctrl-C, whatever torchrun made of it
+        # OMP_NUM_THREADS=1 is what torchrun sets anyway; given, it skips its 4-line banner.
+        env = dict(os.environ, **{STATUS_DIR_ENV: status_dir})
+        env.setdefault("OMP_NUM_THREADS", "1")
+        # torchrun runs in a session of its own, so that a signal reaches it exactly once, from here,
+        # whether it was sent to this process alone (kill PID, timeout, docker stop, systemd) or to
+        # the terminal's process group (Ctrl-C); it dies with this process even on SIGKILL.
+        process = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        with _forwarded_signals(process) as received:
+            code = process.wait()  # torchrun stops its workers between steps, then ends
+        if received:
+            return 130  # an interruption, like one process, whatever torchrun made of it
         if code == 0:
             return 0
         return _job_outcome(code, Path(status_dir), nproc)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, however (Linux prctl PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _forwarded_signals(process: "subprocess.Popen") -> Iterator[List[int]]:
+    """While the block runs, SIGINT and SIGTERM to this process are sent on to ``process``
+    (torchrun, which forwards them to its workers); the list of those received is yielded."""
+    received: List[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _job_outcome(code: int, status_dir: Path, nproc: int) -> int:

@@ -15,7 +15,7 @@ import typer
 
 from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily
 from curvdiag.cli.launch import across_processes
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadArgument, BadInput
 from curvdiag.probes.registry import PROBE_NAMES
 
 
@@ -57,6 +57,8 @@ def run_probe(request: ProbeRequest) -> None:
 
     from curvdiag.curvature import distributed
 
+    if not -2**63 <= request.seed < 2**64:
+        raise BadArgument("seed", request.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
     settings = _settings(request)  # every setting checked before anything is loaded
     rank = distributed.rank()
     quiet = request.quiet or rank != 0  # only rank 0 prints, shows progress and writes files

@@ -7,6 +7,8 @@ one line per failed rank (exit status or signal) — the launcher then names the
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 from typing import List, Optional
@@ -22,11 +24,29 @@ def _describe(failure) -> str:
     return f"exit status {code}"
 
 
+def _record_death(rank: int, failure) -> None:
+    """A rank killed by a signal (OOM killer, kill -9) could not say why: say it for it, so that the
+    launcher's last line names it rather than a survivor that only lost contact with it."""
+    from pathlib import Path
+
+    from curvdiag.cli.launch import STATUS_DIR_ENV, record_failure
+
+    code = getattr(failure, "exitcode", None)
+    where = os.environ.get(STATUS_DIR_ENV)
+    if not (isinstance(code, int) and code < 0 and where):
+        return
+    if not (Path(where, f"rank{rank}.json").exists() or Path(where, f"finished{rank}").exists()):
+        record_failure(rank, 1, f"{_describe(failure)} (pid {failure.pid})")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun's own log lines (its banner, "Received 15 death signal", "failed (exitcode …)") are
+    # not for the user: the ranks print their one-line errors, the launcher the job's last line.
+    logging.disable(logging.CRITICAL)
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
@@ -35,6 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ChildFailedError as exc:
         for rank, failure in sorted(exc.failures.items()):
             print(f"torchrun: rank {rank} (pid {failure.pid}) {_describe(failure)}", file=sys.stderr)
+            _record_death(rank, failure)
         return 1
     return 0
 

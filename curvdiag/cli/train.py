@@ -88,21 +88,18 @@ def new_runs(request: TrainRequest) -> List[PlannedRun]:
 
 
 def resumed_run(run_dir: Path, steps: Optional[int]) -> PlannedRun:
-    """The stopped run in ``run_dir``, continued from its final.pt to ``steps`` (default: its own)."""
-    from curvdiag.loading.checkpoint import read_checkpoint
-    from curvdiag.results.run_dir import read_run
-    from curvdiag.train.loop import TrainSettings
+    """The stopped run in ``run_dir``, continued from its newest complete checkpoint to ``steps``
+    (default: its own); from the start when it has none. Runs the recipe that run.json (or the
+    checkpoint) names: a run directory is trusted like a recipe."""
+    from curvdiag.train.loop import resume_point
 
-    previous = read_run(run_dir).summary
-    settings = TrainSettings(**previous.settings)
+    point = resume_point(run_dir)
+    settings = point.settings
     settings.steps = steps if steps is not None else settings.steps
-    if settings.steps < previous.steps_completed:
+    if settings.steps < point.step:
         raise BadInput(f"--steps {settings.steps}: the run in {run_dir} already completed "
-                       f"{previous.steps_completed} steps", hint="give a larger --steps to continue it")
-    final = read_checkpoint(Path(run_dir) / "final.pt")
-    state = {"path": final.path, "model_state": final.model_state, "optimizer_state": final.optimizer_state,
-             "step": final.step, "resume": True}
-    return PlannedRun(previous.controller, run_dir, previous.recipe, previous.checkpoint, settings, state)
+                       f"{point.step} steps", hint="give a larger --steps to continue it")
+    return PlannedRun(settings.controller, Path(run_dir), point.recipe, point.checkpoint, settings, point.state)
 
 
 def replay(run: PlannedRun, console: Any, quiet: bool) -> Any:
@@ -140,12 +137,16 @@ def run_train(request: TrainRequest) -> None:
     runs = [resumed_run(request.resume, request.steps)] if request.resume is not None else new_runs(request)
     quiet = request.quiet or distributed.rank() != 0
     console = Console(quiet=quiet)
+    warn = Console(stderr=True, quiet=distributed.rank() != 0, markup=False, highlight=False, soft_wrap=True)
     summaries = []
     for run in runs:
         summary = replay(run, console, quiet)
         summaries.append((run.controller, run.run_dir, summary))
+        for failed in summary.save_failures:
+            warn.print(f"warning: a checkpoint could not be saved (retried at the next one): {failed}")
         if summary.interrupted:
-            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {run.run_dir}")
+            console.print(f"interrupted at step {summary.steps_completed}: log and final.pt kept in {run.run_dir}",
+                          markup=False, highlight=False)
             raise typer.Exit(code=130)
     render_comparison(summaries, console)
 
@@ -159,7 +160,7 @@ def train(
     controller: Annotated[str, typer.Option(help=f"{', '.join(CONTROLLERS)} (comma-separated with --compare).")] = "none",
     compare: Annotated[bool, typer.Option("--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table.")] = False,
     sharpness_every: Annotated[int, typer.Option(help="Measure λmax (all batches) every K steps; 0 never.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt every K steps; 0 only final.pt.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt (and run.json) every K steps, so that a killed run resumes from there; 0 only final.pt.")] = 50,
     kappa: Annotated[float, typer.Option(help="Throttle safety factor κ in (0, 1].")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,

@@ -326,9 +326,16 @@ class CurvatureOperator:
         keep = [i for i, o in enumerate(outputs) if o.requires_grad]
         grads: Sequence[Optional[torch.Tensor]] = [None] * len(self.params)
         if keep:
-            grads = torch.autograd.grad(
-                [outputs[i] for i in keep], self.params, allow_unused=True,
-                grad_outputs=None if grad_outputs is None else [grad_outputs[i] for i in keep], **kw)
+            try:
+                grads = torch.autograd.grad(
+                    [outputs[i] for i in keep], self.params, allow_unused=True,
+                    grad_outputs=None if grad_outputs is None else [grad_outputs[i] for i in keep], **kw)
+            except RuntimeError:
+                raise  # torch's own (a kernel without double backward): the fallback decides
+            except Exception as exc:  # raised by the user's code: a custom autograd Function's backward
+                lines = str(exc).strip().splitlines()
+                raise BadInput(f"the loss's backward raised {type(exc).__name__}: {lines[0] if lines else ''}",
+                               hint="a custom autograd.Function in the model or loss fails; use --debug for the traceback") from exc
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
     def _build_kept_graph(self) -> Tuple[float, torch.Tensor]:
@@ -336,7 +343,7 @@ class CurvatureOperator:
         total_loss = 0.0
         gradient: Optional[List[torch.Tensor]] = None
         for weight, batch in self.for_each_batch():
-            loss = self.batch_loss(batch)
+            loss = _depending_on_parameters(self.batch_loss(batch))
             # Weight the scalar loss, not the gradient tensors: no extra node per parameter in
             # the graph that every product goes back through.
             grads = self.parameter_gradients(loss * weight if weight != 1.0 else loss, create_graph=True)
@@ -353,7 +360,7 @@ class CurvatureOperator:
         total_loss = 0.0
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
         for weight, batch in self.for_each_batch():
-            loss = self.batch_loss(batch)
+            loss = _depending_on_parameters(self.batch_loss(batch))
             total.add_(self.flatten(self.parameter_gradients(loss)), alpha=weight)
             total_loss += weight * float(loss.detach())
         return total_loss, total
@@ -441,17 +448,17 @@ class CurvatureOperator:
     def _local_gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         if theta.shape != (self.num_params,):
             raise ValueError(f"expected a vector of shape ({self.num_params},), got {tuple(theta.shape)}")
-        originals = [p.detach().clone() for p in self.params]
+        # Swap each parameter's tensor (``.data``) rather than writing into it: the caller's values are
+        # never touched and the version counters never move, so a graph the caller (or the kept
+        # gradient graph) built before stays usable after the parameters are put back.
+        originals = [p.data for p in self.params]
         try:
-            with torch.no_grad():
-                for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
-                    p.copy_(value)
+            for p, value in zip(self.params, self.unflatten(theta.to(device=self.device, dtype=self.dtype))):
+                p.data = value.detach().clone()
             return self._local_loss_and_gradient()
         finally:
-            with torch.no_grad():
-                for p, o in zip(self.params, originals):
-                    p.copy_(o)
-            self.parameters_written()
+            for p, o in zip(self.params, originals):
+                p.data = o
 
     def parameters_written(self) -> None:
         """Call after writing the parameters in place (even to restore them): that bumps their
@@ -478,3 +485,12 @@ class CurvatureOperator:
             fd = self.finite_difference
             text += f" (h={fd.step:g}, est. rel. error {fd.relative_error_estimate:.1e})"
         return text
+
+
+def _depending_on_parameters(loss: torch.Tensor) -> torch.Tensor:
+    """The batch loss, when it has an autograd graph; BadInput otherwise (a detached loss, or one
+    computed under torch.no_grad(), would give a zero Hessian and a wrong "stable" verdict)."""
+    if not loss.requires_grad:
+        raise BadInput("loss(model, batch) does not depend on the trainable parameters (no autograd graph)",
+                       hint="is the loss computed under torch.no_grad() or detached?")
+    return loss

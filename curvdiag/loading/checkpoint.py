@@ -8,8 +8,9 @@ or ``optimizer_state_dict`` and ``step``/``epoch``; a ``.safetensors`` file. Alw
 
 from __future__ import annotations
 
+import math
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -28,6 +29,7 @@ class Checkpoint:
     model_state: Dict[str, torch.Tensor]
     optimizer_state: Optional[Dict[str, Any]] = None
     step: Optional[int] = None
+    extras: Dict[str, Any] = field(default_factory=dict)  # the file's other entries (a train checkpoint's loop state)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -64,15 +66,39 @@ def _interpret(path: Path, raw: Any) -> Checkpoint:
     for key in MODEL_KEYS:
         if isinstance(raw.get(key), dict):
             optimizer = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw.get(k), dict)), None)
-            step = raw.get("step", raw.get("epoch"))
-            step = int(step) if isinstance(step, (int, float)) or (isinstance(step, torch.Tensor) and step.numel() == 1) else None
-            return Checkpoint(str(path), raw[key], optimizer, step)
+            step = _step_of(path, raw.get("step", raw.get("epoch")))
+            used = {key, "step", "epoch", *OPTIMIZER_KEYS}
+            extras = {k: v for k, v in raw.items() if k not in used}
+            return Checkpoint(str(path), _model_state(path, raw[key]), optimizer, step, extras)
     if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        return Checkpoint(str(path), raw)
+        return Checkpoint(str(path), _model_state(path, raw))
     raise BadInput(
         f"checkpoint {path}: found no model state (keys: {', '.join(map(str, list(raw)[:8]))})",
         hint=f"save the model's state_dict, alone or under one of {', '.join(MODEL_KEYS)}",
     )
+
+
+def _step_of(path: Path, step: Any) -> Optional[int]:
+    """The checkpoint's step (or epoch): a whole number ≥ 0; None when absent; BadInput when malformed."""
+    if step is None:
+        return None
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) \
+            or step != int(step) or step < 0:
+        raise BadInput(f"checkpoint {path}: malformed step {step!r} (expected a whole number ≥ 0)")
+    return int(step)
+
+
+def _model_state(path: Path, state: Dict[Any, Any]) -> Dict[str, torch.Tensor]:
+    """The model state, checked: names (str) to tensors."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise BadInput(f"checkpoint {path}: malformed model state: key {key!r} is not a parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise BadInput(f"checkpoint {path}: malformed model state: {key} holds a {type(value).__name__}, "
+                           "expected a tensor")
+    return state
 
 
 def _strip_wrapper_prefix(state: Dict[str, torch.Tensor], expected: set) -> Dict[str, torch.Tensor]:
@@ -98,7 +124,16 @@ def load_model_state(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         for k in expected
         if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
     ]
+    # A float weight loaded from integers would be rounded silently (every weight in (−1, 1) becomes 0).
+    dtypes = [
+        f"{k} {str(state[k].dtype).replace('torch.', '')} vs model {str(expected[k].dtype).replace('torch.', '')}"
+        for k in expected
+        if k in state and state[k].dtype != expected[k].dtype
+        and not (state[k].is_floating_point() and expected[k].is_floating_point())
+    ]
     problems = []
+    if dtypes:
+        problems.append(f"weights of the wrong type (must be floating point like the model's): {_listing(dtypes)}")
     if missing:
         problems.append(f"missing keys: {_listing(missing)}")
     if unexpected:

@@ -9,6 +9,7 @@ P = diag(sqrt(v / (1 - β2^t)) + ε) of DESIGN §3.2, computed by :func:`adam_pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -73,6 +74,53 @@ class OptimizerInfo:
         return {**settings, **family.torch_options}
 
 
+def _number(value: Any) -> Optional[float]:
+    """A float from a number or a one-element real tensor; None otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def check_param_groups(groups: Sequence[Any], source: str) -> None:
+    """BadInput unless every group's learning rate is a finite number ≥ 0 and its momentum, β and
+    dampening lie in [0, 1) (ε finite ≥ 0): a NaN or negative rate would give a wrong verdict, not an error."""
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise BadInput(f"{source}: param group {index} is a {type(group).__name__}, expected a dict")
+        where = f"{source}: param group {index}"
+        params = group.get("params")
+        if params is not None and not (isinstance(params, (list, tuple))
+                                       and all(isinstance(p, (int, torch.Tensor)) and not isinstance(p, bool) for p in params)):
+            raise BadInput(f"{where}: params={params!r:.60}, expected a list of parameter indices",
+                           hint="save optimizer.state_dict() unchanged")
+        checks = [("lr", group.get("lr"), lambda x: math.isfinite(x) and x >= 0, "a finite number ≥ 0")]
+        if group.get("momentum") is not None:
+            checks.append(("momentum", group["momentum"], lambda x: 0 <= x < 1, "in [0, 1)"))
+        if group.get("dampening") is not None:
+            checks.append(("dampening", group["dampening"], lambda x: 0 <= x <= 1, "in [0, 1]"))
+        if group.get("eps") is not None:
+            checks.append(("eps", group["eps"], lambda x: math.isfinite(x) and x >= 0, "a finite number ≥ 0"))
+        betas = group.get("betas")
+        if betas is not None:
+            if not isinstance(betas, (tuple, list)):
+                raise BadInput(f"{where}: betas={betas!r}, expected a pair of numbers in [0, 1)")
+            checks += [(f"betas[{i}]", b, lambda x: 0 <= x < 1, "in [0, 1)") for i, b in enumerate(betas)]
+        for key, raw, ok, expected in checks:
+            if key == "lr" and raw is None:
+                continue
+            value = _number(raw)
+            if value is None or not ok(value):
+                raise BadInput(f"{where}: {key}={raw!r}, expected {expected}",
+                               hint="fix the optimizer's hyperparameters (a NaN or negative rate gives no meaningful verdict)")
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer, source: str) -> None:
+    """:func:`check_param_groups` on a live optimizer."""
+    check_param_groups(optimizer.param_groups, source)
+
+
 def _group_settings(group: Dict[str, Any]) -> Dict[str, Any]:
     """Family (from the table), name and settings of one torch param group."""
     family = family_of_group(group)
@@ -96,8 +144,9 @@ def from_state_dict(state: Dict[str, Any], params: Sequence[torch.nn.Parameter],
     """Read an ``optimizer.state_dict()``. ``params`` are the model's trainable parameters in
     ``model.parameters()`` order, which is the order the optimizer saw them in the usual case."""
     groups = state.get("param_groups") or []
-    if not groups:
+    if not isinstance(groups, (list, tuple)) or not groups:
         raise BadInput("checkpoint: the optimizer state has no param_groups", hint="save optimizer.state_dict()")
+    check_param_groups(groups, "checkpoint: the optimizer state")
     settings = _group_settings(groups[0])
     lr, note = _lr_of(groups)
     info = OptimizerInfo(lr=lr, source=source, note=note, **settings)
@@ -130,6 +179,7 @@ def _attach_second_moments(info: OptimizerInfo, state: Dict[str, Any], params: S
 
 def from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerInfo:
     """Settings of a live optimizer (the recipe's ``optimizer(params)``)."""
+    check_hyperparameters(optimizer, "recipe: optimizer(params)")
     settings = _group_settings(optimizer.param_groups[0])
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.AdamW):
@@ -143,8 +193,8 @@ def apply_flags(info: OptimizerInfo, lr: Optional[float], optimizer_family: Opti
                 momentum: Optional[float] = None) -> OptimizerInfo:
     """Flags override the other sources."""
     if lr is not None:
-        if not lr > 0:
-            raise BadArgument("lr", lr, "the learning rate must be positive")
+        if not (math.isfinite(lr) and lr > 0):
+            raise BadArgument("lr", lr, "the learning rate must be a positive finite number")
         info.lr = float(lr)
         info.source = "flags" if info.source == "none" else f"{info.source}, lr from flags"
     if optimizer_family is not None:

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -42,9 +42,12 @@ class Recipe:
             return self._fn(name)(*args)
         except BadInput:
             raise
+        except SystemExit as exc:  # a recipe that ends the program: say so instead of exiting silently
+            raise BadInput(f"recipe {self.name}: {name}() called sys.exit({exc.code!r})",
+                           hint="a recipe's functions return values; remove the exit") from exc
         except Exception as exc:  # the user's code: report, don't trace back
             raise BadInput(
-                f"recipe {self.name}: {name}() raised {type(exc).__name__}: {exc}",
+                f"recipe {self.name}: {name}() raised {type(exc).__name__}: {_first_line(exc)}",
                 hint="run the recipe's function by hand, or use --debug for the traceback",
             ) from exc
 
@@ -66,9 +69,29 @@ class Recipe:
             ) from None
         return data
 
+    def batches(self, data: Any) -> Iterator[Any]:
+        """The batches of ``data`` (what data() returned); an error raised while iterating it (a
+        file gone midway, a sys.exit) as one BadInput naming the recipe."""
+        iterator = iter(data)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except BadInput:
+                raise
+            except (Exception, SystemExit) as exc:
+                what = f"sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {_first_line(exc)}"
+                raise BadInput(f"recipe {self.name}: iterating data() raised {what}",
+                               hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
+            yield batch
+
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Call the recipe's ``loss``; checks that it returns a scalar tensor."""
         value = self._call("loss", model, batch)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            raise BadInput(f"recipe {self.name}: loss(model, batch) returned a {str(value.dtype).replace('torch.', '')} "
+                           "tensor, expected a real floating-point scalar")
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise BadInput(
                 f"recipe {self.name}: loss(model, batch) returned "
@@ -103,6 +126,11 @@ class Recipe:
         return size
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def leading_dimension(batch: Any) -> Optional[int]:
     """The leading dimension of the first tensor found in a (nested) batch, or None."""
     if isinstance(batch, torch.Tensor):
@@ -129,6 +157,10 @@ def load_recipe(spec: str) -> Recipe:
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
+        except SystemExit as exc:
+            sys.modules.pop(module_name, None)
+            raise BadInput(f"recipe {spec}: importing it called sys.exit({exc.code!r})",
+                           hint="guard the script part with if __name__ == \"__main__\":") from exc
         except Exception as exc:
             sys.modules.pop(module_name, None)
             raise BadInput(

@@ -95,12 +95,12 @@ def shard_batches(source: Any, rank: int, world_size: int,
             raise BadInput(f"recipe {recipe.name}: data(rank, world_size) returned {type(data).__name__}, "
                            "expected an iterable of batches") from None
         mine = []
-        for batch in iterator:
+        for batch in recipe.batches(iterator):
             if max_batches is not None and len(mine) >= max_batches:
                 break
             mine.append(batch)
         return mine, "recipe", None
-    stream = recipe.data() if recipe is not None else source
+    stream = recipe.batches(recipe.data()) if recipe is not None else source
     if world_size == 1:
         batches = []
         for batch in stream:

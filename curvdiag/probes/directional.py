@@ -108,6 +108,18 @@ class DirectionalCurvatureTracker:
             pieces.append(torch.zeros_like(p).reshape(-1) if t is None else t.detach().reshape(-1))
         return torch.cat(pieces).clone()
 
+    def state(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """What the next :meth:`update` compares with: the previous (θ, G) flattened, or None."""
+        return self._previous
+
+    def load_state(self, state: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Continue from a :meth:`state` (a resumed training run)."""
+        if state is not None:
+            n = self.slices[-1][2] if self.slices else 0
+            if len(state) != 2 or any(not isinstance(t, torch.Tensor) or t.shape != (n,) for t in state):
+                raise ValueError(f"a directional-curvature state holds two vectors of {n} numbers")
+        self._previous = None if state is None else (state[0], state[1])
+
     def update(self) -> Optional[DirectionalCurvature]:
         theta, grad = self._flat(grads=False), self._flat(grads=True)
         previous, self._previous = self._previous, (theta, grad)

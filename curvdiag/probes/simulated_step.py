@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from curvdiag.errors import BadInput
 from curvdiag.loading.target import Target
 from curvdiag.stability import OPTIMIZER_FAMILIES
 
@@ -32,35 +31,26 @@ def _build_optimizer(target: Target, params: list) -> Optional[torch.optim.Optim
 
 def simulate_step(target: Target, op) -> Tuple[Optional[torch.Tensor], str]:
     """(θ_{t+1} flat, description) or (None, reason it cannot be simulated)."""
-    params = op.params
-    saved_data = [p.detach().clone() for p in params]
-    saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
-    try:
-        optimizer = _build_optimizer(target, params)
-        if optimizer is None:
-            return None, "no optimizer to take a step from (give --previous CKPT, or --optimizer and --lr)"
-        note = "optimizer state from the checkpoint"
-        state = target.checkpoint.optimizer_state if target.checkpoint else None
-        if state is not None:
-            try:
-                optimizer.load_state_dict(copy.deepcopy(state))
-            except (ValueError, KeyError, RuntimeError) as exc:
-                note = f"checkpoint optimizer state not usable, fresh state: {str(exc).splitlines()[0][:80]}"
-        else:
-            note = "fresh optimizer state: the checkpoint has none"
-        if target.optimizer.lr is not None and "flags" in target.optimizer.source:
-            for group in optimizer.param_groups:  # --lr overrides every group
-                group["lr"] = target.optimizer.lr
-        for p, g in zip(params, op.unflatten(op.gradient())):
-            p.grad = g.clone()
-        optimizer.step()
-        theta_next = op.parameters_vector().clone()
-        return theta_next, f"one simulated {type(optimizer).__name__} step ({note})"
-    except BadInput:
-        raise
-    finally:
-        with torch.no_grad():
-            for p, data, grad in zip(params, saved_data, saved_grads):
-                p.copy_(data)
-                p.grad = grad
-        op.parameters_written()
+    # The step is taken on copies of the parameters: the model's tensors, their version counters
+    # (a graph the caller still holds) and their ``.grad`` objects are never touched.
+    params = [torch.nn.Parameter(p.detach().clone()) for p in op.params]
+    optimizer = _build_optimizer(target, params)
+    if optimizer is None:
+        return None, "no optimizer to take a step from (give --previous CKPT, or --optimizer and --lr)"
+    note = "optimizer state from the checkpoint"
+    state = target.checkpoint.optimizer_state if target.checkpoint else None
+    if state is not None:
+        try:
+            optimizer.load_state_dict(copy.deepcopy(state))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            note = f"checkpoint optimizer state not usable, fresh state: {str(exc).splitlines()[0][:80]}"
+    else:
+        note = "fresh optimizer state: the checkpoint has none"
+    if target.optimizer.lr is not None and "flags" in target.optimizer.source:
+        for group in optimizer.param_groups:  # --lr overrides every group
+            group["lr"] = target.optimizer.lr
+    for p, g in zip(params, op.unflatten(op.gradient())):
+        p.grad = g.clone()
+    optimizer.step()
+    theta_next = op.flatten([p.detach() for p in params])
+    return theta_next, f"one simulated {type(optimizer).__name__} step ({note})"

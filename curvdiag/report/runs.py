@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from curvdiag.results.run_dir import RunSummary
 
@@ -27,9 +28,9 @@ def render_comparison(runs: List[Tuple[str, Path, RunSummary]], console: Console
         table.add_column(column, justify="left" if column in ("controller", "run directory") else "right")
     for name, where, s in runs:
         table.add_row(
-            "none (baseline)" if name == "none" and len(runs) > 1 else name,
+            "none (baseline)" if name == "none" and len(runs) > 1 else Text(name),
             _g(s.final_loss), _g(s.best_loss), "[red]yes[/]" if s.diverged else "no",
             str(s.steps_completed), _g(s.mean_throttle, 3), _g(s.seconds_per_step, 3, scale=1000),
-            _g(s.extra_hvps_per_step, 2), str(where),
+            _g(s.extra_hvps_per_step, 2), Text(str(where)),  # a user's path is text, never markup
         )
     console.print(table)

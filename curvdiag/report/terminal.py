@@ -161,7 +161,7 @@ def _layer_table(r: ProbeReport) -> Optional[Table]:
     for title, _ in columns:
         table.add_column(title, justify="right")
     for name in r.model.layers:
-        table.add_row(name, *[cell(name) for _, cell in columns])
+        table.add_row(Text(name), *[cell(name) for _, cell in columns])  # a layer name is text, never markup
     return table
 
 

@@ -9,13 +9,15 @@ written by the training loop. :func:`read_run` is what ``train --resume``, ``plo
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from curvdiag.errors import BadInput
+from curvdiag.errors import BadInput, CurvdiagError
 from curvdiag.results.codec import decode_record, encode
 from curvdiag.results.json_safe import finite, finite_or_none, read_json
 
@@ -47,6 +49,8 @@ class RunSummary:
     world_size: int = 1  # processes (data parallelism under torchrun)
     replica_spread: Optional[float] = None  # max over weights of (max − min over ranks): 0.0 when in sync
     failure: Optional[str] = None  # why the run stopped early, when it did not diverge or get interrupted
+    in_progress: bool = False  # written while the run goes on: true here after a kill means it was cut short
+    save_failures: List[str] = field(default_factory=list)  # periodic saves that failed ("path: cause"), retried
 
 
 @dataclass
@@ -122,6 +126,12 @@ class MetricsLog:
             self._file.write(json.dumps(finite_or_none(record)) + "\n")
             self._file.flush()
 
+    def sync(self) -> None:
+        """Force the lines written so far to the disk (before a checkpoint that counts on them)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -134,11 +144,98 @@ class MetricsLog:
         self.close()
 
 
-def write_run_summary(run_dir: Path, summary: RunSummary) -> Path:
-    """``RUN_DIR/run.json`` (non-finite numbers as null)."""
-    path = Path(run_dir) / SUMMARY_FILE
-    path.write_text(json.dumps(finite_or_none(encode(summary)), indent=2) + "\n")
+class RunDirectoryError(CurvdiagError):
+    """A file of the run directory could not be written (disk full, I/O error): exit status 1,
+    one line naming the path and the cause."""
+
+    def __init__(self, path: Path, exc: BaseException):
+        self.path, self.cause = Path(path), describe_os_error(exc)
+        super().__init__(f"cannot write {path}: {self.cause}",
+                         hint="free space on that disk (or give --out elsewhere), then continue with --resume")
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``No space left on device (ENOSPC)``: the cause of an I/O error in a few words."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def write_atomically(path: Path, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` so that a kill at any moment leaves the old or the new file,
+    never a mixture: write ``path.tmp``, fsync it, rename it over ``path``, fsync the directory.
+    On an error (disk full) the ``.tmp`` file is removed and the OSError raised."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with_ignored_errors(tmp.unlink)
+        raise
+    with_ignored_errors(lambda: _fsync_directory(path.parent))
     return path
+
+
+def with_ignored_errors(action) -> None:
+    try:
+        action()
+    except OSError:
+        pass
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_run_summary(run_dir: Path, summary: RunSummary) -> Path:
+    """``RUN_DIR/run.json`` (non-finite numbers as null), written atomically (:func:`write_atomically`)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return write_atomically(path, (json.dumps(finite_or_none(encode(summary)), indent=2) + "\n").encode())
+
+
+def logged_steps(run_dir: Path) -> List[Dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl`` that form an unbroken sequence of steps from the
+    first (a line cut short by a kill, or one out of sequence, ends it)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({describe_os_error(exc)})") from exc
+    records: List[Dict[str, Any]] = []
+    for line in lines[:-1]:  # the part after the last newline was never completed
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            break
+        if records and record["step"] != records[-1]["step"] + 1:
+            break
+        records.append(record)
+    return records
+
+
+def truncate_metrics(run_dir: Path, steps: int) -> List[Dict[str, Any]]:
+    """Cut ``RUN_DIR/metrics.jsonl`` to the records of steps 0 … ``steps`` − 1 (what a resume from a
+    checkpoint of step ``steps`` keeps), atomically; returns them. BadInput when fewer are logged."""
+    records = [r for r in logged_steps(run_dir) if r["step"] < steps]
+    if len(records) != steps or (records and records[0]["step"] != 0):
+        raise BadInput(f"{Path(run_dir) / METRICS_FILE}: logs {len(records)} steps before step {steps}, "
+                       f"expected {steps}", hint="the log and the checkpoint are from different runs")
+    write_atomically(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
 
 
 def _read_records(path: Path) -> Tuple[List[StepRecord], int]:

@@ -94,7 +94,7 @@ class DataParallel:
         while True:
             count = 0
             data = self.recipe._call("data", self.rank, self.world_size) if self.recipe_shards else self.recipe.data()
-            for batch in data:
+            for batch in self.recipe.batches(data):
                 if self.max_batches is not None and count >= self.max_batches:
                     break
                 count += 1

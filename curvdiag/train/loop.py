@@ -11,12 +11,24 @@ iteration; thresholds come from :mod:`curvdiag.stability`.
 Run directory: ``metrics.jsonl`` (one object per step), ``run.json`` (summary and settings),
 ``final.pt`` (the last state whose loss was finite: model, optimizer, step) and
 ``checkpoints/step_N.pt`` every ``checkpoint_every`` steps.
+
+Crash safety: ``run.json`` is written before the first step (``in_progress: true``) and rewritten
+after every checkpoint; every file is replaced atomically (write, fsync, rename), so a kill at any
+moment leaves each file whole, old or new. A checkpoint holds everything the next step depends on
+(model, optimizer, scheduler, controller, the λmax floor's and the curvature tracker's memory, the
+RNG, the run's settings), so :func:`resume_point` + a resumed :class:`Trainer` continue a run from
+its newest complete checkpoint exactly as if it had never stopped, with ``metrics.jsonl`` cut back
+to that checkpoint's step. A periodic save that fails (disk full) is recorded in
+``save_failures`` and retried at the next checkpoint; a final save that fails ends the run with
+:class:`~curvdiag.results.run_dir.RunDirectoryError` (exit 1) after writing run.json if it fits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import io
 import math
 import signal
 import threading
@@ -29,11 +41,14 @@ import torch
 
 from curvdiag._version import __version__
 from curvdiag.curvature.distributed import as_communication_error
-from curvdiag.results.run_dir import MetricsLog, RunSummary, write_run_summary
+from curvdiag.curvature import distributed
+from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, RunDirectoryError, RunSummary,
+                                      describe_os_error, logged_steps, read_run, truncate_metrics, with_ignored_errors,
+                                      write_atomically, write_run_summary)
 from curvdiag.curvature.operator import CurvatureOperator, preserved_state
-from curvdiag.errors import BadArgument, BadInput
+from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
-from curvdiag.loading.checkpoint import load_model_state, read_checkpoint
+from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_checkpoint
 from curvdiag.loading.recipe import load_recipe
 from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.probes.eigen import power_iteration
@@ -44,6 +59,13 @@ from curvdiag.train.adapters import ControlledOptimizer, optimizer_preconditione
 from curvdiag.train.data_parallel import DataParallel
 
 
+# One checkpoint (torch.save, fsync, rename, then run.json likewise) costs 8–20 ms on the sample
+# models, whose steps take 5–23 ms (benchmarks/bench_checkpoint_every.py): every 10 steps adds
+# 6–26%, every 50 at most ~6% there and nothing measurable on models whose steps take longer; a kill
+# loses at most 50 steps.
+DEFAULT_CHECKPOINT_EVERY = 50
+
+
 @dataclass
 class TrainSettings:
     steps: int = 200
@@ -51,7 +73,7 @@ class TrainSettings:
     controller: str = "none"
     seed: int = 0
     sharpness_every: int = 0  # measure λmax on all batches every K steps (0: never)
-    checkpoint_every: int = 0  # 0: only final.pt
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only final.pt
     divergence_factor: float = 1e3  # loss above this × the first loss counts as divergence
     kappa: float = 0.5  # throttle safety factor κ
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
@@ -61,6 +83,138 @@ class TrainSettings:
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
+
+
+# Where the run directory cannot be made for a reason the user controls (exit 2, not 1).
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.ENAMETOOLONG}
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """BadArgument for a setting out of its range (a learning rate must be a positive finite number)."""
+    if not isinstance(settings.steps, int) or settings.steps < 1:
+        raise BadArgument("steps", settings.steps, "must be at least 1")
+    if settings.lr is not None and not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr)
+                                        and settings.lr > 0):
+        raise BadArgument("lr", settings.lr, "must be a positive finite number")
+    for name in ("sharpness_every", "checkpoint_every"):
+        if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 0:
+            raise BadArgument(name, getattr(settings, name), "must be at least 0")
+    if not isinstance(settings.seed, int) or not -2**63 <= settings.seed < 2**64:
+        raise BadArgument("seed", settings.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
+    for name in ("divergence_factor", "kappa", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
+        value = getattr(settings, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BadArgument(name, value, "must be a positive finite number")
+
+
+def prepare_run_directory(out: Path) -> None:
+    """Create the run directory, or say why not: BadArgument(out) when the path is unusable
+    (a file, no permission, read-only), RunDirectoryError for other I/O errors."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".curvdiag-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno in _UNWRITABLE:
+            raise BadArgument("out", str(out), f"cannot write the run directory: {describe_os_error(exc)}") from exc
+        raise RunDirectoryError(out, exc) from exc
+
+
+def _what_raised(exc: BaseException) -> str:
+    """``ValueError: bad batch`` (the first line), or ``sys.exit(3)``."""
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _finite_or_none(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+@dataclass
+class ResumePoint:
+    """Where ``--resume`` continues a run: its newest complete checkpoint (``state``, as Trainer's
+    ``resume_state``; None: no checkpoint, start over) and the run's recipe and settings."""
+
+    step: int
+    recipe: str
+    checkpoint: Optional[str]
+    settings: TrainSettings
+    state: Optional[Dict[str, Any]]
+
+
+def _settings_from(document: Any, source: str) -> TrainSettings:
+    """TrainSettings from a stored dict (run.json or a checkpoint's ``run``), checked field by field."""
+    defaults = TrainSettings()
+    if not isinstance(document, dict):
+        raise BadInput(f"{source}: malformed settings (expected an object)")
+    values = {}
+    for name, value in document.items():
+        if not hasattr(defaults, name):
+            continue  # a setting of another version: ignored
+        default = getattr(defaults, name)
+        expected = (type(None), int, float) if name in ("lr", "max_batches") else type(default)
+        if expected is float:
+            expected = (int, float)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise BadInput(f"{source}: malformed setting {name}={value!r}")
+        values[name] = value
+    settings = TrainSettings(**values)
+    try:
+        check_settings(settings)
+        controllers.builder_of(settings.controller)
+    except BadInput as exc:
+        raise BadInput(f"{source}: {exc.message}") from exc
+    return settings
+
+
+def _step_of_name(path: Path) -> int:
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def resume_point(run_dir: Path) -> ResumePoint:
+    """The newest complete checkpoint of ``run_dir`` (final.pt or checkpoints/step_N.pt) whose step
+    the log reaches; run.json when present, else that checkpoint, says which recipe and settings.
+    Files left by a kill during a write (``*.tmp``) are removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: not a curvdiag run directory (no such directory)")
+    for leftover in [*run_dir.glob("*.tmp"), *run_dir.glob("checkpoints/*.tmp")]:
+        with_ignored_errors(leftover.unlink)
+    summary = read_run(run_dir).summary if (run_dir / SUMMARY_FILE).is_file() else None
+    logged = len(logged_steps(run_dir))
+    candidates = sorted(run_dir.glob("checkpoints/step_*.pt"), key=_step_of_name, reverse=True)
+    chosen = None
+    for path in [run_dir / "final.pt", *candidates] if (run_dir / "final.pt").is_file() else candidates:
+        try:
+            checkpoint = read_checkpoint(path)
+        except BadInput:
+            continue  # unreadable: an older one will do
+        step = checkpoint.step or 0
+        if step <= logged and (chosen is None or step > chosen.step):
+            chosen = checkpoint
+    if summary is None and chosen is None:
+        raise BadInput(f"{run_dir}: not a curvdiag run directory (no run.json and no checkpoint)")
+    if summary is not None:
+        recipe, origin, settings = summary.recipe, summary.checkpoint, _settings_from(summary.settings, str(run_dir / SUMMARY_FILE))
+    else:
+        run = chosen.extras.get("run")
+        if not isinstance(run, dict) or not isinstance(run.get("recipe"), str):
+            raise BadInput(f"{run_dir}: no run.json, and {chosen.path} does not say which recipe wrote it",
+                           hint="resume needs a checkpoint written by curvdiag train")
+        recipe, origin, settings = run["recipe"], run.get("checkpoint"), _settings_from(run.get("settings"), chosen.path)
+    if not isinstance(recipe, str) or not (origin is None or isinstance(origin, str)):
+        raise BadInput(f"{run_dir / SUMMARY_FILE}: malformed (recipe {recipe!r}, checkpoint {origin!r})")
+    if chosen is None:
+        return ResumePoint(0, recipe, origin, settings, None)
+    state = {"path": chosen.path, "model_state": chosen.model_state, "optimizer_state": chosen.optimizer_state,
+             "step": chosen.step or 0, "resume": True, "extras": chosen.extras}
+    return ResumePoint(chosen.step or 0, recipe, origin, settings, state)
 
 
 def _flat(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -106,19 +260,21 @@ class _Progress:
     diverged: bool = False
     interrupted: bool = False
     failure: Optional[BaseException] = None
+    save_failures: List[str] = field(default_factory=list)
 
 
 class Trainer:
-    """One replay: build from the recipe (and checkpoint), then :meth:`run`."""
+    """One replay: build from the recipe (and checkpoint), then :meth:`run`. ``resume_state`` (a
+    checkpoint written by this loop, as a dict with ``resume: True``) continues a stopped run."""
 
     def __init__(self, recipe_spec: str, checkpoint: Optional[str], out: Path, settings: TrainSettings,
                  resume_state: Optional[Dict[str, Any]] = None):
         builder = controllers.builder_of(settings.controller)  # an unknown name fails before the recipe runs
-        if settings.steps < 1:
-            raise BadArgument("steps", settings.steps, "must be at least 1")
-        if settings.lr is not None and not settings.lr > 0:
-            raise BadArgument("lr", settings.lr, "must be positive")
+        check_settings(settings)
         self.settings, self.out, self.checkpoint_path = settings, Path(out), checkpoint
+        self._loop: Optional[Tuple[ControlledOptimizer, DirectionalCurvatureTracker, _PowerFloor]] = None
+        if distributed.rank() == 0:
+            prepare_run_directory(self.out)
         torch.manual_seed(settings.seed)
         self.recipe = load_recipe(recipe_spec)
         self.model = self.recipe.model()
@@ -128,15 +284,17 @@ class Trainer:
         if not self.recipe.has("optimizer"):
             raise BadInput(f"recipe {self.recipe.name}: train needs optimizer(params) in the recipe")
         self.optimizer = self.recipe.optimizer(self.params)
-        self.start_step = 0
+        optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: optimizer(params)")
+        self.start_step, self.resumed = 0, bool(resume_state and resume_state.get("resume"))
+        self._resume_extras: Dict[str, Any] = dict(resume_state.get("extras") or {}) if self.resumed else {}
         source = resume_state or (read_checkpoint(checkpoint).__dict__ if checkpoint else None)
         if source is not None:
             self._load(source)
-        if settings.lr is not None:
+        if settings.lr is not None and not self.resumed:  # resumed: the optimizer state holds the rates in use
             for group in self.optimizer.param_groups:
                 group["lr"] = settings.lr
                 group["initial_lr"] = settings.lr
-        self.scheduler = self.recipe._call("scheduler", self.optimizer) if self.recipe.has("scheduler") else None
+        self.scheduler = self._scheduler()
         info = optimizer_state.from_optimizer(self.optimizer)
         self.info = info
         self.constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9) if info.family else None
@@ -149,29 +307,103 @@ class Trainer:
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
 
     def _load(self, source: Dict[str, Any]) -> None:
-        from curvdiag.loading.checkpoint import Checkpoint
-
         checkpoint = Checkpoint(source.get("path", "resume"), source["model_state"], source.get("optimizer_state"), source.get("step"))
         load_model_state(self.model, checkpoint)
         if checkpoint.optimizer_state is not None:
             try:
                 self.optimizer.load_state_dict(checkpoint.optimizer_state)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise BadInput(f"checkpoint {checkpoint.path}: its optimizer state does not fit the recipe's optimizer ({exc})") from exc
-        self.start_step = int(checkpoint.step or 0) if source.get("resume") else 0
+            except Exception as exc:  # a state of another optimizer, or a malformed one
+                raise BadInput(f"checkpoint {checkpoint.path}: its optimizer state does not fit the recipe's optimizer "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            optimizer_state.check_hyperparameters(self.optimizer, f"checkpoint {checkpoint.path}")
+        self.start_step = int(checkpoint.step or 0) if self.resumed else 0
+
+    def _scheduler(self) -> Any:
+        """The recipe's ``scheduler(optimizer)``, at the resumed step when resuming."""
+        if not self.recipe.has("scheduler"):
+            return None
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        scheduler = self.recipe._call("scheduler", self.optimizer)
+        if not all(callable(getattr(scheduler, name, None)) for name in ("step", "state_dict", "load_state_dict")):
+            raise BadInput(f"recipe {self.recipe.name}: scheduler(optimizer) returned {type(scheduler).__name__}, "
+                           "expected a torch.optim.lr_scheduler scheduler")
+        saved = self._resume_extras.get("scheduler")
+        if saved is not None:
+            try:
+                scheduler.load_state_dict(saved)
+            except Exception as exc:
+                raise BadInput(f"the resumed checkpoint's scheduler state does not fit the recipe's scheduler ({exc})") from exc
+            for group, lr in zip(self.optimizer.param_groups, rates):  # a new scheduler resets the rates: undo
+                group["lr"] = lr
+        optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: scheduler(optimizer)")
+        return scheduler
 
     # ------------------------------------------------------------------ files
-    def _state(self, step: int) -> Dict[str, Any]:
-        return {"model": copy.deepcopy(self.model.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "step": step}
+    def _state(self, step: int, progress: Optional["_Progress"] = None) -> Dict[str, Any]:
+        """Everything step ``step`` depends on (what a checkpoint holds)."""
+        state = {"model": copy.deepcopy(self.model.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                 "step": step}
+        if self._loop is not None:
+            controlled, tracker, floor = self._loop
+            state["loop"] = {"controller": list(controlled.state), "floor_vector": floor.vector, "floor_hvps": floor.hvps,
+                             "tracker": list(tracker.state()) if tracker.state() is not None else None,
+                             "initial_loss": progress.initial_loss if progress else None,
+                             "loss_average": progress.loss_average if progress else None,
+                             "rng": torch.get_rng_state()}
+        if self.scheduler is not None:
+            state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+        return state
+
+    def _restore_loop(self, progress: "_Progress") -> None:
+        """A resumed run: the controller's, floor's and tracker's memory and the RNG as the checkpoint left them."""
+        saved = self._resume_extras.get("loop")
+        if not isinstance(saved, dict):
+            return
+        controlled, tracker, floor = self._loop
+        try:
+            values = saved.get("controller")
+            if values is not None:
+                controlled.state = type(controlled.state)(*values)
+            floor.vector, floor.hvps = saved.get("floor_vector"), int(saved.get("floor_hvps") or 0)
+            if saved.get("tracker") is not None:
+                tracker.load_state(tuple(saved["tracker"]))
+            if saved.get("rng") is not None:
+                torch.set_rng_state(saved["rng"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BadInput(f"the resumed checkpoint's loop state is malformed ({exc})",
+                           hint="resume from another checkpoint of the run") from exc
+        progress.initial_loss = _finite_or_none(saved.get("initial_loss"))
+        progress.loss_average = _finite_or_none(saved.get("loss_average"))
+
+    def _run_metadata(self) -> Dict[str, Any]:
+        """What a checkpoint says about its run, so that --resume works without run.json."""
+        return {"recipe": self.recipe.name, "checkpoint": self.checkpoint_path, "controller": self.settings.controller,
+                "settings": asdict(self.settings)}
 
     def _save(self, state: Dict[str, Any], path: Path) -> None:
+        """``state`` to ``path`` atomically (never a half-written checkpoint); OSError when it cannot."""
         if not self.replicas.is_writer:
             return
+        buffer = io.BytesIO()
+        torch.save({**state, "run": self._run_metadata()}, buffer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # never leave a half-written checkpoint
+        write_atomically(path, buffer.getvalue())
+
+    def _checkpoint(self, progress: "_Progress", metrics: MetricsLog, step: int) -> None:
+        """checkpoints/step_N.pt, then run.json saying so; a failure is recorded, and the next
+        checkpoint tries again."""
+        path = self.out / "checkpoints" / f"step_{step}.pt"
+        try:
+            metrics.sync()
+            self._save(self._state(step, progress), path)
+            path = self.out / SUMMARY_FILE
+            self._write_summary(self._summary(progress, step, in_progress=True))
+        except OSError as exc:
+            progress.save_failures.append(f"{path}: {describe_os_error(exc)}")
+
+    def _write_summary(self, summary: RunSummary) -> None:
+        if self.replicas.is_writer:
+            write_run_summary(self.out, summary)
 
     # ------------------------------------------------------------------ loop
     def run(self, on_step: Optional[Callable[[Dict[str, Any]], None]] = None, append: bool = False) -> RunSummary:
@@ -183,22 +415,37 @@ class Trainer:
     def _run(self, on_step: Optional[Callable[[Dict[str, Any]], None]], append: bool, signals: "_Signals") -> RunSummary:
         """The step loop: one line of metrics.jsonl per step, then the summary however it ended."""
         replicas = self.replicas
-        if replicas.is_writer:
-            self.out.mkdir(parents=True, exist_ok=True)
         batches = replicas.batches(skip=self.start_step)  # resume: the data order of an uninterrupted run
         reduce = replicas.sum_over_ranks if replicas.world_size > 1 else None
         controlled = ControlledOptimizer(self.optimizer, self.controller, reduce=reduce)
         tracker, floor = DirectionalCurvatureTracker(self.model), _PowerFloor(self.settings.seed)
-        progress = _Progress(step=self.start_step, clean=self.start_step, last_good=self._state(self.start_step))
-        metrics = MetricsLog(self.out if replicas.is_writer else None, append=append)
+        self._loop = (controlled, tracker, floor)
+        progress = _Progress(step=self.start_step, clean=self.start_step, last_good={})
+        if self.resumed:
+            self._restore_loop(progress)
+            if replicas.is_writer:  # the log from before the checkpoint, cut back to it: no repeated step
+                for record in truncate_metrics(self.out, self.start_step):
+                    if not record.get("diverged"):
+                        progress.losses.append(record.get("loss"))
+                        progress.factors.append(record.get("throttle"))
+                        progress.times.append(record.get("seconds"))
+        progress.last_good = self._state(self.start_step, progress)
+        try:
+            metrics = MetricsLog(self.out if replicas.is_writer else None, append=self.resumed or append)
+            self._write_summary(self._summary(progress, self.start_step, in_progress=True))
+        except OSError as exc:
+            raise RunDirectoryError(self.out, exc) from exc
         try:
             for step in range(self.start_step, self.settings.steps):
                 progress.step = step
                 record = self._step(progress, batches, controlled, tracker, floor)
-                metrics.write(record)
+                try:
+                    metrics.write(record)
+                except OSError as exc:
+                    raise RunDirectoryError(self.out / METRICS_FILE, exc) from exc
                 if progress.diverged:
                     break
-                self._account(progress, record, on_step)
+                self._account(progress, record, metrics, on_step)
             else:
                 progress.step = self.settings.steps
         except KeyboardInterrupt:
@@ -210,7 +457,7 @@ class Trainer:
                 progress.failure = as_communication_error(exc)
         finally:
             signals.armed = False
-            metrics.close()
+            with_ignored_errors(metrics.close)  # a write that failed has been reported already
         return self._finish(progress, floor)
 
     def _step(self, progress: _Progress, batches: Iterator[Tuple[Any, int]], controlled: ControlledOptimizer,
@@ -218,16 +465,28 @@ class Trainer:
         """One step: forward, the divergence check, the controlled update, λmax, the scheduler."""
         s = self.settings
         started = time.perf_counter()
-        batch, size = next(batches)
+        # The state before this step, taken before the forward (which draws dropout masks from the RNG
+        # and moves BatchNorm statistics): what an interruption keeps, and what resuming it replays.
+        before = self._state(progress.step, progress)
+        try:
+            batch, size = next(batches)
+        except CurvdiagError:
+            raise
+        except (Exception, SystemExit) as exc:  # the recipe's data iterator, midway
+            raise BadInput(f"recipe {self.recipe.name}: data() raised {_what_raised(exc)} at step {progress.step}",
+                           hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = self.recipe.loss(self.replicas.module, batch)
+        if not local_loss.requires_grad:
+            raise BadInput(f"recipe {self.recipe.name}: loss(model, batch) does not depend on the trainable parameters "
+                           "(no autograd graph)", hint="is the loss computed under torch.no_grad() or detached?")
         value, total = self.replicas.global_loss(float(local_loss.detach()), size)
         progress.initial_loss = value if progress.initial_loss is None else progress.initial_loss
         if not math.isfinite(value) or value > s.divergence_factor * max(abs(progress.initial_loss), 1e-12):
             progress.diverged = True
             return {"step": progress.step, "loss": value if math.isfinite(value) else None, "diverged": True}
-        progress.last_good, progress.clean = self._state(progress.step), None
+        progress.last_good, progress.clean = before, None
         record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor)
         if s.sharpness_every and progress.step % s.sharpness_every == 0:
             record.update(self._sharpness(record["lr"]))
@@ -241,8 +500,19 @@ class Trainer:
                 floor: _PowerFloor) -> Dict[str, Any]:
         """Backward, then the controller's step on the same batch; the step's record."""
         distributed = self.replicas.world_size > 1
-        (local_loss * self.replicas.backward_scale(size, total) if distributed else local_loss).backward()
+        try:
+            (local_loss * self.replicas.backward_scale(size, total) if distributed else local_loss).backward()
+        except CurvdiagError:
+            raise
+        except Exception as exc:  # the user's loss or model (a custom backward), unless a collective failed
+            if as_communication_error(exc) is not exc:
+                raise
+            raise BadInput(f"recipe {self.recipe.name}: the loss's backward raised {_what_raised(exc)}",
+                           hint="use --debug for the traceback") from exc
         grad_norm = float(_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).norm())
+        if self.scheduler is not None:  # what the scheduler set for this step: a NaN rate would train silently wrong
+            optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: at step {progress.step} "
+                                                                  "the scheduler set")
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         theta_before = _flat(self.params).clone()
         consecutive = tracker.update()
@@ -255,7 +525,13 @@ class Trainer:
                 return local * share if distributed else local
 
         lambda_floor = self._floor(progress, value, batch, size, controlled, floor)
-        controlled.step(same_batch_loss, value)
+        try:
+            controlled.step(same_batch_loss, value)
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise BadInput(f"step {progress.step}: the update overflows (learning rate {base_lr:g} × the controller's "
+                           f"factor {controlled.factor:g} × the gradient)", hint="give a smaller --lr") from exc
         factor = controlled.factor
         curvature = controlled.curvature if controlled.measures_step else getattr(consecutive, "value", None)
         record = {"step": progress.step, "loss": value, "lr": base_lr * factor, "base_lr": base_lr,
@@ -274,7 +550,7 @@ class Trainer:
         if "floor" not in self.controller.observes:
             return None
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
-        if not (progress.step - self.start_step < 3 or progress.step % s.floor_every == 0 or jumped):
+        if not (progress.step < 3 or progress.step % s.floor_every == 0 or jumped):
             return None
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
@@ -288,7 +564,7 @@ class Trainer:
             controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt())
         return controlled.floor
 
-    def _account(self, progress: _Progress, record: Dict[str, Any],
+    def _account(self, progress: _Progress, record: Dict[str, Any], metrics: MetricsLog,
                  on_step: Optional[Callable[[Dict[str, Any]], None]]) -> None:
         """A logged step: its numbers for run.json, the periodic checkpoint, then the caller's hook."""
         s, step, value = self.settings, progress.step, record["loss"]
@@ -299,50 +575,66 @@ class Trainer:
         average = progress.loss_average
         progress.loss_average = value if average is None else s.floor_jump_decay * average + (1 - s.floor_jump_decay) * value
         if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0:
-            self._save(self._state(step + 1), self.out / "checkpoints" / f"step_{step + 1}.pt")
+            self._checkpoint(progress, metrics, step + 1)
         if on_step is not None:
             on_step(record)
 
     def _finish(self, progress: _Progress, floor: _PowerFloor) -> RunSummary:
-        """final.pt (the last finite or clean state), run.json; re-raises a failure after writing them."""
+        """final.pt (the last finite or clean state), run.json; re-raises a failure after writing them
+        (a final.pt that cannot be written is the failure: RunDirectoryError, exit 1)."""
         s, replicas = self.settings, self.replicas
         diverged, interrupted, failure = progress.diverged, progress.interrupted, progress.failure
-        losses, factors, times = progress.losses, progress.factors, progress.times
         completed = progress.step if (diverged or interrupted or failure) else s.steps
-        final_state = progress.last_good if diverged else self._state(completed)
+        final_state = progress.last_good if diverged else self._state(completed, progress)
         if interrupted or failure is not None:
             # Stopped between steps: the live weights are clean. Mid-step they may be half-updated:
             # keep the state from before that step, whose log line was not written either.
-            final_state = self._state(progress.clean) if progress.clean is not None else progress.last_good
+            final_state = self._state(progress.clean, progress) if progress.clean is not None else progress.last_good
             completed = int(final_state["step"])
-        self._save(final_state, self.out / "final.pt")
+        try:
+            self._save(final_state, self.out / "final.pt")
+        except OSError as exc:
+            failure = progress.failure = failure or RunDirectoryError(self.out / "final.pt", exc)
         spread = None
         if replicas.world_size > 1 and not (interrupted or failure is not None):
             spread = replicas.replica_spread()
-        summary = RunSummary(
-            controller=s.controller,
+        summary = self._summary(progress, completed, in_progress=False, replica_spread=spread)
+        try:
+            self._write_summary(summary)
+        except OSError as exc:
+            failure = failure or RunDirectoryError(self.out / SUMMARY_FILE, exc)
+        if failure is not None:
+            raise failure
+        return summary
+
+    def _summary(self, progress: _Progress, completed: int, in_progress: bool,
+                 replica_spread: Optional[float] = None) -> RunSummary:
+        """run.json's numbers for the steps done so far (``completed`` of them)."""
+        losses = [v for v in progress.losses if v is not None]
+        factors = [v for v in progress.factors if v is not None]
+        times = [v for v in progress.times if v is not None]
+        failure = progress.failure
+        return RunSummary(
+            controller=self.settings.controller,
             steps_completed=completed,
-            diverged=diverged,
-            interrupted=interrupted,
-            final_loss=losses[-1] if losses and not diverged else None,
+            diverged=progress.diverged,
+            interrupted=progress.interrupted,
+            final_loss=losses[-1] if losses and not progress.diverged else None,
             best_loss=min(losses) if losses else float("nan"),
             initial_loss=progress.initial_loss,
             mean_throttle=sum(factors) / len(factors) if factors else 1.0,
             seconds_per_step=sum(times) / len(times) if times else 0.0,
-            extra_hvps_per_step=floor.hvps / max(len(times), 1),
+            extra_hvps_per_step=self._loop[2].hvps / max(len(times), 1) if self._loop else 0.0,
             recipe=self.recipe.name,
             checkpoint=self.checkpoint_path,
             curvdiag_version=__version__,
-            settings=asdict(s),
-            world_size=replicas.world_size,
-            replica_spread=spread,
+            settings=asdict(self.settings),
+            world_size=self.replicas.world_size,
+            replica_spread=replica_spread,
             failure=None if failure is None else f"{type(failure).__name__}: {failure}".strip()[:500],
+            in_progress=in_progress,
+            save_failures=list(progress.save_failures),
         )
-        if replicas.is_writer:
-            write_run_summary(self.out, summary)
-        if failure is not None:
-            raise failure
-        return summary
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:
         """λmax on all batches with the probe code; the EoS ratio lr·λ/T."""
