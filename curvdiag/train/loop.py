@@ -53,6 +53,7 @@ from curvdiag.loading.recipe import load_recipe
 from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.probes.eigen import power_iteration
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max, preconditioned_operator
+from curvdiag.results.json_safe import finite
 from curvdiag.stability import stability_constant
 from curvdiag.train import controllers
 from curvdiag.train.adapters import ControlledOptimizer, optimizer_preconditioner
@@ -129,10 +130,6 @@ def _what_raised(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _finite_or_none(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 @dataclass
 class ResumePoint:
     """Where ``--resume`` continues a run: its newest complete checkpoint (``state``, as Trainer's
@@ -168,6 +165,15 @@ def _settings_from(document: Any, source: str) -> TrainSettings:
     except BadInput as exc:
         raise BadInput(f"{source}: {exc.message}") from exc
     return settings
+
+
+def save_state(state: Dict[str, Any], path: Path) -> None:
+    """``torch.save(state)`` to ``path`` atomically (:func:`~curvdiag.results.run_dir.write_atomically`:
+    a kill leaves the old file or the new one, never half of one); OSError when it cannot."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(Path(path), buffer.getvalue())
 
 
 def _step_of_name(path: Path) -> int:
@@ -372,8 +378,8 @@ class Trainer:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise BadInput(f"the resumed checkpoint's loop state is malformed ({exc})",
                            hint="resume from another checkpoint of the run") from exc
-        progress.initial_loss = _finite_or_none(saved.get("initial_loss"))
-        progress.loss_average = _finite_or_none(saved.get("loss_average"))
+        progress.initial_loss = finite(saved.get("initial_loss"))
+        progress.loss_average = finite(saved.get("loss_average"))
 
     def _run_metadata(self) -> Dict[str, Any]:
         """What a checkpoint says about its run, so that --resume works without run.json."""
@@ -382,12 +388,8 @@ class Trainer:
 
     def _save(self, state: Dict[str, Any], path: Path) -> None:
         """``state`` to ``path`` atomically (never a half-written checkpoint); OSError when it cannot."""
-        if not self.replicas.is_writer:
-            return
-        buffer = io.BytesIO()
-        torch.save({**state, "run": self._run_metadata()}, buffer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, buffer.getvalue())
+        if self.replicas.is_writer:
+            save_state({**state, "run": self._run_metadata()}, path)
 
     def _checkpoint(self, progress: "_Progress", metrics: MetricsLog, step: int) -> None:
         """checkpoints/step_N.pt, then run.json saying so; a failure is recorded, and the next

@@ -58,6 +58,7 @@ from curvdiag._version import __version__
 from curvdiag.curvature.operator import CurvatureOperator, LossFn
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading import optimizer as optimizer_state
+from curvdiag.loading.recipe import leading_dimension
 from curvdiag.probes.directional import EPS
 from curvdiag.probes.eigen import lanczos
 from curvdiag.probes.hutchinson import hutchinson_trace
@@ -65,6 +66,7 @@ from curvdiag.probes.sharpness import preconditioned_operator
 from curvdiag.results.run_dir import MetricsLog, RunSummary, write_run_summary
 from curvdiag.stability import OPTIMIZER_FAMILIES, classify, stability_constant
 from curvdiag.train.adapters import CurvatureThrottle, optimizer_preconditioner
+from curvdiag.train.loop import save_state
 
 LOGGER = logging.getLogger("curvdiag.monitor")
 ACTIONS = ("checkpoint", "throttle")
@@ -158,7 +160,7 @@ class Monitor:
         self.every, self.trace_every, self.tol, self.max_hvps = every, trace_every, tol, max_hvps
         self.trace_samples, self.seed, self.hvp_method, self.train_mode = trace_samples, seed, hvp_method, train_mode
         self.held_batches = list(held_batches) if held_batches is not None else None
-        self.batch_size = batch_size or _leading_dimension
+        self.batch_size = batch_size or _samples_in
         self.on_measure, self.warn_ratio, self.warn_jump = on_measure, warn_ratio, warn_jump
         self.actions, self.kappa = tuple(actions), kappa
         info = optimizer_state.from_optimizer(optimizer)
@@ -356,7 +358,7 @@ class Monitor:
     def _act(self, m: Measurement) -> None:
         if "checkpoint" in self.actions:
             path = self.out / "checkpoints" / f"warning_step_{m.step + 1}.pt"
-            _save(self._state(m.step + 1), path)
+            save_state(self._state(m.step + 1), path)
             LOGGER.warning(f"step {m.step}: saved {path} (curvdiag probe RECIPE --checkpoint {path})")
         if "throttle" in self.actions and self.throttle is None:
             self.throttle = CurvatureThrottle(self.optimizer, kappa=self.kappa, constant=self.constant)
@@ -388,7 +390,7 @@ class Monitor:
         if self.out is not None:
             self._metrics.close()
             write_run_summary(self.out, self.summary())
-            _save(self._state(self.steps), self.out / "final.pt")
+            save_state(self._state(self.steps), self.out / "final.pt")
         if self._writer is not None:
             self._writer.flush()
             if self._own_writer:
@@ -409,16 +411,13 @@ def _check_count(name: str, value: Any, least: int) -> None:
         raise BadArgument(name, value, f"must be an integer ≥ {least}")
 
 
-def _leading_dimension(batch: Any) -> int:
+def _samples_in(batch: Any) -> int:
     """Samples in a batch: the leading dimension of the first tensor found (as for recipes)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        if isinstance(item, (torch.Tensor, list, tuple, dict)):
-            return _leading_dimension(item)
-    raise BadArgument("batch_size", None, "no tensor in the batch to count samples from",
-                      hint="pass batch_size=lambda batch: ...")
+    size = leading_dimension(batch)
+    if size is None:
+        raise BadArgument("batch_size", None, "no tensor in the batch to count samples from",
+                          hint="pass batch_size=lambda batch: ...")
+    return size
 
 
 @contextlib.contextmanager
@@ -441,10 +440,3 @@ def _summary_writer(tensorboard: Any) -> tuple:
         raise BadArgument("tensorboard", str(tensorboard), f"torch.utils.tensorboard is not usable ({exc})",
                           hint="pip install tensorboard") from exc
     return SummaryWriter(log_dir=str(tensorboard)), True
-
-
-def _save(state: Dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
