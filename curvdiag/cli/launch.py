@@ -104,19 +104,10 @@ def across_processes(ctx: typer.Context, nproc: Optional[int], debug: bool, devi
 
 
 def check_device(name: str) -> None:
-    """BadArgument unless ``name`` is ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:N``):
-    meta, mps, xla and absent GPUs would fail later with a torch error, or give no numbers."""
-    import torch
+    """BadArgument unless ``name`` is a device this machine has (checked before any process starts)."""
+    from curvdiag.loading.target import resolve_device
 
-    kind, _, index = name.partition(":")
-    if kind == "cpu" and not index:
-        return
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise BadArgument("device", name, "unsupported device", hint="choose cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise BadArgument("device", name, "CUDA is not available on this machine", hint="use --device cpu")
-    if index and int(index) >= torch.cuda.device_count():
-        raise BadArgument("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    resolve_device(name)
 
 
 def fail_rank(exc: CurvdiagError, debug: bool) -> None:

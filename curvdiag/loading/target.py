@@ -59,13 +59,19 @@ def move_batch(batch: Any, device: torch.device, dtype: Optional[torch.dtype]) -
 
 
 def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise BadArgument("device", name, f"not a device ({exc})", hint="use cpu or cuda") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """The device ``name`` when it is ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:N``);
+    BadArgument otherwise: meta, mps, xla and absent GPUs would fail later with a torch error, or
+    give no numbers."""
+    kind, _, index = str(name).partition(":")
+    if kind == "cpu" and not index:
+        return torch.device("cpu")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise BadArgument("device", name, "unsupported device", hint="choose cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
         raise BadArgument("device", name, "CUDA is not available on this machine", hint="use the cpu device")
-    return device
+    if index and int(index) >= torch.cuda.device_count():
+        raise BadArgument("device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
