@@ -336,6 +336,43 @@ class OptimizerSummary:
 
 
 @dataclass
+class ProbeCost:
+    """What one probe was allowed and what it spent, in gradient-equivalents (GE: one forward
+    and backward over all the data; :mod:`curvdiag.probes.budget` prices every pass), and why
+    it stopped: ``converged`` (λmax at its tolerance), ``precision`` (a stochastic estimate at
+    its target), ``budget`` (its share of the budget spent first), ``fixed`` (a count the user
+    set), ``exact`` (a closed-form computation), ``interrupted`` (timeout or Ctrl-C)."""
+
+    name: str
+    planned: float  # GE: this probe's share of the budget
+    spent: float  # GE, as priced by the operator's passes
+    seconds: float
+    stop: str
+    precision_name: Optional[str] = _omitted_if_none()  # what the precision is, e.g. "relative s.e. of tr H"
+    precision_target: Optional[float] = _omitted_if_none()
+    precision_reached: Optional[float] = _omitted_if_none()
+
+    @property
+    def missed_target(self) -> bool:
+        """A stochastic estimate that stopped above its precision target."""
+        return (self.precision_target is not None and self.precision_reached is not None
+                and not self.precision_reached <= self.precision_target)
+
+
+@dataclass
+class BudgetSummary:
+    """The run's cost: the budget in gradient-equivalents, what was spent, and the seconds one
+    gradient-equivalent took here (to read GE as time)."""
+
+    total: float  # GE planned over the requested probes
+    spent: float  # GE spent by the probes (the operator's set-up not included)
+    seconds: float  # the probes' wall time
+    gradient_seconds: float  # measured seconds of one gradient-equivalent
+    hvp_cost: float  # GE one Hessian-vector product is priced at, for the method that ran
+    probes: List[ProbeCost]
+
+
+@dataclass
 class ProbeReport:
     """Everything a report shows; JSON, the terminal, the figures and the page read it."""
 
@@ -350,6 +387,11 @@ class ProbeReport:
     grad_norm: float
     probes: Dict[str, ProbeEntry]  # in the order the probes ran
     schema_version: int = SCHEMA_VERSION
+    budget: Optional[BudgetSummary] = _omitted_if_none()
+    # True when a timeout (--timeout) or Ctrl-C ended the run early: the report holds the probes
+    # that finished, the others are Skipped; ``interrupted_by`` is "timeout" or "keyboard".
+    interrupted: bool = False
+    interrupted_by: Optional[str] = _omitted_if_none()
 
     def entry(self, name: str, kind: type) -> Optional[Any]:
         """The entry ``name`` when it is a ``kind`` (not skipped, not absent), else None."""
