@@ -50,6 +50,9 @@ class ProbeSettings:
     glass_samples: int = 10
     density_steps: int = 64  # stochastic Lanczos quadrature: Lanczos steps per probe
     density_probes: int = 2
+    # The run's budget in gradient-equivalents (one forward and backward over all the data), split
+    # over the requested probes (curvdiag.probes.budget); None: the default for those probes.
+    budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, for the command line and the Python API alike."""
@@ -61,6 +64,7 @@ class ProbeSettings:
             ("max_hvps", _integer(self.max_hvps, 1), "must be at least 1"),
             ("glass_lambda", _positive(self.glass_lambda), "must be a positive number"),
             ("glass_samples", _integer(self.glass_samples, 1), "must be at least 1"),
+            ("budget", self.budget is None or _positive(self.budget), "must be a positive number of gradient-equivalents"),
         ]
         for argument, holds, problem in checks:
             if not holds:
