@@ -111,7 +111,8 @@ def test_lambda_max_trajectory_equals_curvdiag_train_and_is_plotted(tmp_path):
     opt = recipe.optimizer(model.parameters())
     (batch,) = recipe.data()
     # tol=1e-3: the tolerance `curvdiag train` uses; the monitor's default 1e-2 is tested below.
-    with curvdiag.Monitor(model, recipe.loss, opt, every=10, out=tmp_path / "monitor", tol=1e-3) as monitor:
+    with curvdiag.Monitor(model, recipe.loss, opt, every=10, out=tmp_path / "monitor", tol=1e-3,
+                          norms_every=1) as monitor:
         monitor.watch()
         for _ in range(21):
             opt.zero_grad()
@@ -134,6 +135,24 @@ def test_lambda_max_trajectory_equals_curvdiag_train_and_is_plotted(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "monitor"), "--out", str(tmp_path / "plots"), "--dpi", "40"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "plots" / "sharpness.png").stat().st_size > 1000
+
+
+def test_norms_by_default_at_the_measured_steps_equal_every_steps_norms(tmp_path):
+    """Without ``norms_every`` only the measured steps log ‖G‖, ‖Δθ‖ and C_t, and they are the
+    numbers an every-step monitor logs there (copies kept over the two steps before suffice)."""
+    logs = {}
+    for label, kwargs in (("default", {}), ("every", {"norms_every": 1})):
+        _, monitor = _train(13, {"every": 5, "max_hvps": 2, "out": tmp_path / label, **kwargs}, torch.optim.SGD)
+        monitor.close()
+        records = [json.loads(line) for line in (tmp_path / label / "metrics.jsonl").read_text().splitlines()]
+        logs[label] = [(r.get("grad_norm"), r.get("update_norm"), r.get("directional_curvature")) for r in records]
+    assert len(logs["every"]) == 13 and None not in logs["every"][2]  # C_t from step 1 on
+    for step, (default, every) in enumerate(zip(logs["default"], logs["every"])):
+        if step % 5 == 0 and step > 0:
+            assert default == every and None not in default
+        elif step != 0:
+            assert default == (None, None, None)
+    assert logs["default"][0][0] == logs["every"][0][0] and logs["default"][0][2] is None
 
 
 def test_on_measure_gets_the_preconditioned_lambda_max_of_adam():

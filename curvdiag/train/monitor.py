@@ -12,9 +12,10 @@ weights θ_{t+1} and on the step's batch (or on ``held_batches``):
   group) and T from :mod:`curvdiag.stability`;
 - every ``trace_every`` steps the Hessian trace (Hutchinson, :mod:`curvdiag.probes.hutchinson`).
 
-Every step (free: no extra forward or backward) it logs the gradient norm from ``.grad``, the
-update norm, and the directional curvature C_t = ‖G_t − G_{t−1}‖/‖θ_t − θ_{t−1}‖ from consecutive
-steps' ``.grad``. With mini-batches those gradients come from different batches, so C_t is
+At the measured steps (every ``norms_every`` steps when given; no extra forward or backward) it
+logs the gradient norm from ``.grad``, the update norm, and the directional curvature
+C_t = ‖G_t − G_{t−1}‖/‖θ_t − θ_{t−1}‖ from consecutive steps' ``.grad`` (it keeps copies of θ and
+G over the two steps before; every other step costs a counter and a log record). With mini-batches those gradients come from different batches, so C_t is
 biased *upwards* by the batch noise: E‖ΔG‖² ≈ ‖HΔθ‖² + 2 tr(Σ)/b (:mod:`curvdiag.probes.directional`);
 under full-batch GD it is exact. It is logged as measured, not corrected.
 
@@ -25,8 +26,16 @@ list) gives a smooth trajectory comparable across steps, e.g. of progressive sha
 Never disturbs training: measurements go through :class:`~curvdiag.curvature.operator.CurvatureOperator`
 (``.grad`` never written; buffers such as BatchNorm statistics and every module's mode restored;
 dropout off while measuring) inside ``torch.random.fork_rng`` (the global RNG state comes back), and
-the optimizer is only read. Nothing of a measurement outlives it except the warm-start vector
-(n floats), so memory stays flat.
+the optimizer is only read. Nothing of a measurement outlives it except the warm-start vectors
+(a few times n floats), so memory stays flat.
+
+Under several processes (DDP: ``torch.nn.parallel.DistributedDataParallel`` or Lightning's
+``strategy="ddp"``; ``distributed=None`` detects an initialised process group of more than one
+rank) each rank measures on its own batch (or held batches) and the curvature operator sums every
+product over the ranks in its one reduction (:meth:`~curvdiag.curvature.operator.CurvatureOperator.sum_over_ranks`):
+λmax, the EoS ratio and the trace are those of the union of the ranks' batches, the same on every
+rank, which must all call :meth:`Monitor.step` at the same steps. The step losses and norms are the
+rank's own (DDP averages ``.grad``, so the norms agree too); only rank 0 writes ``out`` and TensorBoard.
 
 Where the numbers go: ``out=`` a run directory in the format of ``curvdiag train`` (metrics.jsonl
 through :class:`~curvdiag.results.run_dir.MetricsLog`, run.json through
@@ -55,6 +64,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from curvdiag._version import __version__
+from curvdiag.curvature import distributed as dist
 from curvdiag.curvature.operator import CurvatureOperator, LossFn
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading import optimizer as optimizer_state
@@ -127,6 +137,11 @@ class Monitor:
         hvp_method: the operator's product method ("auto": measured at the first measurement).
         train_mode: measure with batch statistics (BatchNorm in train mode, dropout off), as the
             training forward sees them; False: eval mode.
+        norms_every: log ‖G‖, ‖Δθ‖ and C_t every this many steps (None: at the measured steps;
+            1: every step, 38 µs a step on the benchmark's MLP).
+        distributed: sum the curvature over the ranks of the process group (None: when one of more
+            than one rank is initialised). A ``DistributedDataParallel`` model is watched through
+            its ``module``.
     """
 
     def __init__(self, model: torch.nn.Module, loss: LossFn, optimizer: torch.optim.Optimizer, *,
@@ -135,8 +150,11 @@ class Monitor:
                  tensorboard: Any = None, on_measure: Optional[Callable[[int, Measurement], None]] = None,
                  warn_ratio: float = 1.0, warn_jump: float = 1.0, actions: Sequence[str] = (),
                  tol: float = 1e-2, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
-                 hvp_method: str = "auto", train_mode: bool = True, kappa: float = 0.5):
+                 hvp_method: str = "auto", train_mode: bool = True, kappa: float = 0.5,
+                 norms_every: Optional[int] = None, distributed: Optional[bool] = None):
         _check_count("every", every, 1)
+        if norms_every is not None:
+            _check_count("norms_every", norms_every, 1)
         _check_count("trace_every", trace_every, 0)
         _check_count("max_hvps", max_hvps, 2)
         _check_count("trace_samples", trace_samples, 1)
@@ -153,11 +171,16 @@ class Monitor:
             raise BadArgument("actions", tuple(actions), "'checkpoint' needs a run directory", hint="pass out=DIR")
         if held_batches is not None and len(list(held_batches)) == 0:
             raise BadArgument("held_batches", held_batches, "must hold at least one batch")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # its forward would take part in DDP's gradient reduction
+        self.distributed = dist.is_distributed() if distributed is None else bool(distributed) and dist.is_distributed()
+        self.writes = not self.distributed or dist.rank() == 0  # one run directory, written by rank 0
         self.model, self.loss_fn, self.optimizer = model, loss, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise BadInput("the model has no trainable parameters")
         self.every, self.trace_every, self.tol, self.max_hvps = every, trace_every, tol, max_hvps
+        self.norms_every = every if norms_every is None else norms_every
         self.trace_samples, self.seed, self.hvp_method, self.train_mode = trace_samples, seed, hvp_method, train_mode
         self.held_batches = list(held_batches) if held_batches is not None else None
         self.batch_size = batch_size or _samples_in
@@ -167,9 +190,9 @@ class Monitor:
         self.family = info.family
         self.constant = (stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9)
                          if info.family else None)
-        self.out = Path(out) if out is not None else None
+        self.out = Path(out) if out is not None and self.writes else None
         self._metrics = MetricsLog(self.out) if self.out is not None else None
-        self._writer, self._own_writer = _summary_writer(tensorboard)
+        self._writer, self._own_writer = _summary_writer(tensorboard if self.writes else None)
         self.throttle: Optional[CurvatureThrottle] = None
         self.measurements: List[Measurement] = []
         self.steps = 0  # optimizer steps seen
@@ -208,7 +231,7 @@ class Monitor:
         step = self.steps
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         factor = self.throttle.factor if self.throttle is not None else 1.0
-        grad_norm, update_norm, curvature = self._step_norms()
+        grad_norm, update_norm, curvature = self._step_norms(step)
         record: Dict[str, Any] = {"step": step, "lr": base_lr * factor, "base_lr": base_lr, "throttle": factor,
                                   "grad_norm": grad_norm, "update_norm": update_norm,
                                   "directional_curvature": curvature}
@@ -227,13 +250,18 @@ class Monitor:
             self._announce(measurement)
         return measurement
 
-    def _step_norms(self) -> tuple:
+    def _step_norms(self, step: int) -> tuple:
         """(‖G_t‖, ‖θ_{t+1} − θ_t‖, C_t) of the step just taken, from the ``.grad`` fields and the
-        weights, each None where undefined. C_t = ‖G_t − G_{t−1}‖ / (‖θ_t − θ_{t−1}‖ + ε) as in
+        weights, each None where undefined or not due. C_t = ‖G_t − G_{t−1}‖ / (‖θ_t − θ_{t−1}‖ + ε) as in
         :func:`~curvdiag.probes.directional.directional_curvature`, with the differences taken in
         place in reused flat buffers of the parameters' dtype and the three norms read back in one
         transfer: 38 µs a step on the benchmark's MLP (26k parameters), where fresh float64 copies
-        took 87."""
+        took 87. Only a due step and the two before it (which hold θ_{t−1}, θ_t and G_{t−1}) do
+        this work; any other step only lets the copies go stale."""
+        due = step % self.norms_every == 0
+        if not (due or (step + 1) % self.norms_every == 0 or (step + 2) % self.norms_every == 0):
+            self._forget_step()
+            return None, None, None
         norms: Dict[str, torch.Tensor] = {}
         theta = self._flat_into("theta", [p.detach() for p in self.params])
         if self._theta is not None:
@@ -241,7 +269,7 @@ class Monitor:
             self._spares["theta"] = self._theta
         self._theta = theta
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        if any(g is None for g in grads) or not (due or (step + 1) % self.norms_every == 0):
             if self._gradient is not None:
                 self._spares["gradient"] = self._gradient
             self._gradient = None
@@ -258,7 +286,18 @@ class Monitor:
         if "change" in values:
             curvature = values["change"] / (self._last_update_norm + EPS)
         self._last_update_norm = values.get("update")
+        if not due:
+            return None, None, None
         return values.get("grad"), values.get("update"), curvature
+
+    def _forget_step(self) -> None:
+        """Drop θ_t, G_t and ‖Δθ‖ (their buffers kept for reuse): the next step starts afresh."""
+        for name in ("theta", "gradient"):
+            held = getattr(self, f"_{name}")
+            if held is not None:
+                self._spares[name] = held
+                setattr(self, f"_{name}", None)
+        self._last_update_norm = None
 
     def _flat_into(self, name: str, tensors: List[torch.Tensor]) -> torch.Tensor:
         """``tensors`` concatenated into the spare flat buffer ``name`` (allocated on first use)."""
@@ -271,7 +310,7 @@ class Monitor:
     def _operator(self, batch: Any) -> CurvatureOperator:
         batches = self.held_batches if self.held_batches is not None else [batch]
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
-                               train_mode=self.train_mode, hvp_method=self.hvp_method)
+                               train_mode=self.train_mode, hvp_method=self.hvp_method, distributed=self.distributed)
         if self.hvp_method == "auto" and op.fallback is None:
             self.hvp_method = op.hvp_method  # measured once: later operators skip the start-up check
         return op
@@ -356,7 +395,7 @@ class Monitor:
             write_run_summary(self.out, self.summary())
 
     def _act(self, m: Measurement) -> None:
-        if "checkpoint" in self.actions:
+        if "checkpoint" in self.actions and self.out is not None:
             path = self.out / "checkpoints" / f"warning_step_{m.step + 1}.pt"
             save_state(self._state(m.step + 1), path)
             LOGGER.warning(f"step {m.step}: saved {path} (curvdiag probe RECIPE --checkpoint {path})")
