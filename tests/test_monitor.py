@@ -208,6 +208,28 @@ def test_default_tolerance_is_within_one_percent_at_every_measurement_with_fewer
     assert sum(h for h, _ in warm) < sum(c for _, c in warm)
 
 
+def test_warm_start_survives_the_top_two_eigenvectors_trading_places():
+    """H = diag(batch): the first batch's top eigenvector e1 is the second batch's second one. From
+    the converged e1 alone Lanczos converges to 2 (e1 is an eigenvector there too); from the sum of
+    the previous top two Ritz vectors, e1 + e2, it finds 3."""
+    model = torch.nn.Linear(50, 1, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def quadratic(model, batch):
+        return 0.5 * (batch * model.weight[0] ** 2).sum()
+
+    rest = torch.linspace(0.1, 1.0, 48, dtype=torch.float64)
+    monitor = curvdiag.Monitor(model, quadratic, opt, every=1, tol=1e-8)
+    for top in ([3.0, 2.0], [2.0, 3.0]):
+        batch = torch.cat([torch.tensor(top, dtype=torch.float64), rest])
+        opt.zero_grad()
+        quadratic(model, batch).backward()
+        opt.step()
+        monitor.step(batch[None])
+    assert [m.lambda_max for m in monitor.measurements] == pytest.approx([3.0, 3.0], rel=1e-6)
+    assert monitor.measurements[1].warm_start
+
+
 def test_held_batches_measure_the_fixed_batches():
     model = _bn_dropout_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
@@ -113,7 +113,7 @@ def lanczos(
     seed: int = 0,
     start: Optional[torch.Tensor] = None,
     basis_budget_bytes: int = 2 << 30,
-    want_vectors: bool = False,
+    want_vectors: Union[bool, int] = False,
 ) -> LanczosResult:
     """Top-k algebraic eigenvalues (and the smallest Ritz value) of a symmetric operator.
 
@@ -124,6 +124,8 @@ def lanczos(
         max_matvecs: budget of operator products.
         seed: seed of the random start vector (ignored when ``start`` is given).
         basis_budget_bytes: memory for the Krylov basis before an explicit restart.
+        want_vectors: return the top-k Ritz vectors (True), or the top m (an int m ≥ 1; fewer when
+            the basis is smaller), e.g. to warm-start a later run from several of them.
     """
     op = as_operator(operator)
     n = op.size
@@ -160,10 +162,14 @@ def lanczos(
     size = process.size
     k = min(top_k, size)
     order = list(range(size - 1, size - 1 - k, -1))
+    if want_vectors is not True and want_vectors:
+        vector_order = list(range(size - 1, size - 1 - min(int(want_vectors), size), -1))
+    else:
+        vector_order = order
     return LanczosResult(
         eigenvalues=[float(ritz[i]) for i in order],
         residuals=[float(residuals[i]) for i in order],
-        eigenvectors=process.ritz_vectors(vectors_small[:, order]) if want_vectors else None,
+        eigenvectors=process.ritz_vectors(vectors_small[:, vector_order]) if want_vectors else None,
         lambda_min=float(ritz[0]),
         lambda_min_residual=float(residuals[0]),
         matvecs=matvecs,
