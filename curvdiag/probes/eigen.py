@@ -85,7 +85,9 @@ class LanczosProcess:
 
     def ritz_vectors(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Q_jᵀ S for coefficient columns S of shape (j, k): returns (k, n)."""
-        return (self.basis[: self.size].T @ coefficients.to(device=self.op.device, dtype=self.op.dtype)).T
+        # (k, j) @ (j, n): the transposed product (n, j) @ (j, k) took 0.66 ms for n = 26k, j = 8 on one
+        # CPU thread, this one 0.03 ms.
+        return coefficients.to(device=self.op.device, dtype=self.op.dtype).T @ self.basis[: self.size]
 
 
 @dataclass
