@@ -62,12 +62,14 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-def run(batches, steps, every=None, on_measure=None):
-    """Seconds for ``steps`` steps of the loop, monitored every ``every`` steps (None: plain)."""
+def run(batches, steps, every=None, on_measure=None, cpu=None):
+    """Seconds for ``steps`` steps of the loop, monitored every ``every`` steps (None: plain); the
+    thread's CPU seconds are appended to the list ``cpu`` when given (time spent waiting for a
+    core on a shared machine is not in them)."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     monitor = curvdiag.Monitor(model, loss_fn, opt, every=every, on_measure=on_measure) if every else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     for step in range(steps):
         batch = batches[step % len(batches)]
         opt.zero_grad()
@@ -76,6 +78,8 @@ def run(batches, steps, every=None, on_measure=None):
         opt.step()
         if monitor is not None:
             monitor.step(batch, loss=loss)
+    if cpu is not None:
+        cpu.append(time.thread_time() - cpu_started)
     return time.perf_counter() - started, monitor
 
 
@@ -187,12 +191,14 @@ def main() -> None:
     # one of them. Reported: the median of each repetition's ratio, and the ratio of the fastest.
     configurations = (("plain", None), ("every_10", 10), ("every_1", 1))
     samples = {label: [] for label, _ in configurations}
+    cpu = {label: [] for label, _ in configurations}
     for _ in range(args.repeats):
         for label, every in configurations:
-            samples[label].append(run(batches, args.steps, every)[0])
+            samples[label].append(run(batches, args.steps, every, cpu=cpu[label])[0])
     times = {label: min(values) for label, values in samples.items()}
     plain = times["plain"]
     ratios = {label: statistics.median(a / b for a, b in zip(values, samples["plain"])) for label, values in samples.items()}
+    cpu_ratios = {label: statistics.median(a / b for a, b in zip(values, cpu["plain"])) for label, values in cpu.items()}
     rows = accuracy(batches, args.accuracy_steps, 10)
     warm = [r["hvps"] for r in rows if r["warm"]]
     results = {
@@ -201,6 +207,8 @@ def main() -> None:
         "plain_ms_per_step": 1000 * statistics.median(samples["plain"]) / args.steps,
         "ratio_every_10": ratios["every_10"], "ratio_every_1": ratios["every_1"],
         "ratio_every_10_fastest": times["every_10"] / plain, "ratio_every_1_fastest": times["every_1"] / plain,
+        "plain_cpu_ms_per_step": 1000 * statistics.median(cpu["plain"]) / args.steps,
+        "cpu_ratio_every_10": cpu_ratios["every_10"], "cpu_ratio_every_1": cpu_ratios["every_1"],
         "accuracy_steps": args.accuracy_steps, "measurements_over_1e-2": sum(r["relative_error"] > 1e-2 for r in rows),
         "max_relative_error": max(r["relative_error"] for r in rows),
         "median_relative_error": statistics.median(r["relative_error"] for r in rows),
