@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from curvdiag.results.probe_results import EdgeOfStability, LambdaMax, ProbeCost, ProbeReport, Skipped
+from curvdiag.stability import STABLE_BELOW, UNSTABLE_ABOVE, classify
 
 SAFETY = 0.95  # κ: a learning rate with a 5% margin below the threshold
 
@@ -43,6 +44,7 @@ STATUS_WORDS = {
         "Unstable: expect oscillation or divergence along the top eigenvector; lr ≤ {safe} (κ = {kappa}) would be stable."),
 }
 NO_VERDICT = "NO VERDICT"
+EDGE_BAND = (STABLE_BELOW, UNSTABLE_ABOVE)  # η·curvature/T in this band: at the edge of stability
 INTERRUPTED_BY = {"timeout": "the --timeout", "keyboard": "Ctrl-C"}
 STOPPED_BECAUSE = {"budget": "its share of the budget was spent first", "interrupted": "the run was interrupted",
                    "fixed": "it ran the fixed count it was given"}
@@ -124,3 +126,20 @@ def probe_verdict(report: ProbeReport) -> ProbeVerdict:
     else:
         reason = "the report has no eos entry (run the lambda_max probe)"
     return ProbeVerdict(None, pre or plain, plain, pre is not None, reason, **qualifiers)
+
+
+def peak_ratio_words(peak: float, step: float, diverged: bool) -> str:
+    """What a training run's highest η_t·λmax/T (at ``step``) means, in one sentence: 1 is the
+    run's own threshold T/η_t; above it a quadratic model of the loss predicts oscillation or
+    divergence along the top eigenvector, which a run that did not diverge contradicts."""
+    at = f"η·λmax/T peaked at {peak:.3g} at step {step:g}"
+    status = classify(peak)
+    if diverged:
+        return f"Before it diverged, {at} (1 is its stability threshold T/η)."
+    if status == "stable":
+        return f"λmax stayed below the run's stability threshold T/η: {at} (1 is the threshold)."
+    if status == "edge":
+        return f"λmax reached the run's stability threshold T/η: {at}, at the edge of stability."
+    return (f"λmax rose above the run's stability threshold T/η ({at}; 1 is the threshold) and yet the run did "
+            "not diverge: the quadratic model behind T holds only locally, and at the edge of stability training "
+            "often self-stabilises.")
