@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
-from curvdiag.plots.canvas import (LAMBDA_LABEL, PRECONDITIONED_UNITS, T_DEFINITION, THRESHOLD_COLOUR, FigureSet,
+from curvdiag.plots.canvas import (CURVATURE_UNITS, LAMBDA_LABEL, PRECONDITIONED_UNITS, T_DEFINITION, THRESHOLD_COLOUR, FigureSet,
                                    NotPlottable, constant_text, draw_all, footnote, log_if_positive, new_figure,
                                    recipe_stem)
 from curvdiag.report.verdict import EDGE_BAND
@@ -265,7 +265,7 @@ def directional_curvature_figure(runs: Sequence[RunLog], title: str) -> Figure:
     ax.set_title("directional curvature C_t = ‖G_t − G_{t−1}‖ / ‖θ_t − θ_{t−1}‖" + (" (log scale)" if log else ""),
                  fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel(LAMBDA_LABEL)
+    ax.set_ylabel(f"C_t, curvature along the step ({CURVATURE_UNITS})")
     ax.legend(loc="best", fontsize=8)
     return fig
 
