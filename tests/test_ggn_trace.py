@@ -15,7 +15,7 @@ from curvdiag.curvature import per_sample
 from curvdiag.curvature.ggn import LAYERS, PER_SAMPLE, GaussNewton
 from curvdiag.errors import NotCovered
 from curvdiag.probes.ggn_trace import ggn_control_variate_trace
-from curvdiag.probes.hutchinson import hutchinson_trace
+from curvdiag.probes.hutchinson import hutchinson_trace, t_factor
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
 from ggn_models import conv_bn, pos_transformer
@@ -272,7 +272,7 @@ def test_estimate_is_unbiased_and_its_probes_spread_far_less_than_plain_hutchins
     # Measured spreads (same z's): the control variate's is several times smaller.
     assert result.probe_sd < 0.3 * plain.stderr * math.sqrt(n)
     assert result.probe_sd == pytest.approx(sd_residual, rel=0.5)
-    assert result.stderr == pytest.approx(result.probe_sd / math.sqrt(n))
+    assert result.stderr == pytest.approx(result.probe_sd / math.sqrt(n) * t_factor(n))  # widened: small n
     assert (result.samples, result.hvps, result.ggn_products) == (n, n, 2 * n)
     assert result.estimator == "hutchinson + exact Gauss-Newton control variate"
 

@@ -22,7 +22,7 @@ import torch
 
 from curvdiag.curvature.ggn import GaussNewton
 from curvdiag.curvature.operator import CurvatureOperator
-from curvdiag.probes.hutchinson import TraceResult, rademacher, sequential_mean
+from curvdiag.probes.hutchinson import TraceResult, rademacher, sequential_mean, t_factor
 
 ESTIMATOR = "hutchinson + exact Gauss-Newton control variate"
 
@@ -56,7 +56,7 @@ def ggn_control_variate_trace(
     samples: Optional[int] = None,
     target_rel_stderr: Optional[float] = 0.01,
     seed: int = 0,
-    min_samples: int = 3,
+    min_samples: int = 10,
     max_samples: int = 1000,
 ) -> GGNTraceResult:
     """tr(H) ≈ tr(G) + mean_k (z_kᵀHz_k − z_kᵀGz_k) with Rademacher z_k (the same z_k as
@@ -75,7 +75,7 @@ def ggn_control_variate_trace(
         return float(torch.dot(z.double(), op.hvp(z).double())) - ggn.quadratic(z)
 
     mean, stderr, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, offset=g_trace)
-    sd = stderr * math.sqrt(n)  # one probe's spread: s.e. = s.d. / √n
+    sd = stderr / t_factor(n) * math.sqrt(n)  # one probe's spread: s.e. = s.d. / √n · t_factor(n)
     now = time.perf_counter()
     return GGNTraceResult(
         value=g_trace + mean, stderr=stderr, samples=n, seconds=now - started,
