@@ -14,6 +14,13 @@ How:
   ``nn.Linear`` ‖g_i(W)‖² = ‖x_i‖²‖δ_i‖² (2-D inputs) or ⟨X_i X_iᵀ, Δ_i Δ_iᵀ⟩ (sequence
   inputs), ‖g_i(b)‖² = ‖Σ_t δ_it‖²; for ``nn.LayerNorm``/``nn.RMSNorm`` from the normalized
   input. Cost: C·P backward passes without weight gradients per batch (P output positions).
+- Any other model (Conv, BatchNorm in eval mode, embeddings, bare parameters such as a
+  positional table, tied or shared weights, a parameter used outside its module): the same sum
+  from per-sample gradients of the whole model (:mod:`curvdiag.curvature.per_sample`, rules
+  ``"per-sample"``), one vjp per sample and nonzero eigen-direction. Measured (one thread,
+  whole tr(G) over all batches, in HVPs of the same operator): bundled BN CNN 12, tiny
+  transformer 15, ResNet-18 (11.2M parameters, 8 CIFAR images) 24.5; plus ~1 s of torch.func
+  start-up once per process. The per-layer rules stay first where they apply (cheaper).
 - zᵀGz = Σ_b w_b Σ_i (J_i z)ᵀ A_i (J_i z) with J z by the double-backward trick on a kept
   graph: one backward per batch. G z adds one more backward per batch (Jᵀ A J z).
 
@@ -21,10 +28,9 @@ Every sum over batches runs over the operator's :meth:`~CurvatureOperator.for_ea
 summed over ranks by its :meth:`~CurvatureOperator.sum_over_ranks` (one collective per tr(G), per
 zᵀGz and per G z), so several processes give the one-process G to rounding.
 
-Not covered (:class:`~curvdiag.errors.NotCovered`): a trainable parameter in a module other
-than Linear/LayerNorm/RMSNorm, tied weights, a covered module that runs more than once per
-forward or whose parameters are used outside its forward, a model forward that runs other than
-once per loss call or returns no tensor, a loss whose gradient does not factor through the
+Not covered (:class:`~curvdiag.errors.NotCovered`): a model forward that runs other than
+once per loss call or returns no tensor (Hugging Face ``ModelOutput``), no model input with the
+sample dimension first, ops torch.func cannot transform, a loss whose gradient does not factor through the
 model output (e.g. a weight-decay term), a model that mixes samples (BatchNorm in train mode),
 an output Hessian that couples rows, or kernels without a double backward. Every structural
 assumption is checked numerically at set-up, on every rank's batches, and every rank refuses

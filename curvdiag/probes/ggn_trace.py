@@ -7,6 +7,14 @@ for any G as long as tr(G) and zᵀGz use the same G, which :class:`GaussNewton`
 Per probe: zᵀHz (one HVP) and zᵀGz (one J z product per batch), each summed over batches and
 ranks by the operator, so several processes give the one-process estimate to rounding.
 
+The s.e. is the residual probes' s/√N widened by the Student-t factor
+(:func:`~curvdiag.probes.hutchinson.t_factor`); tr(G) is exact, so it adds no variance.
+Where it helps and where not (measured, one thread, 1% relative s.e.): the bundled BN CNN needs
+~6,400 plain HVPs and 1–2 residual probes (+ tr(G) ≈ 12 HVPs); the tiny transformer ~1,040 plain,
+~80 residual probes; a random-weight ResNet-18 ~1,030 either way — for a piecewise-linear
+network (ReLU, max-pool, BatchNorm in eval mode) every diagonal block of R = H − G is zero, so
+tr(H) = tr(G) and the residual probes carry only R's cross-layer terms, as large as H's own.
+
 Not covered (:class:`~curvdiag.errors.NotCovered`, raised before any probe; the caller falls
 back to plain Hutchinson): see :mod:`curvdiag.curvature.ggn`.
 """
@@ -35,7 +43,9 @@ class GGNTraceResult(TraceResult):
     only (tr(G) is exact). ``hvps``: Hessian-vector products; ``ggn_products``: J z products
     (one per probe and batch); ``ggn_trace_backwards``: backward passes (to layer outputs, no
     weight gradients) spent on the exact tr(G); ``setup_backwards``: backward passes of the
-    output Hessian and the applicability checks."""
+    output Hessian and the applicability checks; ``ggn_rules``: how tr(G) was computed
+    ("layers" or "per-sample"); ``per_sample_passes``/``per_sample_vjps``: vmapped
+    forward+backward calls and per-sample vector-Jacobian products (sample × direction) spent."""
 
     estimator: str = ESTIMATOR
     ggn_trace: float = 0.0
@@ -49,6 +59,9 @@ class GGNTraceResult(TraceResult):
     ggn_trace_seconds: float = 0.0
     probe_seconds: float = 0.0
     ggn_trace_by_parameter: Dict[str, float] = field(default_factory=dict, repr=False)
+    ggn_rules: str = ""
+    per_sample_passes: int = 0
+    per_sample_vjps: int = 0
 
 
 def ggn_control_variate_trace(
@@ -83,4 +96,5 @@ def ggn_control_variate_trace(
         ggn_products=ggn.product_count, ggn_trace_backwards=ggn.trace_backwards,
         setup_backwards=ggn.setup_backwards, setup_seconds=ggn.setup_seconds,
         ggn_trace_seconds=ggn.trace_seconds, probe_seconds=now - probes_started,
-        ggn_trace_by_parameter=dict(ggn.trace_by_parameter))
+        ggn_trace_by_parameter=dict(ggn.trace_by_parameter), ggn_rules=ggn.rules or "",
+        per_sample_passes=ggn.per_sample_passes, per_sample_vjps=ggn.per_sample_vjps)
