@@ -65,9 +65,11 @@ def cost_text(done: Any) -> str:
 
 class LineProgress(ProbeProgress):
     """Plain lines on ``stream`` (see the module's docstring); ``interval`` seconds between
-    heartbeats; ``clock`` is ``time.monotonic`` (replaceable in tests)."""
+    heartbeats, from a background thread unless ``heartbeat`` is False (then :meth:`beat` is
+    called by hand); ``clock`` is ``time.monotonic`` (replaceable in tests)."""
 
-    def __init__(self, stream: IO[str], started: float, interval: float = HEARTBEAT_SECONDS, clock=time.monotonic):
+    def __init__(self, stream: IO[str], started: float, interval: float = HEARTBEAT_SECONDS, clock=time.monotonic,
+                 heartbeat: bool = True):
         self.stream, self.started, self.interval, self.clock = stream, started, interval, clock
         self._lock = threading.Lock()
         self._last_line = clock()
@@ -77,7 +79,8 @@ class LineProgress(ProbeProgress):
         self._hvps_at_start = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="curvdiag-progress", daemon=True)
-        self._thread.start()
+        if heartbeat:
+            self._thread.start()
 
     def _write(self, text: str) -> None:
         with self._lock:
@@ -125,7 +128,8 @@ class LineProgress(ProbeProgress):
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 class RichProgress(ProbeProgress):
