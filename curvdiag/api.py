@@ -67,7 +67,7 @@ def probe(
     loss: LossFn,
     batches: Iterable[Any],
     *,
-    probes: Union[str, Sequence[str]] = "default",
+    probes: Union[str, Sequence[str]] = "all",
     optimizer: Optional[torch.optim.Optimizer] = None,
     lr: Optional[float] = None,
     optimizer_family: Optional[str] = None,
@@ -93,7 +93,7 @@ def probe(
         model: the module; its trainable parameters are θ. Probed on its own device and dtype.
         loss: ``loss(model, batch)`` returns the scalar mean loss of one batch.
         batches: an iterable of batches (moved to the model's device); L is their sample-weighted mean.
-        probes: ``"default"``, ``"all"``, a comma-separated string or a list of probe names (as ``--probes``).
+        probes: ``"all"``, a comma-separated string or a list of probe names (as ``--probes``).
         optimizer: the live optimizer of the run (lr, family, momentum, Adam state), optional.
         lr, optimizer_family: override what the optimizer says (``sgd|momentum|nesterov|adam|adamw``).
         previous: θ_{t−1} (a module, a state_dict or a flat tensor) for the directional curvature;

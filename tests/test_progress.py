@@ -233,13 +233,13 @@ SLOW = textwrap.dedent('''
 
 
 def test_non_tty_lines_and_ctrl_c_in_a_real_process(tmp_path):
-    """stderr to a pipe: the plain lines; SIGINT while hessian_trace runs (≥ 20 s of sleeping
-    products left): exit 130 and the JSON of lambda_max, marked interrupted."""
+    """stderr to a pipe: the plain lines; SIGINT while hessian_trace runs (a budget large enough
+    for its 1,000 probes: ≥ 20 s of sleeping products left): exit 130 and the JSON of lambda_max, marked interrupted."""
     recipe = tmp_path / "slow_mlp.py"
     recipe.write_text((RECIPES / "tiny_mlp.py").read_text() + SLOW)
     out = tmp_path / "partial.json"
     job = Job(["python", "-m", "curvdiag", "probe", str(recipe), "--probes", "lambda_max,hessian_trace,hessian_diag",
-               "--hvp-method", "double-backward", "--json", str(out)])
+               "--hvp-method", "double-backward", "--budget", "100000", "--json", str(out)])
     seen = []
     try:
         while not any("hessian_trace: started" in line for line in seen):
@@ -252,8 +252,8 @@ def test_non_tty_lines_and_ctrl_c_in_a_real_process(tmp_path):
         job.stop()
     lines = "".join(seen).splitlines() + err.splitlines()
     assert lines[0].startswith("[probe ") and lines[0].endswith("lambda_max: started")
-    assert any(line.startswith("[probe ") and " lambda_max: finished in " in line and line.endswith(" HVPs")
-               for line in lines)
+    assert any(line.startswith("[probe ") and " lambda_max: finished in " in line
+               and " gradient-equivalents (converged)" in line for line in lines)
     assert code == 130, "\n".join(lines)
     assert lines[-1].startswith("interrupted by Ctrl-C after ") and "the report holds 1 of 3 probes" in lines[-1]
     assert "Traceback" not in err

@@ -16,7 +16,6 @@ import typer
 from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily
 from curvdiag.cli.launch import across_processes
 from curvdiag.errors import BadArgument, BadInput
-from curvdiag.probes.budget import DEFAULT_PROBES
 from curvdiag.probes.registry import PROBE_NAMES
 
 
@@ -202,7 +201,7 @@ def probe(
     recipe: Annotated[str, typer.Argument(help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch).")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors).")] = None,
     previous: Annotated[Optional[Path], typer.Option(help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step).")] = None,
-    probes: Annotated[str, typer.Option(help=f"default ({', '.join(DEFAULT_PROBES)}), all, or a comma-separated list of: {', '.join(PROBE_NAMES)}.")] = "default",
+    probes: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {', '.join(PROBE_NAMES)}.")] = "all",
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (overrides the checkpoint's optimizer state and the recipe).")] = None,
     optimizer: Annotated[Optional[OptimizerFamily], typer.Option(parser=OptimizerFamily.parse, help="Optimizer family (overrides the checkpoint and recipe).")] = None,
     method: Annotated[EigenMethod, typer.Option(parser=EigenMethod.parse, help="How λmax is computed.")] = EigenMethod.lanczos,
