@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import RECIPES
@@ -263,3 +264,62 @@ def test_non_tty_lines_and_ctrl_c_in_a_real_process(tmp_path):
     assert document["probes"]["hessian_trace"]["skipped"].startswith("interrupted after ")
     assert document["probes"]["hessian_diag"] == {"skipped": "not run: interrupted by Ctrl-C"}
 
+
+
+def _deadline_rank(rank, world, out_dir):
+    """One gloo rank of tiny_mlp: rank 1's deadline passes as its first probe ends, rank 0's never."""
+    import datetime
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'store')}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        clock = ShiftedClock()
+        runner.time = clock  # a forked child of its own: nothing to restore
+        target = load_target(TINY, rank=rank, world_size=world)
+        op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes, distributed=True)
+        hooks = []
+
+        def finished(done):
+            hooks.append(op.on_hvp)  # no per-product check under several ranks
+            if rank == 1:
+                clock.offset = 1e6
+
+        report = run_probes(target, op, ProbeSettings(probes=["lambda_max", "hessian_trace", "hessian_diag"]),
+                            finished=finished, deadline=time.monotonic() + 3600)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+            "hooks": [h is None for h in hooks], "interrupted_by": report.interrupted_by,
+            "probes": {name: getattr(e, "reason", "ran") for name, e in report.probes.items()}}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_several_ranks_every_rank_stops_at_the_same_probe(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_deadline_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    waited = time.monotonic()
+    while not context.join(timeout=1):
+        assert time.monotonic() - waited < 120, "ranks still ran after 120 s"
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0]["hooks"] == [True] and outcomes[0]["interrupted_by"] == "timeout"
+    assert outcomes[0]["probes"]["lambda_max"] == "ran"
+    assert outcomes[0]["probes"]["hessian_trace"] == outcomes[0]["probes"]["hessian_diag"] == \
+        "not run: interrupted by the timeout"
+
+
+def test_a_timeout_under_nproc_ends_124_with_the_report(tmp_path):
+    out = tmp_path / "nproc.json"
+    job = Job(["python", "-m", "curvdiag", "probe", TINY, "--probes", "lambda_max", "--timeout", "1e-9",
+               "--nproc", "2", "--json", str(out)])
+    try:
+        code, _, err, _ = job.result(timeout=120)
+    finally:
+        job.stop()
+    assert code == 124, err
+    assert err.strip().splitlines()[-1].startswith("interrupted by --timeout 1e-09 after ") and "Traceback" not in err
+    document = json.loads(out.read_text())
+    assert document["interrupted_by"] == "timeout" and document["operator"]["world_size"] == 2
+    assert document["probes"]["lambda_max"] == {"skipped": "not run: interrupted by the timeout"}

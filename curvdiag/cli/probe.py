@@ -236,13 +236,20 @@ def probe(
     code = 0
     with across_processes(ctx, nproc, debug, device, dist_timeout):
         code = run_probe(request)
-    if code and not _under_torchrun():
+    if code and _under_torchrun(code):
+        code = 0
+    if code:
         raise typer.Exit(code=code)
 
 
-def _under_torchrun() -> bool:
-    """A rank of ``--nproc``: it ends with status 0 after an interruption it reported (torchrun
-    would take any other status for a failed rank); the launcher's own status for Ctrl-C is 130."""
+def _under_torchrun(code: int) -> bool:
+    """Whether this is a rank of ``--nproc``: then it exits 0 after an interruption it reported
+    (torchrun takes any other status for a failed rank) and leaves ``code`` for the launcher
+    (:func:`~curvdiag.cli.launch.record_outcome`; for Ctrl-C the launcher's own status is 130)."""
+    from curvdiag.cli.launch import record_outcome
     from curvdiag.curvature import distributed
 
-    return distributed.launched_by_torchrun()
+    if not distributed.launched_by_torchrun():
+        return False
+    record_outcome(code)
+    return True
