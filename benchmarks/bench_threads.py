@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", type=int, default=None)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "threads_results.json"))
     args = parser.parse_args()
     if args.worker is not None:
         worker(args.worker)
@@ -87,7 +88,7 @@ def main() -> None:
                                                               "max_s": max(times)}
     results["summary"] = summary
     print(json.dumps(summary, indent=2))
-    (Path(__file__).parent / "threads_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

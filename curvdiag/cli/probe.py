@@ -217,9 +217,9 @@ def probe(
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Use batch statistics (BatchNorm) instead of eval mode; dropout stays off.")] = False,
     hvp_method: Annotated[HvpMethod, typer.Option(parser=HvpMethod.parse, help="How Hessian-vector products are taken.")] = HvpMethod.auto,
     max_hvps: Annotated[int, typer.Option(help="Budget of products for λmax.")] = 500,
-    budget: Annotated[Optional[float], typer.Option(help="Budget of the run in gradient-equivalents (one forward and backward over all the data), split over the probes (default: the probes' default).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Stop after SECONDS (from the start, loading included) and write the report of the probes finished by then, marked interrupted; exit status 124. Ctrl-C does the same with exit status 130.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
+    budget: Annotated[Optional[float], typer.Option(metavar="GE", help="Budget of the run in gradient-equivalents (one forward and backward over all the data), split over the probes (default: the probes' default).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Once SECONDS have passed since the start (loading counts but is not cut short), stop the probes at the next Hessian-vector product (under --nproc: before the next probe) and write the report of those that finished, marked interrupted; exit status 124. Ctrl-C does the same with exit status 130.")] = None,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here ('-' for stdout).")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Write the report's figures (PNG) into this directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table (errors still go to stderr).")] = False,
@@ -234,8 +234,12 @@ def probe(
         max_batches=max_batches, seed=seed, device=device, dtype=dtype, train_mode=train_mode, hvp_method=hvp_method,
         max_hvps=max_hvps, json_out=json_out, plots=plots, quiet=quiet, timeout=timeout, threads=threads, budget=budget)
     code = 0
-    with across_processes(ctx, nproc, debug, device, dist_timeout):
-        code = run_probe(request)
+    try:
+        with across_processes(ctx, nproc, debug, device, dist_timeout):
+            code = run_probe(request)
+    except KeyboardInterrupt:  # while starting (imports, the process group): no traceback either
+        _say("interrupted (Ctrl-C) before any probe ran: no report")
+        code = EXIT_INTERRUPTED
     if code and _under_torchrun(code):
         code = 0
     if code:
