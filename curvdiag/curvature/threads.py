@@ -1,14 +1,20 @@
 """How many CPU threads torch's kernels use while curvdiag computes (``--threads``, ``threads=``).
 
 torch's default is one thread per core. On a machine other jobs share, those threads wait for
-cores the other jobs hold, and every kernel waits for its slowest thread. Measured on this
-2-core machine (benchmarks/bench_threads.py, threads_results.json: λmax of the bundled
-BatchNorm CNN, medians of interleaved fresh processes): one thread was never slower than the
-default and up to several times faster once other jobs ran, where the default's times also
-scattered widely. So the default, ``"default"``, is one thread, and the same in every run (so
-the numbers do not depend on the machine's load); a machine of idle cores and a large model is
-faster with ``--threads N``. ``OMP_NUM_THREADS``, when set (torchrun sets it to 1), is the
-user's choice and is kept.
+cores the other jobs hold, and every kernel waits for its slowest thread. Measured on a 2-core
+machine shared with other work (benchmarks/bench_threads.py: λmax of the bundled BatchNorm CNN,
+8 products, medians of fresh processes, 1 thread and the default interleaved):
+
+- moderately shared (1-minute load 1.5–3.5, no extra job): 1 thread 0.56 s, the default (2)
+  4.5 s, and up to 16 s (threads_results.json, "idle");
+- oversubscribed (load 8–12, with or without a second job multiplying matrices): the same
+  within the noise, 2.6 s against 2.2 s and 5.3 s against 5.4 s (threads_results_round2.json).
+
+So the default, ``"default"``, is one thread: it removes the collapse and costs nothing
+measurable here, and the numbers do not depend on the machine's load (a thread count changes
+the order of floating-point sums). A machine of idle cores and a large model is faster with
+``--threads N``. ``OMP_NUM_THREADS``, when set (torchrun sets it to 1), is the user's choice
+and is kept.
 """
 
 from __future__ import annotations
