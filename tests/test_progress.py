@@ -323,3 +323,23 @@ def test_a_timeout_under_nproc_ends_124_with_the_report(tmp_path):
     document = json.loads(out.read_text())
     assert document["interrupted_by"] == "timeout" and document["operator"]["world_size"] == 2
     assert document["probes"]["lambda_max"] == {"skipped": "not run: interrupted by the timeout"}
+
+
+def test_the_api_timeout_returns_the_partial_report():
+    import curvdiag
+    from curvdiag.errors import BadArgument
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+
+    def loss(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    report = curvdiag.probe(model, loss, [batch], probes="lambda_max,hessian_trace", timeout=1e-9)
+    assert report.interrupted and report.interrupted_by == "timeout"
+    assert report.probes["hessian_trace"] == Skipped("not run: interrupted by the timeout")
+    assert not curvdiag.probe(model, loss, [batch], probes="lambda_max", timeout=3600).interrupted
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(BadArgument, match="timeout"):
+            curvdiag.probe(model, loss, [batch], probes="lambda_max", timeout=bad)
