@@ -63,7 +63,7 @@ def build_inputs(root: Path) -> dict:
                                   "best_loss": 2.0, "recipe": "my_recipe.py", "checkpoint": None})
     inputs["nan_tail"] = nan_run
 
-    _cli("probe", TINY, "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
+    _cli("probe", TINY, "--probes", "all", "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
     report = json.loads((root / "all.json").read_text())
     if "spectral_density" not in report["probes"]:  # until probes.py runs it: the same code path
         from curvdiag.loading.target import load_target
