@@ -152,8 +152,21 @@ def _measure(request: ProbeRequest, settings, progress, deadline: Optional[float
     op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
                            train_mode=request.train_mode, hvp_method=request.hvp_method.value, distributed=world > 1)
     op.on_hvp = progress.hvp
+    progress.plan(planned_cost(settings, op.gradient_seconds))
     return run_probes(target, op, settings, progress=progress.probe_started, finished=progress.probe_finished,
                       deadline=deadline, keyboard_interrupt_ends_run=True)
+
+
+def planned_cost(settings, gradient_seconds: float) -> str:
+    """One line: the budget in gradient-equivalents, about how long it takes here, and its split."""
+    from curvdiag.probes import budget
+
+    names = [n for n in settings.probes if not (n == "power_law" and "glass" in settings.probes)]
+    total = settings.budget if settings.budget is not None else budget.default_budget(names)
+    shares = budget.scaled_asks(names, total)
+    seconds = f" (≈ {total * gradient_seconds:.3g} s at {gradient_seconds:.2g} s per GE)" if gradient_seconds > 0 else ""
+    return (f"plan: at most {total:g} gradient-equivalents{seconds}: "
+            + ", ".join(f"{name} {share:.3g}" for name, share in shares.items()))
 
 
 def _write_outputs(request: ProbeRequest, report, console) -> None:
@@ -207,7 +220,7 @@ def probe(
     method: Annotated[EigenMethod, typer.Option(parser=EigenMethod.parse, help="How λmax is computed.")] = EigenMethod.lanczos,
     tol: Annotated[float, typer.Option(help="Relative Ritz-residual tolerance for λmax.")] = 1e-4,
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to converge.")] = 1,
-    samples: Annotated[Optional[int], typer.Option(help="Hutchinson probes (default: diag 100; trace until 1% s.e.).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Hutchinson probes for the trace and diagonal (default: until 1% s.e. of the trace, 10% of the diagonal's layer means, or the budget).")] = None,
     glass_lambda: Annotated[float, typer.Option(help="Length scale λ of the glass and power-law perturbations (absolute, per entry).")] = 1e-3,
     glass_samples: Annotated[Optional[int], typer.Option(help="Rademacher perturbations for glass and power_law (default: until ρ has 10% s.e. or the budget is spent).")] = None,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() (default: all).")] = None,
@@ -216,8 +229,8 @@ def probe(
     dtype: Annotated[Optional[DType], typer.Option(parser=DType.parse, help="Floating-point type (default: the model's).")] = None,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Use batch statistics (BatchNorm) instead of eval mode; dropout stays off.")] = False,
     hvp_method: Annotated[HvpMethod, typer.Option(parser=HvpMethod.parse, help="How Hessian-vector products are taken.")] = HvpMethod.auto,
-    max_hvps: Annotated[int, typer.Option(help="Budget of products for λmax.")] = 500,
-    budget: Annotated[Optional[float], typer.Option(metavar="GE", help="Budget of the run in gradient-equivalents (one forward and backward over all the data), split over the probes (default: the probes' default).")] = None,
+    max_hvps: Annotated[int, typer.Option(help="At most this many products for λmax (fewer when its share of --budget holds fewer).")] = 500,
+    budget: Annotated[Optional[float], typer.Option(metavar="GE", help="Budget of the run in gradient-equivalents (one forward and backward over all the data), split over the probes (default: the sum of the probes' asks: 150 for default, 400 for all).")] = None,
     timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Once SECONDS have passed since the start (loading counts but is not cut short), stop the probes at the next Hessian-vector product (under --nproc: before the next probe) and write the report of those that finished, marked interrupted; exit status 124. Ctrl-C does the same with exit status 130.")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON report here ('-' for stdout).")] = None,

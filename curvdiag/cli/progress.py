@@ -38,6 +38,9 @@ class ProbeProgress:
     def stage(self, description: str) -> None:
         """A set-up stage began (loading, building the operator)."""
 
+    def plan(self, text: str) -> None:
+        """The planned cost, once, before the first probe."""
+
     def probe_started(self, name: str) -> None:
         """Probe ``name`` began."""
 
@@ -97,6 +100,9 @@ class LineProgress(ProbeProgress):
         # error line alone, as every input error does.
         self._doing, self._doing_since = description, self.clock()
 
+    def plan(self, text: str) -> None:
+        self._write(text)
+
     def probe_started(self, name: str) -> None:
         self._doing, self._doing_since, self._hvps_at_start = name, self.clock(), self._hvps
         self._write(f"{name}: started")
@@ -145,6 +151,9 @@ class RichProgress(ProbeProgress):
 
     def stage(self, description: str) -> None:
         self._progress.update(self._task, description=description)
+
+    def plan(self, text: str) -> None:
+        self._progress.console.print(text, style="dim", markup=False, highlight=False)
 
     def probe_started(self, name: str) -> None:
         self._progress.update(self._task, description=f"probe {name}")
