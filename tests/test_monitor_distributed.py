@@ -78,7 +78,9 @@ def _rank(rank, out_dir):
 def test_every_rank_gets_one_processs_curvature_of_the_union_of_the_batches(tmp_path):
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_rank, args=(str(tmp_path),), nprocs=WORLD, join=False, start_method="fork")
+    # Spawned, not forked: a fork of the test process (torch's thread pool, earlier tests' threads)
+    # hung in 1 of 4 runs after tests/test_monitor.py, before the rank's first line ran.
+    context = mp.start_processes(_rank, args=(str(tmp_path),), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 60
     try:
         while not context.join(timeout=1):
