@@ -5,7 +5,9 @@ trainer's optimizer, calls ``monitor.step(batch, loss)`` at ``on_train_batch_end
 optimizer step, ``.grad`` still holding the step's gradient), logs each measurement's scalars
 under ``curvdiag/<name>`` to every logger of the trainer, at the monitor's step, and closes the
 monitor at ``on_train_end``. Every option of the monitor (``every``, ``out``, ``tensorboard``,
-``held_batches``, ``actions``, ...) passes through unchanged.
+``held_batches``, ``actions``, ...) passes through unchanged. Under ``strategy="ddp"`` (or
+``ddp_fork``/``ddp_spawn``) each rank's monitor sums the curvature over the ranks (the monitor's
+``distributed=None`` finds the process group): every rank logs the union's λmax.
 """
 
 from __future__ import annotations
