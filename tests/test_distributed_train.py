@@ -118,7 +118,12 @@ def test_a_killed_rank_ends_the_job_and_rank_0_keeps_its_log_and_last_clean_stat
     assert any(line.startswith("torchrun: rank 1 ") and "killed by SIGKILL" in line for line in err.splitlines())
     assert "Traceback" not in err
     run = json.loads((out / "killed" / "run.json").read_text())
-    assert run["failure"].startswith("CommunicationError") and not run["interrupted"]
+    # Rank 0 either meets the dead peer in a collective (CommunicationError) or, on a loaded machine,
+    # first gets torchrun's SIGTERM for the survivors (a clean interruption): both keep the log and
+    # the last clean state, which is what this test is about.
+    met_the_dead_peer = (run["failure"] or "").startswith("CommunicationError") and not run["interrupted"]
+    stopped_by_the_launcher = run["interrupted"] and run["failure"] is None
+    assert met_the_dead_peer or stopped_by_the_launcher, run
     records = _records(out / "killed")
     final = torch.load(out / "killed" / "final.pt", weights_only=True)
     assert final["step"] == run["steps_completed"] == len(records) >= 9  # rank 1 died in step 10's loss

@@ -252,7 +252,8 @@ def test_non_tty_lines_and_ctrl_c_in_a_real_process(tmp_path):
     finally:
         job.stop()
     lines = "".join(seen).splitlines() + err.splitlines()
-    assert lines[0].startswith("[probe ") and lines[0].endswith("lambda_max: started")
+    assert lines[0].startswith("[probe ") and " plan: at most " in lines[0] and " gradient-equivalents " in lines[0]
+    assert lines[1].startswith("[probe ") and lines[1].endswith("lambda_max: started")
     assert any(line.startswith("[probe ") and " lambda_max: finished in " in line
                and " gradient-equivalents (converged)" in line for line in lines)
     assert code == 130, "\n".join(lines)

@@ -240,7 +240,12 @@ def _precision(cost: entry.ProbeCost, named: bool) -> str:
     """``reached ≤ target`` (met) or ``reached > target`` (missed), named when ``named``."""
     if cost.precision_target is None and cost.precision_reached is None:
         return ""
-    text = f"{_g(cost.precision_reached, 2)} {'>' if cost.missed_target else '≤'} {_g(cost.precision_target, 2)}"
+    if cost.precision_target is None:  # a fixed count: the precision it bought, no target
+        text = _g(cost.precision_reached, 2)
+    elif cost.precision_reached is None:
+        text = f"target {_g(cost.precision_target, 2)}"
+    else:
+        text = f"{_g(cost.precision_reached, 2)} {'>' if cost.missed_target else '≤'} {_g(cost.precision_target, 2)}"
     return f"{cost.precision_name} {text}" if named and cost.precision_name else text
 
 
