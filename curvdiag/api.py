@@ -64,7 +64,7 @@ def probe(
     loss: LossFn,
     batches: Iterable[Any],
     *,
-    probes: Union[str, Sequence[str]] = "all",
+    probes: Union[str, Sequence[str]] = "default",
     optimizer: Optional[torch.optim.Optimizer] = None,
     lr: Optional[float] = None,
     optimizer_family: Optional[str] = None,
@@ -76,7 +76,8 @@ def probe(
     samples: Optional[int] = None,
     max_hvps: int = 500,
     glass_lambda: float = 1e-3,
-    glass_samples: int = 10,
+    glass_samples: Optional[int] = None,
+    budget: Optional[float] = None,
     train_mode: bool = False,
     hvp_method: str = "auto",
     seed: int = 0,
@@ -88,7 +89,9 @@ def probe(
         model: the module; its trainable parameters are θ. Probed on its own device and dtype.
         loss: ``loss(model, batch)`` returns the scalar mean loss of one batch.
         batches: an iterable of batches (moved to the model's device); L is their sample-weighted mean.
-        probes: ``"all"``, a comma-separated string or a list of probe names (as ``--probes``).
+        probes: ``"default"`` (λmax with its margin, the trace, the HesScale diagonal, the curvature
+            along the next step), ``"all"``, a comma-separated string or a list of probe names (as ``--probes``).
+        budget: gradient-equivalents the run may spend (as ``--budget``); default: the probes' asks.
         optimizer: the live optimizer of the run (lr, family, momentum, Adam state), optional.
         lr, optimizer_family: override what the optimizer says (``sgd|momentum|nesterov|adam|adamw``).
         previous: θ_{t−1} (a module, a state_dict or a flat tensor) for the directional curvature;
@@ -110,7 +113,7 @@ def probe(
         raise BadArgument("loss", type(loss).__name__, "expected a function loss(model, batch)")
     settings = ProbeSettings(probes=parse_probe_names(probes if isinstance(probes, str) else ",".join(probes)),
                              method=method, tol=tol, top_k=top_k, samples=samples, seed=seed, max_hvps=max_hvps,
-                             glass_lambda=glass_lambda, glass_samples=glass_samples)
+                             glass_lambda=glass_lambda, glass_samples=glass_samples, budget=budget)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BadArgument("model", type(model).__name__, "has no trainable parameters")

@@ -29,7 +29,7 @@ def _assert_one_line_error(result, code, *fragments):
 
 def test_probe_writes_the_json_contract(tmp_path):
     out = tmp_path / "report.json"
-    result = invoke(TINY, "--json", out, "--samples", 20, "--dtype", "float64")
+    result = invoke(TINY, "--probes", "all", "--json", out, "--samples", 20, "--dtype", "float64")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert {"curvdiag_version", "recipe", "checkpoint", "model", "operator", "loss", "grad_norm", "probes"} <= set(report)

@@ -155,8 +155,11 @@ def _compare(single, multi, path="", worst=None):
     worst = [0.0] if worst is None else worst
     if isinstance(single, dict):
         assert set(single) == set(multi), (path, set(single) ^ set(multi))
+        # Wall times differ; so does the glass's relative s.e. on this smooth model, where ρ is at
+        # rounding level (its per-layer values agree to the absolute tolerance below).
+        skip = ("seconds", "gradient_seconds") + (("precision_reached",) if single.get("name") == "glass" else ())
         for key in single:
-            if key not in ("seconds",):
+            if key not in skip:
                 _compare(single[key], multi[key], f"{path}.{key}", worst)
     elif isinstance(single, list):
         assert len(single) == len(multi), path

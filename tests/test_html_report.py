@@ -14,7 +14,10 @@ from curvdiag.cli.app import app
 from curvdiag.plots.html import report_verdict, runs_verdict, write_html_report
 from curvdiag.results.probe_results import ProbeReport
 from curvdiag.results.run_dir import read_runs
-from test_plots import REPORT_FIGURES, _assert_one_line_error, plot_inputs  # noqa: F401 (fixture)
+import test_plots
+from test_plots import REPORT_FIGURES, _assert_one_line_error, _hand_made_compare
+
+plot_inputs = test_plots.plot_inputs  # the fixture, bound by assignment so that its parameters redefine nothing
 
 runner = CliRunner()
 IMAGE = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -95,6 +98,48 @@ def test_report_page_for_a_run_that_diverged(plot_inputs, pages):
     verdict = runs_verdict(read_runs(plot_inputs["nan_tail"]))
     assert verdict.headline == "DIVERGED AT STEP 2"
     assert "diverged at step 2 (the loss became non-finite)" in verdict.sentences[0]
+
+
+def test_run_page_shows_the_lr_used_and_what_the_peak_ratio_means(tmp_path):
+    """No "lr null" when --lr was not given: the rate the log shows; the peak η·λmax/T is
+    said against 1, the run's own threshold, and a run far above it that did not diverge is
+    told apart from one at the edge."""
+    root = _hand_made_compare(tmp_path / "a", [6.751, 6.777, 6.778], [6.756, 6.764, 6.772])
+    page = write_html_report(root, tmp_path / "a.html", dpi=30).read_text(encoding="utf-8")
+    assert "null" not in page
+    assert "<td>lr</td><td>0.3 (the optimizer&#x27;s own; --lr not given)</td>" in page
+    assert "<th>lr in use</th>" in page and "<td>0.151</td>" in page
+    verdict = runs_verdict(read_runs(root))
+    baseline, throttle = verdict.sentences[1:]
+    assert "λmax reached the run's stability threshold T/η: η·λmax/T peaked at 1.02 at step 2, at the edge" in baseline
+    assert "λmax stayed below the run's stability threshold T/η: η·λmax/T peaked at 0.512 at step 2 " \
+           "(1 is the threshold)" in throttle
+    far = runs_verdict(read_runs(_hand_made_compare(tmp_path / "b", [28.7, 20.0], [6.7, 6.7])))
+    assert "η·λmax/T peaked at 4.3 at step 0; 1 is the threshold) and yet the run did not diverge" in far.sentences[1]
+    gone = runs_verdict(read_runs(_hand_made_compare(tmp_path / "c", [28.7, 20.0], [6.7, 6.7], diverged=True)))
+    assert "Before it diverged, η·λmax/T peaked at 4.3 at step 0" in gone.sentences[1]
+
+
+def test_report_page_shows_the_cost_and_what_qualifies_the_verdict(plot_inputs, tmp_path):
+    report = json.loads(plot_inputs["report_skipped"].read_text())
+    report["interrupted"], report["interrupted_by"] = True, "timeout"
+    report["budget"] = {"total": 150.0, "spent": 61.5, "seconds": 9.0, "gradient_seconds": 0.05, "hvp_cost": 1.5,
+                        "probes": [{"name": "lambda_max", "planned": 60.0, "spent": 21.0, "seconds": 1.1,
+                                    "stop": "converged"},
+                                   {"name": "hessian_trace", "planned": 40.0, "spent": 40.5, "seconds": 7.9,
+                                    "stop": "budget", "precision_name": "relative s.e. of tr H",
+                                    "precision_target": 0.01, "precision_reached": 0.0213}]}
+    sentences = report_verdict(ProbeReport.from_json(report)).sentences
+    assert sentences[-2].startswith("Interrupted by the --timeout: this report holds only the probes that finished")
+    assert sentences[-1].startswith("hessian_trace stopped at relative s.e. of tr H 0.021, above its target 0.01")
+    source = tmp_path / "cost.json"
+    source.write_text(json.dumps(report))
+    page = write_html_report(source, tmp_path / "cost.html", dpi=30).read_text(encoding="utf-8")
+    assert "<caption>cost in gradient-equivalents (1 GE = one forward + backward over the data = 0.05 s here; " \
+           "one HVP = 1.5 GE)</caption>" in page
+    assert "<td>hessian_trace</td><td>40</td><td>40.5</td><td>7.9</td><td>budget</td>" \
+           "<td>relative s.e. of tr H 0.021 &gt; target 0.01</td>" in page
+    assert "<td>total</td><td>150</td><td>61.5</td>" in page
 
 
 @pytest.mark.parametrize("status, ratio, headline, words", [

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from curvdiag.cli.app import app
 from curvdiag.plots.canvas import NotPlottable
 from curvdiag.plots.probe import report_figures
-from curvdiag.plots.runs import loss_figure, sharpness_figure
+from curvdiag.plots.runs import BASELINE_COLOUR, loss_figure, sharpness_figure
 from curvdiag.plots.sources import figures_for, load_source
 from curvdiag.results.probe_results import ProbeReport
 from curvdiag.results.run_dir import read_runs
@@ -63,7 +63,7 @@ def build_inputs(root: Path) -> dict:
                                   "best_loss": 2.0, "recipe": "my_recipe.py", "checkpoint": None})
     inputs["nan_tail"] = nan_run
 
-    _cli("probe", TINY, "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
+    _cli("probe", TINY, "--probes", "all", "--samples", 4, "--glass-samples", 2, "--json", root / "all.json", "-q")
     report = json.loads((root / "all.json").read_text())
     if "spectral_density" not in report["probes"]:  # until probes.py runs it: the same code path
         from curvdiag.loading.target import load_target
@@ -143,8 +143,9 @@ def test_compare_run_overlays_every_run_in_every_figure(plot_inputs, figure_sets
 
 
 def test_sharpness_figure_draws_lambda_max_and_the_threshold_two_over_lr(plot_inputs, figure_sets):
-    ax = figure_sets["compare"].figures["sharpness"].axes[0]
-    assert ax.get_ylabel() == "λ (curvature, 1/lr units)"
+    figure = figure_sets["compare"].figures["sharpness"]
+    ax, ratio_ax = figure.axes
+    assert ax.get_ylabel() == "curvature λ (loss / parameter²)"
     runs = read_runs(plot_inputs["compare"])
     baseline = runs[0]
     assert baseline.name == "baseline"
@@ -152,15 +153,88 @@ def test_sharpness_figure_draws_lambda_max_and_the_threshold_two_over_lr(plot_in
     assert steps == [0, 4, 8, 12]
     (line,) = _lines_labelled(ax, "baseline: λmax")
     assert list(line.get_xdata()) == steps and list(line.get_ydata()) == pytest.approx(values)
-    # GD at constant η = 0.05: one horizontal line at 2/η = 40 labelled as such.
-    (threshold,) = _lines_labelled(ax, "stability threshold 2/η = 40")
+    # GD at constant η = 0.05: the baseline's own horizontal line at 2/η = 40, in its colour.
+    (threshold,) = _lines_labelled(ax, "baseline: threshold 2/η = 40")
     assert list(threshold.get_ydata()) == pytest.approx([40.0, 40.0])
-    assert "baseline" in threshold.get_label()
+    assert threshold.get_color() == BASELINE_COLOUR
     # The Newton rate changes η, so its threshold is a curve 2/η_t over the steps.
     (curve,) = _lines_labelled(ax, "newton: threshold 2/η_t")
     newton = next(r for r in runs if r.name == "newton")
     lr_steps, lrs = newton.series("lr")
     assert list(curve.get_ydata()) == pytest.approx([2.0 / lr for lr in lrs])
+    # Below: each run's η_t·λmax/T, read against the one line at 1.
+    for run in runs:
+        (ratio,) = [l for l in ratio_ax.get_lines() if l.get_label() == run.name]
+        assert list(ratio.get_ydata()) == pytest.approx(run.series("eos_ratio")[1])
+    (one,) = _lines_labelled(ratio_ax, "its threshold (ratio 1)")
+    assert list(one.get_ydata()) == [1.0, 1.0]
+    # T is defined on the figure, and the runs that share their first λmax are said to.
+    note = _notes(figure)
+    assert "T/η is the stability threshold" in note and "here T = 2." in note
+    assert f"All runs share λmax = {values[0]:.4g} at step 0." in note
+
+
+def _notes(figure):
+    return " ".join(t.get_text() for ax in figure.axes for t in ax.texts)
+
+
+def _hand_made_compare(root: Path, lambdas_baseline, lambdas_throttle, diverged=False) -> Path:
+    """A --compare directory as the edge-of-stability tanh MLP wrote it (λmax, lr and T/η from
+    a real run, rounded): the throttle halved η, so its threshold 2/η_t is twice the baseline's."""
+    from curvdiag.results.run_dir import MetricsLog, RunSummary, write_run_summary
+
+    for name, lr, lams in (("baseline", 0.3, lambdas_baseline), ("throttle", 0.1512, lambdas_throttle)):
+        run = root / name
+        with MetricsLog(run) as log:
+            for step, lam in enumerate(lams):
+                log.write({"step": step, "loss": 0.019, "lr": lr, "base_lr": 0.3, "throttle": lr / 0.3,
+                           "lambda_max": lam, "threshold": 2 / lr, "eos_ratio": lr * lam / 2})
+        write_run_summary(run, RunSummary(controller="none" if name == "baseline" else name,
+                                          steps_completed=len(lams), diverged=diverged and name == "baseline",
+                                          final_loss=0.019, best_loss=0.019, initial_loss=0.019, recipe="tanh_mlp.py",
+                                          settings={"steps": len(lams), "lr": None}))
+    return root
+
+
+def test_each_run_is_read_against_its_own_threshold(tmp_path):
+    """The throttled run's λmax sits above the baseline's 2/η but far under its own 2/η_t:
+    its own line is drawn in its colour, and its ratio to that line is under 1."""
+    from curvdiag.plots.runs import RUN_COLOURS
+
+    root = _hand_made_compare(tmp_path, [6.751, 6.777, 6.778], [6.756, 6.764, 6.772])
+    figure = figures_for(load_source(root)).figures["sharpness"]
+    ax, ratio_ax = figure.axes
+    (own,) = _lines_labelled(ax, "throttle: threshold 2/η = 13.2")
+    assert own.get_ydata()[0] == pytest.approx(2 / 0.1512) and own.get_color() == RUN_COLOURS[0]
+    (theirs,) = _lines_labelled(ax, "baseline: threshold 2/η = 6.67")
+    (lam,) = _lines_labelled(ax, "throttle: λmax")
+    assert min(lam.get_ydata()) > theirs.get_ydata()[0]  # above the baseline's line ...
+    (ratio,) = [l for l in ratio_ax.get_lines() if l.get_label() == "throttle"]
+    assert max(ratio.get_ydata()) < 0.52  # ... but at half of its own threshold
+    assert not _lines_labelled(ax, "stability threshold")  # no line that belongs to no run
+    assert "their first λmax differ because each is measured after that step's update" in _notes(figure)
+
+
+def test_a_single_run_threshold_is_red_and_labelled_plainly(figure_sets):
+    from curvdiag.plots.canvas import THRESHOLD_COLOUR
+
+    ax = figure_sets["single"].figures["sharpness"].axes[0]
+    (threshold,) = _lines_labelled(ax, "stability threshold 2/η")
+    assert threshold.get_color() == THRESHOLD_COLOUR
+
+
+def test_no_figure_labels_curvature_in_lr_units(figure_sets):
+    for name, figures in figure_sets.items():
+        for key, figure in figures.figures.items():
+            for ax in figure.axes:
+                labels = ax.get_xlabel() + ax.get_ylabel()
+                assert "1/lr" not in labels, (name, key, labels)
+                if key in ("sharpness", "directional_curvature", "eigenvalues") and ax is figure.axes[0]:
+                    assert "loss / parameter²" in ax.get_ylabel(), (name, key)
+            if key in ("sharpness", "directional_curvature", "eigenvalues", "spectral_density"):
+                thresholds = [line for ax in figure.axes for line in ax.get_lines() if "threshold" in line.get_label()]
+                if thresholds:
+                    assert "T/η is the stability threshold: along an eigendirection of curvature λ" in _notes(figure)
 
 
 def test_single_run(figure_sets):
@@ -222,6 +296,8 @@ def test_report_with_every_probe(plot_inputs, figure_sets):
     (following,) = _lines_labelled(ax, "Hessian H: next Ritz values")
     assert list(following.get_ydata()) == pytest.approx(report["probes"]["lambda_max"]["next_ritz_values"])
     assert "stable" in ax.get_title()
+    assert "here T = 3.8 (heavy-ball momentum, β = 0.9)" in _notes(figures.figures["eigenvalues"])
+    assert figures.figures["spectral_density"].axes[0].get_xlabel() == "eigenvalue λ of H (loss / parameter²)"
     # Hutchinson and HesScale side by side.
     legend = " ".join(_legend(figures.figures["hessian_diag"].axes[0]))
     assert "Hutchinson" in legend and "HesScale" in legend
@@ -235,6 +311,48 @@ def test_report_with_every_probe(plot_inputs, figure_sets):
     ax = figures.figures["spectral_density"].axes[0]
     assert ax.get_yscale() == "log"
     assert _lines_labelled(ax, "quadrature nodes") and _lines_labelled(ax, "stability threshold 3.8/η")
+
+
+def test_hessian_diagonal_is_mean_and_standard_error_not_the_range(plot_inputs, figure_sets):
+    """Bars of ± one s.e. around each layer's mean; no min–max of the entries (mostly estimator
+    noise that dwarfs the means); HesScale's means without error bars (deterministic)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.container import ErrorbarContainer
+
+    report = ProbeReport.from_json(json.loads(plot_inputs["report_all"].read_text()))
+    ax = figure_sets["report_all"].figures["hessian_diag"].axes[0]
+    legend = _legend(ax)
+    assert "Hutchinson (Rademacher): mean ± s.e. (4 samples)" in legend and "HesScale: mean (deterministic)" in legend
+    assert not any("min –" in text or "max" in text for text in legend)
+    (hutchinson,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.has_yerr]
+    (bars,) = hutchinson.lines[2]
+    layers = report.probes["hessian_diag"].layers
+    for segment, layer in zip(bars.get_segments(), layers):
+        assert segment[0][1] == pytest.approx(layer.mean - layer.stderr)
+        assert segment[1][1] == pytest.approx(layer.mean + layer.stderr)
+    others = [c for c in ax.collections if isinstance(c, LineCollection) and c is not bars]
+    assert not others, "a second set of bars (the min – max range?)"
+    assert "loss / parameter²" in ax.get_ylabel()
+
+
+def test_glass_figure_draws_points_not_bars(figure_sets):
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    ax = figure_sets["report_all"].figures["glass"].axes[0]
+    assert not [c for c in ax.containers if isinstance(c, BarContainer)] and not ax.patches
+    (points,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert points.get_label().startswith("ρ per layer ± s.e.")
+    assert points.lines[0].get_marker() == "o" and points.lines[0].get_linestyle() == "None"
+
+
+def test_glass_figure_goes_log_only_when_every_error_bar_stays_above_zero(plot_inputs):
+    report = json.loads(plot_inputs["report_all"].read_text())
+    layers = report["probes"]["glass"]["layers"]
+    for k, layer in enumerate(layers):
+        layer.update(rho=10.0 ** -k, rho_stderr=0.1 * 10.0 ** -k)
+    assert report_figures(ProbeReport.from_json(report), "t").figures["glass"].axes[0].get_yscale() == "log"
+    layers[0]["rho_stderr"] = 2.0  # its bar reaches below 0
+    assert report_figures(ProbeReport.from_json(report), "t").figures["glass"].axes[0].get_yscale() == "linear"
 
 
 def test_report_with_a_single_probe(figure_sets):

@@ -34,7 +34,7 @@ class ProbeRequest:
     top_k: int
     samples: Optional[int]
     glass_lambda: float
-    glass_samples: int
+    glass_samples: Optional[int]
     max_batches: Optional[int]
     seed: int
     device: str
@@ -148,7 +148,7 @@ def probe(
     recipe: Annotated[str, typer.Argument(help="Recipe: a .py file or an importable module defining model(), data(), loss(model, batch).")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint (.pt/.pth state_dict or dict, or .safetensors).")] = None,
     previous: Annotated[Optional[Path], typer.Option(help="Checkpoint of θ_{t−1} for directional_curvature (default: one simulated optimizer step).")] = None,
-    probes: Annotated[str, typer.Option(help=f"all, or a comma-separated list of: {', '.join(PROBE_NAMES)}.")] = "all",
+    probes: Annotated[str, typer.Option(help=f"default (lambda_max, hessian_trace, hesscale_diag, directional_curvature), all, or a comma-separated list of: {', '.join(PROBE_NAMES)}.")] = "default",
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (overrides the checkpoint's optimizer state and the recipe).")] = None,
     optimizer: Annotated[Optional[OptimizerFamily], typer.Option(parser=OptimizerFamily.parse, help="Optimizer family (overrides the checkpoint and recipe).")] = None,
     method: Annotated[EigenMethod, typer.Option(parser=EigenMethod.parse, help="How λmax is computed.")] = EigenMethod.lanczos,
@@ -156,7 +156,7 @@ def probe(
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to converge.")] = 1,
     samples: Annotated[Optional[int], typer.Option(help="Hutchinson probes (default: diag 100; trace until 1% s.e.).")] = None,
     glass_lambda: Annotated[float, typer.Option(help="Length scale λ of the glass and power-law perturbations (absolute, per entry).")] = 1e-3,
-    glass_samples: Annotated[int, typer.Option(help="Rademacher perturbations for glass and power_law.")] = 10,
+    glass_samples: Annotated[Optional[int], typer.Option(help="Rademacher perturbations for glass and power_law (default: until ρ has 10% s.e. or the budget is spent).")] = None,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random vector.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",

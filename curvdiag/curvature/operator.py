@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,6 +52,12 @@ from curvdiag.errors import BadArgument, BadInput, NotCovered
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 HVP_METHODS = ("auto", "kept-graph", "double-backward", "finite-difference")
+#: What one Hessian-vector product costs in gradient-equivalents (GE: one forward and backward over
+#: all the data), by how it is taken. Measured on CPU (DESIGN §3, issue #16): with the gradient graph
+#: kept, an HVP took 1.5–1.7× a gradient up to 2M parameters; double backward per batch 3.07× at 64
+#: batches; finite differences are two gradients. Prices are fixed, not timed, so that a budget stops
+#: every run of the same settings at the same product (the report gives the seconds beside them).
+HVP_PRICE = {"kept-graph": 1.5, "double-backward": 3.0, "finite-difference": 2.0}
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
             torch.nn.FeatureAlphaDropout)
 _NO_DOUBLE_BACKWARD = ("not implemented", "double backward", "once_differentiable", "differentiate twice")
@@ -161,6 +168,9 @@ class CurvatureOperator:
         self.weights = [s / self.num_samples for s in sizes]
         self.hvp_count = 0
         self.on_hvp: Optional[Callable[[int], None]] = None  # called with hvp_count after each product
+        self.spent = 0.0  # GE priced over every product since set-up (HVP_PRICE, gradients 1, charge())
+        self.spend_limit: Optional[float] = None  # GE: where budget_left() reaches 0; None: unbounded
+        self.gradient_seconds = math.nan  # measured: the set-up's loss and gradient over all the data
         self.fallback: Optional[str] = None
         self.fallback_reason: Optional[str] = None
         self.finite_difference: Optional[FiniteDifferenceInfo] = None
@@ -241,11 +251,16 @@ class CurvatureOperator:
         self._finish_prepare(*self._local_prepare())
 
     def _local_prepare(self) -> Tuple[float, torch.Tensor]:
-        """This rank's loss and gradient (not yet summed over ranks), keeping the graph if asked."""
-        if self.hvp_method == "kept-graph":
-            return self._build_kept_graph()
-        self._kept_gradient = None
-        return self._local_loss_and_gradient()
+        """This rank's loss and gradient (not yet summed over ranks), keeping the graph if asked;
+        its wall time is what one gradient-equivalent takes here."""
+        started = time.perf_counter()
+        try:
+            if self.hvp_method == "kept-graph":
+                return self._build_kept_graph()
+            self._kept_gradient = None
+            return self._local_loss_and_gradient()
+        finally:
+            self.gradient_seconds = time.perf_counter() - started
 
     def _finish_prepare(self, loss: float, gradient: torch.Tensor) -> None:
         self._loss, self._gradient = self._reduce_loss_and_gradient(loss, gradient)
@@ -396,7 +411,7 @@ class CurvatureOperator:
     def parameters_vector(self) -> torch.Tensor:
         return self.flatten([p.detach() for p in self.params])
 
-    # ------------------------------------------------------------------ products
+    # ------------------------------------------------------------------ loss and gradient
     def loss(self) -> float:
         """L(θ): the sample-weighted mean loss over the batches."""
         return self._loss
@@ -405,12 +420,34 @@ class CurvatureOperator:
         """G = ∇L(θ), flat, shape (num_params,)."""
         return self._gradient
 
+    # ------------------------------------------------------------------ cost
+    @property
+    def hvp_price(self) -> float:
+        """GE one :meth:`hvp` is priced at, for the method that runs."""
+        return HVP_PRICE[self.hvp_method]
+
+    def charge(self, ge: float) -> None:
+        """Add the price of a pass run outside :meth:`hvp` and :meth:`gradient_at` (a probe's own
+        backward passes) to :attr:`spent`."""
+        self.spent += float(ge)
+
+    def budget_left(self) -> float:
+        """GE left before :attr:`spend_limit` (+inf without one). Priced, not timed: every rank
+        agrees on it, so a loop that stops on it issues the same collectives everywhere."""
+        return math.inf if self.spend_limit is None else self.spend_limit - self.spent
+
+    def can_afford(self, ge: float) -> bool:
+        """Whether a further ``ge`` GE fits in what is left (a 1e-9 allowance for rounding)."""
+        return ge <= self.budget_left() + 1e-9
+
+    # ------------------------------------------------------------------ products
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector v of shape (num_params,); returns shape (num_params,)."""
         if v.shape != (self.num_params,):
             raise ValueError(f"expected a vector of shape ({self.num_params},), got {tuple(v.shape)}")
         v = v.to(device=self.device, dtype=self.dtype)
         self.hvp_count += 1
+        self.spent += self.hvp_price
         if self.hvp_method == "finite-difference":
             product = self._finite_difference_hvp(v, self.fd_step)
         else:
@@ -442,7 +479,8 @@ class CurvatureOperator:
 
     def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """(L(θ'), G(θ')) at other parameters θ' (flat, shape (num_params,)), on the same batches
-        and in the same mode; the model's parameters are restored exactly afterwards."""
+        and in the same mode; the model's parameters are restored exactly afterwards. Priced 1 GE."""
+        self.spent += 1.0
         return self._reduce_loss_and_gradient(*self._local_gradient_at(theta))
 
     def _local_gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:

@@ -15,8 +15,16 @@ from typing import Callable, Dict, Iterable, Optional, Tuple, TypeVar
 
 from matplotlib.figure import Figure
 
-LAMBDA_LABEL = "λ (curvature, 1/lr units)"
+# Units: L is a loss, θ the parameters, so H = ∇²L is in loss / parameter², and so is every
+# curvature along a direction (λ, C_t = ‖ΔG‖/‖Δθ‖, diag H); GD's η is then in parameter² / loss
+# and η·λ has no unit. Adam's P = diag(√v̂ + ε) is a gradient (loss / parameter), so
+# λ(P^-1/2 H P^-1/2) is in 1 / parameter and Adam's η in parameter.
+CURVATURE_UNITS = "loss / parameter²"
+PRECONDITIONED_UNITS = "1 / parameter"
+LAMBDA_LABEL = f"curvature λ ({CURVATURE_UNITS})"
 THRESHOLD_COLOUR = "#d62728"
+T_DEFINITION = ("T/η is the stability threshold: along an eigendirection of curvature λ, a step of learning rate η "
+                "is stable iff η·λ < T, T the optimizer's constant (2 for gradient descent)")
 S = TypeVar("S")
 
 
@@ -58,6 +66,13 @@ def new_figure(title: str, rows: int = 1, height: float = 4.8, sharex: bool = Tr
 
 def constant_text(constant: float) -> str:
     return f"{constant:.3g}"
+
+
+def footnote(ax, text: str) -> None:
+    """A note under the axes (below the x label), part of the figure's layout, so it is saved
+    with it and never overlaps the axes."""
+    ax.annotate(text, xy=(0.0, 0.0), xycoords="axes fraction", xytext=(0, -34), textcoords="offset points",
+                ha="left", va="top", fontsize=7.5, color="0.25", wrap=True)
 
 
 def log_if_positive(ax, values: Iterable[float], min_ratio: float = 1.0) -> bool:

@@ -23,7 +23,7 @@ from curvdiag._version import __version__
 from curvdiag.errors import BadInput
 from curvdiag.plots.canvas import FigureSet
 from curvdiag.plots.sources import PlotSource, figures_for, load_source
-from curvdiag.report.verdict import probe_verdict
+from curvdiag.report.verdict import peak_ratio_words, probe_verdict
 from curvdiag.results import probe_results as entries
 from curvdiag.results.json_safe import finite
 from curvdiag.results.probe_results import ProbeReport, Skipped
@@ -58,6 +58,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def report_verdict(report: ProbeReport) -> Verdict:
     """The page's words for the probe verdict (:func:`curvdiag.report.verdict.probe_verdict`)."""
     verdict = probe_verdict(report)
+    found = _report_verdict(verdict)
+    found.sentences += verdict.cautions
+    return found
+
+
+def _report_verdict(verdict) -> Verdict:
     eos = verdict.eos
     if eos is None:
         sentences = [f"No stability verdict: {verdict.reason}."]
@@ -94,9 +100,10 @@ def _run_sentence(run: RunLog) -> str:
     throttle = finite(s.mean_throttle)
     if throttle is not None and abs(throttle - 1.0) > 1e-9:
         text += f" Mean learning-rate factor {_fmt(throttle, 3)}."
-    ratios = run.series("eos_ratio")[1]
+    steps, ratios = run.series("eos_ratio")
     if ratios:
-        text += f" Peak η·λmax/T = {max(ratios):.3f}."
+        peak = max(ratios)
+        text += " " + peak_ratio_words(peak, steps[ratios.index(peak)], run.diverged)
     return text
 
 
@@ -151,6 +158,21 @@ def _context_rows(report: ProbeReport) -> List[Tuple[str, Any]]:
             ("recipe", report.recipe), ("parameters", report.model.parameters), ("loss", report.loss),
             ("gradient norm ‖g‖", report.grad_norm), ("optimizer", opt or "—"), ("curvature operator", op or "—"),
             ("curvdiag version", report.curvdiag_version)]
+
+
+def _cost_table(report: ProbeReport) -> str:
+    """What each probe was allowed and spent, in gradient-equivalents, and why it stopped."""
+    budget = report.budget
+    if budget is None:
+        return ""
+    rows = [[c.name, c.planned, c.spent, c.seconds, c.stop,
+             "" if c.precision_reached is None else
+             f"{c.precision_name or 'precision'} {_fmt(c.precision_reached, 2)} "
+             f"{'>' if c.missed_target else '≤'} target {_fmt(c.precision_target, 2)}"] for c in budget.probes]
+    rows.append(["total", budget.total, budget.spent, budget.seconds, "", ""])
+    return _table(["probe", "GE planned", "GE spent", "seconds", "stopped", "precision reached"], rows,
+                  f"cost in gradient-equivalents (1 GE = one forward + backward over the data = "
+                  f"{_fmt(budget.gradient_seconds, 2)} s here; one HVP = {_fmt(budget.hvp_cost, 2)} GE)")
 
 
 def _sharpness_summary(e: entries.LambdaMax) -> str:
@@ -224,6 +246,15 @@ def _layer_table(report: ProbeReport) -> str:
     return _table(["layer"] + list(columns), rows, "per layer (one parameter tensor each)")
 
 
+def lr_used(run: RunLog, key: str = "lr") -> str:
+    """The learning rate a run used, from its log: "0.3", or "0.15 – 0.151" when it moved."""
+    rates = run.series(key)[1]
+    if not rates:
+        return "—"
+    low, high = min(rates), max(rates)
+    return _fmt(low, 3) if _fmt(low, 3) == _fmt(high, 3) else f"{_fmt(low, 3)} – {_fmt(high, 3)}"
+
+
 def _runs_table(runs: Sequence[RunLog]) -> str:
     rows = []
     for run in runs:
@@ -231,18 +262,24 @@ def _runs_table(runs: Sequence[RunLog]) -> str:
         lam = run.series("lambda_max")[1]
         rows.append([run.name, s.controller, s.steps_completed,
                      "yes, at step " + _fmt(run.diverged_at) if run.diverged else "no",
-                     finite(s.final_loss), finite(s.best_loss), finite(s.initial_loss),
+                     lr_used(run), finite(s.final_loss), finite(s.best_loss), finite(s.initial_loss),
                      finite(s.mean_throttle), max(lam) if lam else None,
                      finite(s.extra_hvps_per_step), finite(s.seconds_per_step)])
-    return _table(["run", "controller", "steps", "diverged", "final loss", "best loss", "initial loss",
+    return _table(["run", "controller", "steps", "diverged", "lr in use", "final loss", "best loss", "initial loss",
                    "mean lr factor", "peak λmax", "extra HVPs / step", "s / step"], rows, "runs")
+
+
+def _setting_text(run: RunLog, key: str, value: Any) -> str:
+    if key == "lr" and value is None:  # no --lr: the recipe's (or the checkpoint's) rate, as the log shows it
+        return f"{lr_used(run, 'base_lr')} (the optimizer's own; --lr not given)"
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _settings_table(runs: Sequence[RunLog]) -> str:
     settings = runs[0].summary.settings
     if not settings:
         return ""
-    rows = [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in settings.items()]
+    rows = [[k, _setting_text(runs[0], k, v)] for k, v in settings.items()]
     return _table(["setting", "value"], rows, f"settings ({runs[0].name})")
 
 
@@ -299,6 +336,7 @@ def render_html(source: PlotSource, figures: FigureSet, dpi: int = PNG_DPI) -> s
                          "context")
                   + _table(["probe", "result"], [[n, PROBE_SUMMARIES[type(e)](e)] for n, e in report.probes.items()],
                            "probes")
+                  + _cost_table(report)
                   + _layer_table(report))
         kind = "probe report"
     else:

@@ -12,8 +12,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVa
 
 from matplotlib.figure import Figure
 
-from curvdiag.plots.canvas import (LAMBDA_LABEL, THRESHOLD_COLOUR, FigureSet, NotPlottable, constant_text, draw_all,
-                                   log_if_positive, new_figure, recipe_stem)
+from curvdiag.plots.canvas import (CURVATURE_UNITS, LAMBDA_LABEL, PRECONDITIONED_UNITS, T_DEFINITION, THRESHOLD_COLOUR,
+                                   FigureSet, NotPlottable, constant_text, draw_all, footnote, log_if_positive,
+                                   new_figure, recipe_stem)
 from curvdiag.report.verdict import probe_verdict
 from curvdiag.results import probe_results as entries
 from curvdiag.results.json_safe import finite
@@ -65,21 +66,26 @@ def _layer_names(*found) -> List[str]:
     return names
 
 
-def _diag_scale(ax, values: List[float]) -> None:
+def _diag_scale(ax, values: List[float]) -> str:
     """Log when every value is positive; else symlog, linear within one decade below the
-    smallest magnitude, so every mean sits in the log part."""
+    smallest magnitude, so every mean sits in the log part. Returns the scale's name."""
     if values and min(values) > 0:
         ax.set_yscale("log")
-    elif values:
+        return "log"
+    if values:
         nonzero = sorted(abs(v) for v in values if v != 0)
         linthresh = 10.0 ** math.floor(math.log10(nonzero[0])) if nonzero else 1.0
         ax.set_yscale("symlog", linthresh=linthresh, linscale=0.8)
         ax.axhline(0.0, color="0.4", linewidth=0.8)
+        return "symlog"
+    return "linear"
 
 
 def hessian_diag_figure(report: ProbeReport, title: str) -> Figure:
-    """Per-layer Hessian diagonal: mean ± standard error (Hutchinson, DESIGN §3.3) with the
-    min–max range of the entries, and HesScale's (§3.10) beside it when present."""
+    """Per-layer Hessian diagonal: the mean entry ± its standard error over the probes
+    (Hutchinson, DESIGN §3.3), and HesScale's mean (§3.10, deterministic) beside it. Not the
+    min–max of the entries: for Hutchinson that range is mostly the estimator's noise (each
+    entry is one noisy product), and it dwarfs the means the figure is about."""
     hutchinson = _optional_entry(report, "hessian_diag", entries.HessianDiag)
     hesscale = _optional_entry(report, "hesscale_diag", entries.HesScaleDiag)
     if hutchinson is None and hesscale is None:
@@ -98,7 +104,7 @@ def hessian_diag_figure(report: ProbeReport, title: str) -> Figure:
     values = []
     for found, label, colour, offset in series:
         by_name = {layer.name: layer for layer in found.layers}
-        xs, means, errors, lows, highs = [], [], [], [], []
+        xs, means, errors = [], [], []
         for i, name in enumerate(names):
             layer = by_name.get(name)
             mean = finite(layer.mean) if layer else None
@@ -107,20 +113,17 @@ def hessian_diag_figure(report: ProbeReport, title: str) -> Figure:
             xs.append(i + offset)
             means.append(mean)
             errors.append(finite(getattr(layer, "stderr", None)) or 0.0)
-            lows.append(finite(layer.min))
-            highs.append(finite(layer.max))
-        values += means + [v for v in lows + highs if v is not None]
+        values += means + [m - e for m, e in zip(means, errors)] + [m + e for m, e in zip(means, errors)]
         samples = getattr(found, "samples", None)
-        ax.errorbar(xs, means, yerr=errors, fmt="o", color=colour, capsize=4, markersize=6,
-                    label=f"{label}: mean ± s.e." + (f" ({samples} samples)" if samples else ""))
-        ranged = [(x, lo, hi) for x, lo, hi in zip(xs, lows, highs) if lo is not None and hi is not None]
-        if ranged:
-            rx, rlo, rhi = zip(*ranged)
-            ax.vlines(rx, rlo, rhi, color=colour, alpha=0.35, linewidth=6, label=f"{label}: min – max entry")
+        what = (f"mean ± s.e. ({samples} samples)" if samples else "mean ± s.e.") if hasattr(found, "samples") \
+            else "mean (deterministic)"
+        ax.errorbar(xs, means, yerr=errors if any(errors) else None, fmt="o", color=colour, capsize=4, markersize=6,
+                    label=f"{label}: {what}")
     _layer_axis(ax, names)
-    _diag_scale(ax, values)
-    ax.set_title("Hessian diagonal per layer (entries of diag H)", fontsize=10)
-    ax.set_ylabel("diag H entry (1/lr units, symlog scale)" if values and min(values) <= 0 else "diag H entry (log scale)")
+    scale = _diag_scale(ax, values)
+    ax.margins(y=0.08)  # the outermost error bars inside the frame
+    ax.set_title("Hessian diagonal per layer: mean entry of diag H", fontsize=10)
+    ax.set_ylabel(f"mean diag H entry ({CURVATURE_UNITS}; {scale} scale)")
     ax.legend(loc="best", fontsize=8)
     return fig
 
@@ -163,11 +166,13 @@ def glass_figure(report: ProbeReport, title: str) -> Figure:
     fig, (ax,) = new_figure(title)
     rhos = [l.rho for l in layers]
     errors = [finite(l.rho_stderr) or 0.0 for l in layers]
-    ax.bar(range(len(rhos)), rhos, yerr=errors, color="#9467bd", alpha=0.8, capsize=4,
-           label=f"ρ per layer ± s.e. ({found.samples} samples)")
+    # Points, not bars: a bar's length means nothing on the log axis that spans the layers' ρ.
+    ax.errorbar(range(len(rhos)), rhos, yerr=errors, fmt="o", color="#9467bd", capsize=4, markersize=7,
+                label=f"ρ per layer ± s.e. ({found.samples} samples)")
     if finite(found.rho) is not None:
         ax.axhline(found.rho, color="0.3", linestyle=":", linewidth=1.0, label=f"all layers: ρ = {found.rho:.3g}")
-    log_if_positive(ax, rhos)
+    # Log only when every error bar stays above 0 (a bar through 0 cannot be drawn on it).
+    log_if_positive(ax, [r - e for r, e in zip(rhos, errors)] + [r + e for r, e in zip(rhos, errors)])
     _layer_axis(ax, [l.name for l in layers])
     ax.set_title(f"glass density per layer (λ = {found.lam}; 0 for a pure quadratic)", fontsize=10)
     ax.set_ylabel("glass density ρ (per entry)")
@@ -185,6 +190,23 @@ def _eigen_series(found: entries.LambdaMax) -> Tuple[List[float], List[float]]:
 
 def _threshold_name(eos: entries.EdgeOfStability) -> str:
     return f"{constant_text(eos.constant)}/η" if finite(eos.constant) is not None else "T/η"
+
+
+OPTIMIZER_NAMES = {"sgd": "gradient descent", "momentum": "heavy-ball momentum", "nesterov": "Nesterov momentum",
+                   "adam": "Adam", "adamw": "AdamW"}
+
+
+def threshold_note(eos: entries.EdgeOfStability, preconditioned: bool) -> str:
+    """T defined, and which T this report's optimizer has."""
+    which = OPTIMIZER_NAMES.get(eos.optimizer, eos.optimizer)
+    if eos.momentum is not None:
+        which += f", β = {eos.momentum:g}"
+    if eos.beta1 is not None:
+        which += f", β1 = {eos.beta1:g}"
+    note = f"{T_DEFINITION}; here T = {constant_text(eos.constant)} ({which})"
+    if preconditioned:
+        note += f", on the preconditioned curvature λ(P^-1/2 H P^-1/2), in {PRECONDITIONED_UNITS}"
+    return note + "."
 
 
 def eigenvalues_figure(report: ProbeReport, title: str) -> Figure:
@@ -221,6 +243,7 @@ def eigenvalues_figure(report: ProbeReport, title: str) -> Figure:
                    label=f"stability threshold {_threshold_name(eos)} = {eos.threshold:.3g} (on the {applies})")
         ratio = finite(eos.ratio)
         status = f" — {eos.status}: η·curvature / T = {ratio:.3f}" if ratio is not None else f" — {eos.status}"
+        footnote(ax, threshold_note(eos, verdict.preconditioned))
     else:
         skipped = report.probes.get("eos")
         reason = skipped.reason if isinstance(skipped, Skipped) else "eos not in the report"
@@ -229,7 +252,8 @@ def eigenvalues_figure(report: ProbeReport, title: str) -> Figure:
     ax.set_xticks(range(1, count + 1))
     ax.set_xlim(0.5, count + 0.5)
     ax.set_xlabel("eigenvalue rank (1 = largest)")
-    ax.set_ylabel(LAMBDA_LABEL)
+    ax.set_ylabel(LAMBDA_LABEL if pre is None else f"eigenvalue λ (H: {CURVATURE_UNITS}; preconditioned: "
+                  f"{PRECONDITIONED_UNITS})")
     ax.set_title("top eigenvalues of the curvature" + status, fontsize=10)
     ax.legend(loc="best", fontsize=8)
     return fig
@@ -262,7 +286,8 @@ def spectral_density_figure(report: ProbeReport, title: str) -> Figure:
     if eos is not None and finite(eos.threshold) is not None and not verdict.preconditioned:
         ax.axvline(eos.threshold, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.3,
                    label=f"stability threshold {_threshold_name(eos)} = {eos.threshold:.3g}")
-    ax.set_xlabel("eigenvalue λ of H (1/lr units)")
+        footnote(ax, threshold_note(eos, False))
+    ax.set_xlabel(f"eigenvalue λ of H ({CURVATURE_UNITS})")
     ax.set_ylabel("spectral density (log scale)")
     ax.set_title(f"Hessian spectral density (stochastic Lanczos quadrature, {found.hvps} HVPs)", fontsize=10)
     ax.legend(loc="best", fontsize=8)
@@ -272,7 +297,7 @@ def spectral_density_figure(report: ProbeReport, title: str) -> Figure:
 REPORT_FIGURES: Dict[str, Tuple[Callable[[ProbeReport, str], Figure], str]] = {
     "eigenvalues": (eigenvalues_figure, "Top eigenvalues against the stability threshold."),
     "spectral_density": (spectral_density_figure, "Spectral density of the Hessian (stochastic Lanczos quadrature)."),
-    "hessian_diag": (hessian_diag_figure, "Per-layer Hessian diagonal: mean ± s.e. and the range of the entries."),
+    "hessian_diag": (hessian_diag_figure, "Per-layer Hessian diagonal: the mean entry ± its standard error."),
     "power_law": (power_law_figure, "Per-layer power-law exponent p; p = 2 is smooth."),
     "glass": (glass_figure, "Per-layer glass density ρ."),
 }

@@ -11,8 +11,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from matplotlib.figure import Figure
 
-from curvdiag.plots.canvas import (LAMBDA_LABEL, THRESHOLD_COLOUR, FigureSet, NotPlottable, constant_text, draw_all,
-                                   log_if_positive, new_figure, recipe_stem)
+from curvdiag.plots.canvas import (CURVATURE_UNITS, LAMBDA_LABEL, PRECONDITIONED_UNITS, T_DEFINITION, THRESHOLD_COLOUR, FigureSet,
+                                   NotPlottable, constant_text, draw_all, footnote, log_if_positive, new_figure,
+                                   recipe_stem)
+from curvdiag.report.verdict import EDGE_BAND
 from curvdiag.results.json_safe import finite
 from curvdiag.results.run_dir import RunLog
 
@@ -76,36 +78,42 @@ def _stability_constant(run: RunLog) -> Optional[float]:
 
 
 def _draw_run_thresholds(ax, runs: Sequence[RunLog], colours: Sequence[str]) -> List[str]:
-    """Draw T/η_t for every run that logged a threshold; returns notes to write on the axes.
-
-    When every run has the same T and one constant η, that is one horizontal line labelled
-    like "2/η = 6.67"; otherwise each run gets its own dashed T/η_t curve in its colour."""
-    per_run = []
+    """Draw each run's own threshold T/η_t, in the run's colour (red for a lone run), so each
+    run's curvature is read against the threshold of the learning rate it used: a controller
+    that lowered η raised its threshold, and the baseline's line says nothing about it.
+    A constant η is a horizontal line labelled like "throttle: threshold 2/η = 13.2", a
+    varying one a step curve "newton: threshold 2/η_t". Returns notes to write on the axes."""
+    drawn = 0
     for run, colour in zip(runs, colours):
         constant = _stability_constant(run)
         if constant is None:
             continue
         steps, lrs = run.series("lr")
         points = [(s, constant / lr) for s, lr in zip(steps, lrs) if lr > 0]
-        if points:
-            per_run.append((run, colour, constant, points))
-    if not per_run:
-        return ["no stability threshold in the log (optimizer without a known constant, or λmax never measured)"]
-    # Runs at one constant η share a horizontal line; the others get their own T/η_t curve.
-    constant_lines: Dict[Tuple[float, float], List[str]] = {}
-    for run, colour, constant, points in per_run:
-        values = {round(t, 12) for _, t in points}
-        if len(values) == 1:
-            constant_lines.setdefault((points[0][1], constant), []).append(run.name)
+        if not points:
             continue
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, color=colour, linestyle="--", linewidth=1.0, alpha=0.8, drawstyle="steps-post",
-                label=f"{run.name}: threshold {constant_text(constant)}/η_t")
-    for (value, constant), names in constant_lines.items():
-        which = f" ({', '.join(names)})" if len(runs) > 1 else ""
-        ax.axhline(value, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.3,
-                   label=f"stability threshold {constant_text(constant)}/η = {value:.3g}{which}")
+        drawn += 1
+        colour = THRESHOLD_COLOUR if len(runs) == 1 else colour
+        name = f"{run.name}: threshold" if len(runs) > 1 else "stability threshold"
+        if len({round(t, 12) for _, t in points}) == 1:
+            ax.axhline(points[0][1], color=colour, linestyle="--", linewidth=1.3,
+                       label=f"{name} {constant_text(constant)}/η = {points[0][1]:.3g}")
+        else:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=colour, linestyle="--", linewidth=1.3, drawstyle="steps-post",
+                    label=f"{name} {constant_text(constant)}/η_t")
+    if not drawn:
+        return ["no stability threshold in the log (optimizer without a known constant, or λmax never measured)"]
     return []
+
+
+def _constants_text(runs: Sequence[RunLog]) -> str:
+    """"T = 2" or "T = 2 (baseline), 3.8 (throttle)": the constants the runs logged."""
+    found = [(run.name, _stability_constant(run)) for run in runs]
+    values = {constant_text(c) for _, c in found if c is not None}
+    if len(values) <= 1:
+        return f"T = {values.pop()}" if values else "T unknown"
+    return "T = " + ", ".join(f"{constant_text(c)} ({name})" for name, c in found if c is not None)
 
 
 def _mark_divergence(ax, run: RunLog, colour: str) -> None:
@@ -174,11 +182,15 @@ def learning_rate_figure(runs: Sequence[RunLog], title: str) -> Figure:
 
 
 def sharpness_figure(runs: Sequence[RunLog], title: str) -> Figure:
-    """λmax at the steps where it was measured against the stability threshold T/η — the
-    edge-of-stability figure: under GD λmax rises to ≈ 2/η and hovers (DESIGN §3.1, §3.7)."""
+    """λmax at the steps where it was measured, each run against its own threshold T/η_t
+    (top), and the ratio η_t·λmax/T to that threshold (bottom, 1 = the threshold) — the
+    edge-of-stability figure: under GD λmax rises to ≈ 2/η and hovers (DESIGN §3.1, §3.7).
+    The bottom panel puts every run on one scale, so no run is read against another's line."""
     if not any(run.series("lambda_max")[0] for run in runs):
         raise NotPlottable("no λmax in metrics.jsonl (train with --sharpness-every K to measure it)")
-    fig, (ax,) = new_figure(title)
+    ratios = any(run.series("eos_ratio")[0] for run in runs)
+    fig, axes = new_figure(title, rows=2 if ratios else 1, height=6.4 if ratios else 4.8)
+    ax = axes[0]
     colours = _colours(runs)
     for run, colour in zip(runs, colours):
         steps, values = run.series("lambda_max")
@@ -189,9 +201,8 @@ def sharpness_figure(runs: Sequence[RunLog], title: str) -> Figure:
     notes = _draw_run_thresholds(ax, runs, colours)
     for note in notes:
         ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=8, color="0.3")
-    ax.set_title("sharpness λmax against the stability threshold T/η "
+    ax.set_title("sharpness λmax against each run's own stability threshold T/η_t "
                  "(preconditioned for Adam-family optimizers)", fontsize=10)
-    ax.set_xlabel("step")
     ax.set_ylabel(LAMBDA_LABEL)
     # From 0 (the classic edge-of-stability picture: λmax rising towards T/η) with headroom
     # above the highest curve, so a λmax hovering at the threshold is not drawn on the frame.
@@ -199,7 +210,40 @@ def sharpness_figure(runs: Sequence[RunLog], title: str) -> Figure:
     if drawn and min(drawn) >= 0 and max(drawn) > 0:
         ax.set_ylim(0, 1.15 * max(drawn))
     ax.legend(loc="best", fontsize=8)
+    if ratios:
+        bottom = axes[1]
+        for run, colour in zip(runs, colours):
+            steps, values = run.series("eos_ratio")
+            if steps:
+                bottom.plot(steps, values, label=run.name, **_style(run, colour, len(steps), marker="o"))
+        bottom.axhline(1.0, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.3, label="its threshold (ratio 1)")
+        bottom.axhspan(*EDGE_BAND, color="#ff9f1a", alpha=0.15,
+                       label=f"edge of stability ({EDGE_BAND[0]:g} – {EDGE_BAND[1]:g})")
+        top = max([1.2] + [v for run in runs for v in run.series("eos_ratio")[1]])
+        bottom.set_ylim(0, 1.1 * top)
+        bottom.set_title("η_t·λmax / T: each run's λmax over its own threshold", fontsize=10)
+        bottom.set_ylabel("η·λmax / T (no unit)")
+        bottom.legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("step (λmax measured after the step's update)")
+    footnote(axes[-1], f"{T_DEFINITION}; here {_constants_text(runs)}. For Adam-family optimizers λmax is that of "
+                       f"P^-1/2 H P^-1/2, in {PRECONDITIONED_UNITS}." + _first_lambda_note(runs))
     return fig
+
+
+def _first_lambda_note(runs: Sequence[RunLog]) -> str:
+    """When compared runs log different λmax at their first measured step, say why: they
+    start from the same weights, but λmax is measured after that step's update, which a
+    controller may already have changed."""
+    firsts = {run.name: run.series("lambda_max") for run in runs}
+    firsts = {name: (steps[0], values[0]) for name, (steps, values) in firsts.items() if steps}
+    if len(firsts) < 2 or len({step for step, _ in firsts.values()}) != 1:
+        return ""
+    values = [value for _, value in firsts.values()]
+    if max(values) - min(values) <= 1e-9 * max(abs(v) for v in values):
+        step = next(iter(firsts.values()))[0]
+        return f" All runs share λmax = {values[0]:.4g} at step {step:g}."
+    return (" The runs start from the same weights; their first λmax differ because each is measured after that "
+            "step's update, which a controller may already have changed.")
 
 
 def directional_curvature_figure(runs: Sequence[RunLog], title: str) -> Figure:
@@ -216,11 +260,12 @@ def directional_curvature_figure(runs: Sequence[RunLog], title: str) -> Figure:
         if run.diverged:
             _mark_divergence(ax, run, colour)
     _draw_run_thresholds(ax, runs, colours)
+    footnote(ax, f"{T_DEFINITION}; here {_constants_text(runs)}.")
     log = log_if_positive(ax, values_all, min_ratio=50.0)
     ax.set_title("directional curvature C_t = ‖G_t − G_{t−1}‖ / ‖θ_t − θ_{t−1}‖" + (" (log scale)" if log else ""),
                  fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel(LAMBDA_LABEL)
+    ax.set_ylabel(f"C_t, curvature along the step ({CURVATURE_UNITS})")
     ax.legend(loc="best", fontsize=8)
     return fig
 
@@ -228,7 +273,7 @@ def directional_curvature_figure(runs: Sequence[RunLog], title: str) -> Figure:
 RUN_FIGURES: Dict[str, Tuple[Callable[[Sequence[RunLog], str], Figure], str]] = {
     "loss": (loss_figure, "Training loss per step."),
     "learning_rate": (learning_rate_figure, "Learning rate in use and the controller's factor on it."),
-    "sharpness": (sharpness_figure, "λmax where measured, against the stability threshold T/η."),
+    "sharpness": (sharpness_figure, "λmax where measured, each run against its own stability threshold T/η_t."),
     "directional_curvature": (directional_curvature_figure, "Directional curvature C_t along each step."),
 }
 

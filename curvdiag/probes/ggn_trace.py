@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.probes.hutchinson import TraceResult, rademacher, sequential_mean
 
 ESTIMATOR = "hutchinson + exact Gauss-Newton control variate"
+JZ_PRICE = 1.0  # GE of one zᵀGz: a J z product (a double backward to the outputs) over all the data
 
 
 @dataclass
@@ -58,23 +59,30 @@ def ggn_control_variate_trace(
     seed: int = 0,
     min_samples: int = 3,
     max_samples: int = 1000,
+    exhausted: Optional[Callable[[], bool]] = None,
 ) -> GGNTraceResult:
     """tr(H) ≈ tr(G) + mean_k (z_kᵀHz_k − z_kᵀGz_k) with Rademacher z_k (the same z_k as
     :func:`~curvdiag.probes.hutchinson.hutchinson_trace` with this ``seed``). With ``samples`` a fixed
     count; otherwise probes are added until the standard error is at most
-    ``target_rel_stderr``·|estimate| (after ``min_samples``) or ``max_samples`` is reached.
+    ``target_rel_stderr``·|estimate| (after ``min_samples``), ``max_samples`` is reached or
+    ``exhausted()`` says the budget holds no further probe (priced on ``op``: each J z product
+    ``JZ_PRICE`` GE, tr(G)'s backward passes to the outputs 1 GE per pass over all the data).
     Raises :class:`~curvdiag.errors.NotCovered` when the model or loss is not covered."""
     started = time.perf_counter()
     ggn = GaussNewton(op)
     g_trace = ggn.trace()
+    # Backward passes to the outputs, per batch: as many over all the data (rank-independent).
+    op.charge((ggn.setup_backwards + ggn.trace_backwards) / max(len(ggn.batches), 1))
     probes_started = time.perf_counter()
     hvps_before = op.hvp_count
 
     def draw(k: int) -> float:
         z = rademacher(op, seed, k)
+        op.charge(JZ_PRICE)
         return float(torch.dot(z.double(), op.hvp(z).double())) - ggn.quadratic(z)
 
-    mean, stderr, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, offset=g_trace)
+    mean, stderr, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, offset=g_trace,
+                                      exhausted=exhausted)
     sd = stderr * math.sqrt(n)  # one probe's spread: s.e. = s.d. / √n
     now = time.perf_counter()
     return GGNTraceResult(

@@ -47,6 +47,7 @@ class GlassResult:
     seconds: float
     h_diagonal: torch.Tensor = field(repr=False)  # flat (n,) estimate of the local diagonal
     rho_diagonal: torch.Tensor = field(repr=False)
+    rho_stderr: float = float("inf")  # of ρ, over the samples
 
 
 @dataclass
@@ -76,10 +77,14 @@ def _jackknife(v2: torch.Tensor, v1: torch.Tensor) -> List[Optional[float]]:
     return [float(x) for x in spread.sqrt()]
 
 
-def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, power_law: bool = True) -> tuple:
+def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, power_law: bool = True,
+                target_rel_stderr: Optional[float] = None, min_samples: int = 3,
+                exhausted: Optional[Any] = None) -> tuple:
     """Run the glass (and optionally the power-law) estimates on a CurvatureOperator.
 
-    Costs 2 gradients per sample for the glass, 2 more for p at 2λ. Returns
+    Costs 2 gradients per sample for the glass, 2 more for p at 2λ. ``samples`` perturbations, or
+    fewer with ``target_rel_stderr``: stop once the s.e. of ρ (over samples) is at most that
+    fraction of |ρ| (after ``min_samples``), or when ``exhausted()`` (after two samples). Returns
     ``(GlassResult, PowerLawResult | None)``.
     """
     if not lam > 0:
@@ -96,6 +101,7 @@ def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, po
     h_abs_layers = torch.zeros_like(h_layers)
     v1 = torch.zeros(samples, groups + 1, dtype=torch.float64)  # last column: all parameters
     v2 = torch.zeros_like(v1)
+    rho_overall: List[float] = []  # per sample: ρ averaged over all parameters
     h_sum = torch.zeros_like(g0)
     rho_sum = torch.zeros_like(g0)
     gradients = 0
@@ -128,6 +134,17 @@ def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, po
         v1[k, groups] = variation1.sum()
         if power_law:
             v2[k, groups] = variation2.sum()
+        rho_overall.append(float(rho.mean()))
+        taken = k + 1
+        if taken >= 2 and exhausted is not None and exhausted():
+            break
+        if target_rel_stderr is not None and taken >= min_samples:
+            mean, se = mean_and_stderr(rho_overall)
+            if se <= target_rel_stderr * abs(mean):
+                break
+    samples = len(rho_overall)
+    h_layers, rho_layers, h_abs_layers = h_layers[:samples], rho_layers[:samples], h_abs_layers[:samples]
+    v1, v2 = v1[:samples], v2[:samples]
     h_mean, h_se = mean_and_stderr(h_layers)
     rho_mean, rho_se = mean_and_stderr(rho_layers)
     h_abs_mean = h_abs_layers.mean(0)
@@ -135,7 +152,8 @@ def glass_probe(op: Any, lam: float = 1e-3, samples: int = 10, seed: int = 0, po
                          float(h_abs_mean[j])) for j, (name, _, _) in enumerate(slices)]
     h_diag, rho_diag = h_sum / samples, rho_sum / samples
     glass = GlassResult(lam, samples, float(rho_diag.mean()), float(h_diag.mean()), layers, gradients,
-                        time.perf_counter() - started, h_diag.to(op.dtype), rho_diag.to(op.dtype))
+                        time.perf_counter() - started, h_diag.to(op.dtype), rho_diag.to(op.dtype),
+                        rho_stderr=mean_and_stderr(rho_overall)[1])
     if not power_law:
         return glass, None
     totals2, totals1 = v2.sum(0), v1.sum(0)

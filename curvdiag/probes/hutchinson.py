@@ -60,10 +60,13 @@ def sequential_mean(
     min_samples: int = 10,
     max_samples: int = 1000,
     offset: float = 0.0,
+    exhausted: Optional[Callable[[], bool]] = None,
 ) -> Tuple[float, float, int]:
     """Mean and standard error of ``draw(0), draw(1), ...``: a fixed count with ``samples``, else
     until the standard error is at most ``target_rel_stderr``·|offset + mean| (after
-    ``min_samples``) or ``max_samples`` draws. Returns (mean, stderr, draws)."""
+    ``min_samples``) or ``max_samples`` draws, or — after two draws, the fewest that give a
+    standard error — when ``exhausted()`` says the next draw no longer fits the budget. Returns
+    (mean, stderr, draws)."""
     values: List[float] = []
     while True:
         values.append(draw(len(values)))
@@ -75,7 +78,7 @@ def sequential_mean(
         mean, se = mean_and_stderr(values)
         if n >= min_samples and target_rel_stderr is not None and se <= target_rel_stderr * abs(offset + mean):
             break
-        if n >= max_samples:
+        if n >= max_samples or (n >= 2 and exhausted is not None and exhausted()):
             break
     mean, se = mean_and_stderr(values)
     return mean, se, len(values)
@@ -94,10 +97,11 @@ def hutchinson_trace(
     seed: int = 0,
     min_samples: int = 10,
     max_samples: int = 1000,
+    exhausted: Optional[Callable[[], bool]] = None,
 ) -> TraceResult:
     """tr(A) ≈ mean_k z_kᵀ A z_k. With ``samples`` a fixed count; otherwise probes are added until
-    the standard error is at most ``target_rel_stderr``·|estimate| (after ``min_samples``) or
-    ``max_samples`` is reached."""
+    the standard error is at most ``target_rel_stderr``·|estimate| (after ``min_samples``),
+    ``max_samples`` is reached or ``exhausted()`` (see :func:`sequential_mean`)."""
     started = time.perf_counter()
     op = as_operator(operator)
 
@@ -105,13 +109,18 @@ def hutchinson_trace(
         z = rademacher(op, seed, k)
         return float(torch.dot(z, op.matvec(z)))
 
-    mean, se, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples)
+    mean, se, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, exhausted=exhausted)
     return TraceResult(mean, se, n, time.perf_counter() - started)
 
 
 def hutchinson_diag(operator: Any, samples: int = 100, seed: int = 0,
-                    segments: Optional[List[Tuple[str, int, int]]] = None) -> DiagonalResult:
-    """diag(A) ≈ mean_k z_k ⊙ A z_k with per-entry standard errors; the trace from the same probes."""
+                    segments: Optional[List[Tuple[str, int, int]]] = None,
+                    target_rel_stderr: Optional[float] = None, min_samples: int = 10,
+                    exhausted: Optional[Callable[[], bool]] = None) -> DiagonalResult:
+    """diag(A) ≈ mean_k z_k ⊙ A z_k with per-entry standard errors; the trace from the same probes.
+
+    ``samples`` probes, or fewer with ``target_rel_stderr``: stop once :func:`segment_precision`
+    is at most the target (after ``min_samples``), or when ``exhausted()`` (after two probes)."""
     if samples < 2:
         raise ValueError("hutchinson_diag needs at least 2 samples for a standard error")
     started = time.perf_counter()
@@ -121,7 +130,8 @@ def hutchinson_diag(operator: Any, samples: int = 100, seed: int = 0,
     traces: List[float] = []
     per_segment: List[List[float]] = [[] for _ in segments or []]
     products = rademacher_products(op, seed)
-    for _ in range(samples):
+    taken = 0
+    while taken < samples:
         z, az = next(products)
         d = (z * az).to(torch.float64)
         total += d
@@ -129,11 +139,38 @@ def hutchinson_diag(operator: Any, samples: int = 100, seed: int = 0,
         traces.append(float(d.sum()))
         for values, (_, start, stop) in zip(per_segment, segments or []):
             values.append(float(d[start:stop].mean()))
-    mean = total / samples
-    var = (total_sq / samples - mean * mean).clamp_min(0) * (samples / (samples - 1))
-    stderr = (var / samples).sqrt()
+        taken += 1
+        if taken >= 2 and exhausted is not None and exhausted():
+            break
+        if target_rel_stderr is not None and taken >= min_samples and per_segment:
+            stats = [mean_and_stderr(values) for values in per_segment]
+            sizes = [stop - start for _, start, stop in segments or []]
+            if segment_precision([m for m, _ in stats], [e for _, e in stats], sizes) <= target_rel_stderr:
+                break
+    mean = total / taken
+    var = (total_sq / taken - mean * mean).clamp_min(0) * (taken / (taken - 1))
+    stderr = (var / taken).sqrt()
     t_mean, t_se = mean_and_stderr(traces)
-    trace = TraceResult(t_mean, t_se, samples, time.perf_counter() - started)
+    trace = TraceResult(t_mean, t_se, taken, time.perf_counter() - started)
     stats = [mean_and_stderr(values) for values in per_segment]
-    return DiagonalResult(mean.to(op.dtype), stderr.to(op.dtype), samples, trace,
+    return DiagonalResult(mean.to(op.dtype), stderr.to(op.dtype), taken, trace,
                           [m for m, _ in stats], [se for _, se in stats])
+
+
+#: Segments holding less than this share of Σ|segment sums| are left out of the diagonal's precision.
+SEGMENT_MASS_FLOOR = 0.01
+
+
+def segment_precision(means: List[float], stderrs: List[float], sizes: List[int]) -> float:
+    """The diagonal's precision: the largest relative standard error s.e./|mean| of a segment's
+    mean entry, over the segments that hold at least 1% of Σ_s |mean_s|·size_s (a near-empty
+    layer's mean is near zero and would never reach any relative target)."""
+    mass = [abs(m) * n for m, n in zip(means, sizes)]
+    total = sum(mass)
+    if total <= 0.0:
+        return float("inf")
+    worst = 0.0
+    for m, se, w in zip(means, stderrs, mass):
+        if w >= SEGMENT_MASS_FLOOR * total:
+            worst = max(worst, se / abs(m))
+    return worst

@@ -21,9 +21,11 @@ from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.errors import BadArgument, CurvdiagError, NotCovered, ProbeFailed
 from curvdiag.loading.target import Target
 from curvdiag.probes.directional import directional_curvature
-from curvdiag.probes.ggn_trace import ggn_control_variate_trace
+from curvdiag.probes.ggn_trace import JZ_PRICE, ggn_control_variate_trace
 from curvdiag.probes.glass import GLASS_CONSTANT, glass_probe
 from curvdiag.probes.hutchinson import hutchinson_diag, hutchinson_trace
+from curvdiag.probes import budget as budgets
+from curvdiag.probes.budget import DEFAULT_PROBES
 from curvdiag.probes.registry import COMPANIONS, PROBE_NAMES, REGISTRY
 from curvdiag.probes.sharpness import METHODS, SharpnessResult, lambda_max, preconditioned_lambda_max
 from curvdiag.results import probe_results as entry
@@ -32,24 +34,29 @@ from curvdiag.stability import stability_margin
 
 # Three probes give a noisy s.d. (1.1% rms error at a 1% target on the tanh MLP); ten give 0.7%.
 GGN_MIN_SAMPLES = 10
+# Precision targets of the stochastic estimates that stop on their own (relative standard errors).
+DIAG_TARGET_REL_STDERR = 0.10  # the largest layer's mean diagonal entry (hutchinson.segment_precision)
+GLASS_TARGET_REL_STDERR = 0.10  # the glass density ρ
+GLASS_MAX_SAMPLES = 100
+HESSCALE_PRICE = 2.0  # GE of the HesScale diagonal: a forward and one backward of second-order rules per batch
 Entries = Dict[str, ProbeEntry]
 
 
 @dataclass
 class ProbeSettings:
-    probes: List[str] = field(default_factory=lambda: list(PROBE_NAMES))
+    probes: List[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
     method: str = "lanczos"
     tol: float = 1e-4
     top_k: int = 1
-    samples: Optional[int] = None  # Hutchinson probes; None: diag 100, trace until 1% s.e.
+    samples: Optional[int] = None  # Hutchinson probes; None: until the precision target or the budget
     seed: int = 0
     max_hvps: int = 500
     trace_target_rel_stderr: float = 0.01
     previous: Optional[torch.Tensor] = None  # θ_{t−1}, flat, for directional_curvature
     glass_lambda: float = 1e-3
-    glass_samples: int = 10
-    density_steps: int = 64  # stochastic Lanczos quadrature: Lanczos steps per probe
-    density_probes: int = 2
+    glass_samples: Optional[int] = None  # None: until ρ's target s.e. or the budget (at most GLASS_MAX_SAMPLES)
+    density_steps: int = 48  # stochastic Lanczos quadrature: Lanczos steps per probe
+    density_probes: int = 2  # at most; fewer when the budget holds fewer
     # The run's budget in gradient-equivalents (one forward and backward over all the data), split
     # over the requested probes (curvdiag.probes.budget); None: the default for those probes.
     budget: Optional[float] = None
@@ -63,7 +70,7 @@ class ProbeSettings:
             ("samples", self.samples is None or _integer(self.samples, 2), "must be at least 2 (for a standard error)"),
             ("max_hvps", _integer(self.max_hvps, 1), "must be at least 1"),
             ("glass_lambda", _positive(self.glass_lambda), "must be a positive number"),
-            ("glass_samples", _integer(self.glass_samples, 1), "must be at least 1"),
+            ("glass_samples", self.glass_samples is None or _integer(self.glass_samples, 1), "must be at least 1"),
             ("budget", self.budget is None or _positive(self.budget), "must be a positive number of gradient-equivalents"),
         ]
         for argument, holds, problem in checks:
@@ -81,17 +88,19 @@ def _integer(value: Any, low: int) -> bool:
 
 
 def parse_probe_names(text: str) -> List[str]:
-    """'all' or a comma-separated list of probe names → ordered, validated list."""
+    """'default', 'all' or a comma-separated list of probe names → ordered, validated list."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise BadArgument("probes", text, "is empty", hint=f"use all or some of: {', '.join(PROBE_NAMES)}")
+        raise BadArgument("probes", text, "is empty", hint=f"use default, all or some of: {', '.join(PROBE_NAMES)}")
     if "all" in names:
         return list(PROBE_NAMES)
+    if "default" in names:
+        names = [n for n in names if n != "default"] + list(DEFAULT_PROBES)
     wanted = [COMPANIONS.get(name, name) for name in names]
     unknown = [name for name in wanted if name not in PROBE_NAMES]
     if unknown:
         raise BadArgument("probes", text, f"unknown probe {unknown[0]!r}",
-                          hint=f"known probes: all, {', '.join(PROBE_NAMES + tuple(COMPANIONS))}")
+                          hint=f"known probes: default, all, {', '.join(PROBE_NAMES + tuple(COMPANIONS))}")
     return [p for p in PROBE_NAMES if p in wanted]
 
 
@@ -101,13 +110,17 @@ def run_probes(
     settings: ProbeSettings,
     progress: Optional[Callable[[str], Any]] = None,
 ) -> ProbeReport:
-    """Run ``settings.probes`` on ``op``, in registry order; a probe that fails raises
-    ProbeFailed naming it."""
+    """Run ``settings.probes`` on ``op``, in registry order, each within its share of the budget
+    (:mod:`curvdiag.probes.budget`); a probe that fails raises ProbeFailed naming it."""
     announce = progress or (lambda name: None)
     probes: Entries = {}
-    for name in settings.probes:
-        if name in probes:  # written by a probe that ran before (glass and power_law share a run)
-            continue
+    todo = [name for name in settings.probes if not (name == "power_law" and "glass" in settings.probes)]
+    total = settings.budget if settings.budget is not None else budgets.default_budget(todo)
+    left, costs, started = total, [], time.perf_counter()
+    for index, name in enumerate(todo):
+        allowed = budgets.share(name, todo[index:], left)
+        spent_before, probe_started = op.spent, time.perf_counter()
+        op.spend_limit = op.spent + allowed
         announce(name)
         try:
             probes.update(REGISTRY[name].load()(target, op, settings))
@@ -117,6 +130,13 @@ def run_probes(
             raise ProbeFailed(name, exc.message, exc.hint) from exc
         except Exception as exc:
             raise ProbeFailed(name, f"{type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback") from exc
+        finally:
+            op.spend_limit = None
+        spent = op.spent - spent_before
+        left -= spent
+        costs.append(_probe_cost(name, probes, settings, allowed, spent, time.perf_counter() - probe_started))
+    budget = entry.BudgetSummary(total=total, spent=sum(c.spent for c in costs), seconds=time.perf_counter() - started,
+                                 gradient_seconds=op.gradient_seconds, hvp_cost=op.hvp_price, probes=costs)
     return ProbeReport(
         curvdiag_version=__version__,
         recipe=target.recipe.name,
@@ -128,7 +148,47 @@ def run_probes(
         loss=op.loss(),
         grad_norm=float(op.gradient().norm()),
         probes=probes,
+        budget=budget,
     )
+
+
+def _probe_cost(name: str, probes: Entries, s: ProbeSettings, allowed: float, spent: float,
+                seconds: float) -> entry.ProbeCost:
+    """Why probe ``name`` stopped and the precision it reached, read from its entry."""
+    cost = entry.ProbeCost(name=name, planned=allowed, spent=spent, seconds=seconds, stop="exact")
+    result = probes.get(name)
+    if isinstance(result, Skipped):
+        cost.stop = "skipped"
+    elif isinstance(result, entry.LambdaMax):
+        cost.stop = "converged" if result.converged else "budget"
+        cost.precision_name, cost.precision_target = "relative Ritz residual", result.tol
+        cost.precision_reached = result.residuals[0] / abs(result.value) if result.value else None
+    elif isinstance(result, entry.HessianTrace):
+        _stochastic(cost, "relative s.e. of tr H", s.trace_target_rel_stderr, result.stderr, result.value, s.samples)
+    elif isinstance(result, entry.HessianDiag):
+        from curvdiag.probes.hutchinson import segment_precision
+
+        reached = segment_precision([l.mean for l in result.layers], [l.stderr for l in result.layers],
+                                    [l.size for l in result.layers])
+        _stochastic(cost, "largest relative s.e. of a layer's mean", DIAG_TARGET_REL_STDERR, reached, 1.0, s.samples)
+    elif isinstance(result, entry.Glass):
+        _stochastic(cost, "relative s.e. of rho", GLASS_TARGET_REL_STDERR, result.rho_stderr, result.rho,
+                    s.glass_samples)
+    elif isinstance(result, entry.SpectralDensity):
+        cost.stop = "fixed" if result.probes >= s.density_probes else "budget"
+    return cost
+
+
+def _stochastic(cost: entry.ProbeCost, what: str, target: Optional[float], stderr: Optional[float], value: float,
+                fixed: Optional[int]) -> None:
+    """Fill a stochastic estimate's stop and precision: ``fixed`` when the user set the count."""
+    reached = stderr / abs(value) if stderr is not None and value else None
+    cost.precision_name, cost.precision_reached = what, reached
+    if fixed is not None:
+        cost.stop = "fixed"
+        return
+    cost.precision_target = target
+    cost.stop = "precision" if reached is not None and target is not None and reached <= target else "budget"
 
 
 def _operator_summary(target: Target, op: CurvatureOperator) -> entry.OperatorSummary:
@@ -201,11 +261,22 @@ def _edge_of_stability(target: Target, curvature: float, curvature_name: str) ->
     )
 
 
+def _affordable_hvps(op: CurvatureOperator, s: ProbeSettings) -> int:
+    """``--max-hvps``, or fewer when the probe's share of the budget holds fewer (at least 3)."""
+    left = op.budget_left()
+    return s.max_hvps if math.isinf(left) else max(3, min(s.max_hvps, int(left // op.hvp_price)))
+
+
+def _exhausted(op: CurvatureOperator, price: float) -> Callable[[], bool]:
+    """Whether the next sample, priced ``price`` GE, no longer fits the probe's share."""
+    return lambda: not op.can_afford(price)
+
+
 def run_lambda_max(target: Target, op: CurvatureOperator, s: ProbeSettings) -> Entries:
     """λmax; for Adam-family optimizers the preconditioned sharpness too; and the margin of the
     learning rate against whichever of the two limits it."""
-    kwargs = dict(method=s.method, tol=s.tol, top_k=s.top_k, seed=s.seed, max_hvps=s.max_hvps)
-    plain = _sharpness_entry(lambda_max(op, want_vectors=True, **kwargs), op)
+    kwargs = dict(method=s.method, tol=s.tol, top_k=s.top_k, seed=s.seed)
+    plain = _sharpness_entry(lambda_max(op, want_vectors=True, max_hvps=_affordable_hvps(op, s), **kwargs), op)
     out: Entries = {"lambda_max": plain}
     if not target.optimizer.is_adaptive:
         out["preconditioned_lambda_max"] = Skipped("not an Adam-family optimizer")
@@ -218,7 +289,8 @@ def run_lambda_max(target: Target, op: CurvatureOperator, s: ProbeSettings) -> E
         out["eos"] = Skipped("Adam's threshold applies to the preconditioned sharpness, which needs "
                              "the optimizer's second moments (exp_avg_sq) from a checkpoint")
         return out
-    pre = _sharpness_entry(preconditioned_lambda_max(op, diagonal, want_vectors=True, **kwargs), op)
+    pre = _sharpness_entry(preconditioned_lambda_max(op, diagonal, want_vectors=True,
+                                                     max_hvps=_affordable_hvps(op, s), **kwargs), op)
     out["preconditioned_lambda_max"] = pre
     out["eos"] = _edge_of_stability(target, pre.value, "preconditioned_lambda_max")
     return out
@@ -230,10 +302,11 @@ def run_hessian_trace(target: Target, op: CurvatureOperator, s: ProbeSettings) -
     kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
     fallback_reason = None
     try:
-        result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES, **kwargs)
+        result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES,
+                                           exhausted=_exhausted(op, op.hvp_price + JZ_PRICE), **kwargs)
     except NotCovered as exc:
         fallback_reason = f"Gauss-Newton control variate not applicable: {exc.reason}"
-        result = hutchinson_trace(op, **kwargs)
+        result = hutchinson_trace(op, exhausted=_exhausted(op, op.hvp_price), **kwargs)
     trace = entry.HessianTrace(value=result.value, stderr=result.stderr, samples=result.samples,
                                estimator=result.estimator, seconds=result.seconds, hvps=result.samples,
                                estimator_note=fallback_reason)
@@ -244,12 +317,16 @@ def run_hessian_trace(target: Target, op: CurvatureOperator, s: ProbeSettings) -
 
 def run_hessian_diag(target: Target, op: CurvatureOperator, s: ProbeSettings) -> Entries:
     started = time.perf_counter()
-    result = hutchinson_diag(op, samples=s.samples or 100, seed=s.seed + 2, segments=op.layer_slices())
+    if s.samples is not None:
+        result = hutchinson_diag(op, samples=s.samples, seed=s.seed + 2, segments=op.layer_slices())
+    else:
+        result = hutchinson_diag(op, samples=1000, seed=s.seed + 2, segments=op.layer_slices(),
+                                 target_rel_stderr=DIAG_TARGET_REL_STDERR, exhausted=_exhausted(op, op.hvp_price))
     layers = []
     for (name, a, b), mean, se in zip(op.layer_slices(), result.segment_means, result.segment_stderr):
         piece = result.diagonal[a:b]
         layers.append(entry.DiagLayer(name=name, mean=mean, stderr=se, min=float(piece.min()), max=float(piece.max()),
-                                      sum=float(piece.double().sum())))
+                                      sum=float(piece.double().sum()), size=b - a))
     return {"hessian_diag": entry.HessianDiag(
         samples=result.samples, estimator="hutchinson (Rademacher)", trace=result.trace.value,
         trace_stderr=result.trace.stderr, seconds=time.perf_counter() - started, layers=layers)}
@@ -262,6 +339,7 @@ def run_hesscale_diag(target: Target, op: CurvatureOperator, s: ProbeSettings) -
 
     try:
         result = hesscale_diag(op)
+        op.charge(HESSCALE_PRICE)
     except NotCovered as exc:
         return {"hesscale_diag": Skipped(str(exc))}
     layers = []
@@ -299,13 +377,17 @@ def run_glass_and_power_law(target: Target, op: CurvatureOperator, s: ProbeSetti
     """The glass density and the power-law exponent from one set of perturbations; each entry
     only when asked for."""
     want_power = "power_law" in s.probes
-    glass, power = glass_probe(op, lam=s.glass_lambda, samples=s.glass_samples, seed=s.seed + 3, power_law=want_power)
+    if s.glass_samples is not None:
+        glass, power = glass_probe(op, lam=s.glass_lambda, samples=s.glass_samples, seed=s.seed + 3, power_law=want_power)
+    else:
+        glass, power = glass_probe(op, lam=s.glass_lambda, samples=GLASS_MAX_SAMPLES, seed=s.seed + 3,
+                                   power_law=want_power, target_rel_stderr=GLASS_TARGET_REL_STDERR,
+                                   exhausted=_exhausted(op, 4.0 if want_power else 2.0))
     out: Entries = {}
     if "glass" in s.probes:
         out["glass"] = entry.Glass(
             lam=glass.lam, samples=glass.samples, rho=glass.rho, h=glass.h, constant=GLASS_CONSTANT, gradients=glass.gradients,
-            seconds=glass.seconds,
-            layers=list(glass.layers))
+            seconds=glass.seconds, layers=list(glass.layers), rho_stderr=glass.rho_stderr)
     if power is not None:
         out["power_law"] = entry.PowerLaw(
             lam=power.lam, samples=power.samples, p=power.p, p_stderr=power.p_stderr,
@@ -317,7 +399,10 @@ def run_spectral_density(target: Target, op: CurvatureOperator, s: ProbeSettings
     """Stochastic Lanczos quadrature; the entry carries the smoothed density it is drawn as."""
     from curvdiag.probes.spectral_density import spectral_density
 
-    result = spectral_density(op, steps=s.density_steps, probes=s.density_probes, seed=s.seed + 4)
+    per_probe = min(s.density_steps, op.num_params) * op.hvp_price
+    left = op.budget_left()
+    fits = s.density_probes if math.isinf(left) else int(left // per_probe)
+    result = spectral_density(op, steps=s.density_steps, probes=max(1, min(s.density_probes, fits)), seed=s.seed + 4)
     return {"spectral_density": entry.SpectralDensity(
         method="slq", size=result.size, steps=result.steps, probes=result.probes, seed=result.seed,
         hvps=result.hvps, seconds=result.seconds, nodes=[t.tolist() for t in result.nodes],

@@ -122,6 +122,7 @@ class DiagLayer:
     min: float
     max: float
     sum: float
+    size: Optional[int] = _omitted_if_none()  # entries in the tensor (older reports: absent)
 
 
 @dataclass
@@ -197,6 +198,7 @@ class Glass(Entry):
     gradients: int = _key("gradients")
     seconds: float = _key("seconds")
     layers: List[GlassLayer] = _key("layers")
+    rho_stderr: Optional[float] = _omitted_if_none()  # of ρ, over the samples
 
 
 @dataclass
