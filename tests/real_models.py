@@ -14,6 +14,9 @@ to probe it). Weights and data are seeded, so the same call gives the same numbe
 - ``tiny_transformer``: the bundled ``sample_models/tiny_transformer.py`` (SDPA, pre-LN).
 - ``dropout_tied``: a character LM with dropout and its output layer tied to its embedding.
 - ``bn_cnn_train``: the bundled BatchNorm CNN probed in train mode (batch statistics).
+
+Apart (its products are finite differences, so no tight eigsh over the same product):
+``ctc_conv``, a convolutional acoustic model with PyTorch's CTC loss, which has no double backward.
 """
 
 from __future__ import annotations
@@ -266,6 +269,41 @@ def dropout_tied(dtype: torch.dtype = torch.float64, vocab: int = 40, batch: int
     model.train()
     return Architecture("dropout_tied", model, _next_token_loss, _token_batches(vocab, batch, length, batches, seed=1),
                         source="tests/real_models.py")
+
+
+# ------------------------------------------------------------------ CTC: no double backward
+class ConvCTC(nn.Module):
+    """A small acoustic model: Conv1d(features → 16, k=3) → tanh → Conv1d(16 → 16, k=3) → tanh →
+    Linear(16 → classes) per frame; log-probabilities shaped (T, N, classes) for F.ctc_loss."""
+
+    def __init__(self, features: int = 8, classes: int = 6, width: int = 16):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(features, width, 3, padding=1), nn.Tanh(),
+                                  nn.Conv1d(width, width, 3, padding=1), nn.Tanh())
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, features, T)
+        return self.out(self.conv(x).transpose(1, 2)).log_softmax(-1).transpose(0, 1)
+
+
+def _ctc_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, targets = batch
+    log_probs = model(x)
+    lengths = torch.full((x.shape[0],), log_probs.shape[0], dtype=torch.long)
+    target_lengths = torch.full((x.shape[0],), targets.shape[1], dtype=torch.long)
+    return F.ctc_loss(log_probs, targets, lengths, target_lengths)  # mean of loss / target length
+
+
+def ctc_conv(dtype: torch.dtype = torch.float64, batch: int = 4, frames: int = 12, labels: int = 3,
+             classes: int = 6, batches: int = 2) -> Architecture:
+    """:class:`ConvCTC` with PyTorch's CTC loss (blank 0) on random features and label sequences.
+    ``F.ctc_loss`` has no double backward ("derivative for aten::_ctc_loss_backward is not
+    implemented"): the model curvdiag must probe by finite differences of gradients."""
+    model = _seeded(0, lambda: ConvCTC(classes=classes)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(batch, 8, frames, generator=g, dtype=dtype),
+             torch.randint(1, classes, (batch, labels), generator=g)) for _ in range(batches)]
+    return Architecture("ctc_conv", model, _ctc_loss, data, source="tests/real_models.py")
 
 
 ARCHITECTURES: Dict[str, Callable[..., Architecture]] = {

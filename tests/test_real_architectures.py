@@ -288,3 +288,62 @@ def test_train_mode_turns_off_functional_attention_dropout():
     clean = curvdiag.probe(_without_dropout(arch.model, True), arch.loss, arch.batches, probes="lambda_max",
                            train_mode=True).loss
     assert losses == [clean, clean]
+
+
+# ------------------------------------------------------------------ no double backward at all: CTC
+_DEAD = -1e30  # log 0 for paths CTC cannot take (finite: -inf would give NaN second derivatives)
+
+
+def _ctc_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−log p(target | x) of one sequence by the CTC forward recursion (Graves et al. 2006) on the
+    blank-interleaved labels l′ (blank 0): α_t(s) = logsumexp(α_{t−1}(s), α_{t−1}(s−1),
+    α_{t−1}(s−2) where l′_s ≠ blank and l′_s ≠ l′_{s−2}) + log y_t(l′_s); log_probs (T, C)."""
+    extended = torch.zeros(2 * len(target) + 1, dtype=torch.long)
+    extended[1::2] = target
+    emit = log_probs[:, extended]  # (T, S)
+    skip = torch.zeros(len(extended), dtype=torch.bool)
+    skip[2:] = (extended[2:] != 0) & (extended[2:] != extended[:-2])
+    dead = log_probs.new_full((2,), _DEAD)
+    alpha = torch.cat([emit[0, :2], log_probs.new_full((len(extended) - 2,), _DEAD)])
+    for t in range(1, log_probs.shape[0]):
+        by_one = torch.cat([dead[:1], alpha[:-1]])
+        by_two = torch.where(skip, torch.cat([dead, alpha[:-2]]), dead[0])
+        alpha = torch.logsumexp(torch.stack([alpha, by_one, by_two]), dim=0) + emit[t]
+    return -torch.logsumexp(alpha[-2:], dim=0)
+
+
+def _twice_differentiable_ctc_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """F.ctc_loss's 'mean' (each sequence's −log p over its target length, averaged) by autograd-
+    friendly operations only: the same function, with a double backward."""
+    x, targets = batch
+    log_probs = model(x)
+    return torch.stack([_ctc_nll(log_probs[:, n], targets[n]) / targets.shape[1] for n in range(x.shape[0])]).mean()
+
+
+def test_ctc_falls_back_to_finite_differences_and_says_how_accurate_they_are():
+    """PyTorch's CTC loss has no double backward (and no attention kernel to swap): the default
+    probe runs on central differences of gradients and reports the step and its error estimate;
+    its λmax is held to the Ritz bound plus that estimate against eigsh on the exact Hessian (the
+    same loss written with twice-differentiable operations)."""
+    arch = real_models.ctc_conv()
+    with _one_thread():
+        report = curvdiag.probe(arch.model, arch.loss, arch.batches)
+        with torch.no_grad():
+            written = [float(_twice_differentiable_ctc_loss(arch.model, b)) for b in arch.batches]
+            torchs = [float(arch.loss(arch.model, b)) for b in arch.batches]
+        exact = CurvatureOperator(arch.model, arch.batches, _twice_differentiable_ctc_loss, _sizes(arch.batches))
+        reference = eigsh_lambda_max(exact)
+    assert written == pytest.approx(torchs, rel=1e-12)
+    assert exact.fallback is None  # the reference's product is exact
+    operator = report.operator
+    assert (operator.hvp_method, operator.fallback) == ("finite-difference", "finite-difference")
+    assert "_ctc_loss_backward" in operator.fallback_reason and "not implemented" in operator.fallback_reason
+    estimate = operator.finite_difference_error_estimate
+    assert operator.finite_difference_step > 0 and 0 < estimate < 1e-3
+    assert f"h={operator.finite_difference_step:g}" in operator.description
+    budget = report.budget
+    assert budget is not None and 0 < budget.spent <= budget.total <= 150
+    lam = report.probes["lambda_max"]
+    bound = lam.tol * abs(lam.value) if lam.converged else lam.residuals[0]
+    # An O(h²) error: the product's change when h doubles (the estimate) is 3× its error at h.
+    assert abs(lam.value - reference) <= bound + estimate * abs(reference), (lam.value, reference)
