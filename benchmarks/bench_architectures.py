@@ -1,7 +1,8 @@
 """curvdiag.probe on real architectures (issue #12, item 5): what the default probe and
 ``probes="all"`` cost and how accurate they are, per architecture of ``tests/real_models.py``
 (ResNet-18, Hugging Face GPT-2 and BERT, the bundled tiny transformer, dropout with tied
-weights, BatchNorm in train mode; random weights, nothing downloaded).
+weights, BatchNorm in train mode, and a CTC model probed by finite differences; random weights,
+nothing downloaded).
 
 Per architecture and probe set, printed as a markdown table and written to
 ``benchmarks/architectures_results.json``:
@@ -9,7 +10,8 @@ Per architecture and probe set, printed as a markdown table and written to
 - parameters; the budget planned and spent in gradient-equivalents (GE: one forward and
   backward over all the batches), when the report carries one (``report.budget``);
 - wall time of the ``curvdiag.probe`` call (one thread by default);
-- λmax relative error against scipy ``eigsh`` (which="LA", tol 1e-10) over the same product;
+- λmax relative error against scipy ``eigsh`` (which="LA", tol 1e-10) over the same product
+  (for the CTC model: over the exact product of the same loss written twice-differentiably);
 - the trace's relative standard error reached (``hessian_trace``: stderr/|value|), its samples
   and estimator.
 
@@ -41,14 +43,17 @@ from curvdiag.results.probe_results import HessianTrace, LambdaMax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import real_models  # noqa: E402  (tests/real_models.py: the architectures the tests probe)
 
+BENCHMARKED = {**real_models.ARCHITECTURES, **real_models.FINITE_DIFFERENCE_ARCHITECTURES}
 PROBE_SETS = {"default": None, "all": "all"}  # None: curvdiag.probe's own default
 REFERENCE_TOL = 1e-10
 
 
 def eigsh_reference(arch: real_models.Architecture) -> Dict[str, Any]:
-    """λmax by eigsh over the operator curvdiag.probe builds for this model, and its cost."""
+    """λmax by eigsh over the operator curvdiag.probe builds for this model (over the exact
+    Hessian of ``arch.reference_loss`` where the loss has no double backward), and its cost."""
     sizes = [leading_dimension(b) for b in arch.batches]
-    op = CurvatureOperator(arch.model, arch.batches, arch.loss, sizes, train_mode=arch.train_mode)
+    op = CurvatureOperator(arch.model, arch.batches, arch.reference_loss or arch.loss, sizes,
+                           train_mode=arch.train_mode)
     n = op.num_params
 
     def matvec(x: np.ndarray) -> np.ndarray:
@@ -74,6 +79,7 @@ def probe_row(arch: real_models.Architecture, probes: Optional[str], reference: 
         "seconds": seconds,
         "hvps": report.operator.hvps,
         "fallback": report.operator.fallback,
+        "finite_difference_error_estimate": report.operator.finite_difference_error_estimate,
         "hvp_method": report.operator.description,
         "budget_total_ge": budget.total if budget else None,
         "budget_spent_ge": budget.spent if budget else None,
@@ -109,7 +115,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architectures", default=",".join(real_models.ARCHITECTURES))
+    parser.add_argument("--architectures", default=",".join(BENCHMARKED))
     parser.add_argument("--sets", default=",".join(PROBE_SETS), help="probe sets: default (curvdiag.probe's) and/or all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "architectures_results.json")
@@ -117,13 +123,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.architectures.split(",") if n.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [n for n in names if n not in real_models.ARCHITECTURES] + [s for s in sets if s not in PROBE_SETS]
+    unknown = [n for n in names if n not in BENCHMARKED] + [s for s in sets if s not in PROBE_SETS]
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}")
     load_start = os.getloadavg()
     rows = []
     for name in names:
-        arch = real_models.ARCHITECTURES[name]()
+        arch = BENCHMARKED[name]()
         reference = eigsh_reference(arch)
         print(f"{name}: {arch.parameters:,} parameters, eigsh λmax {reference['lambda_max']:.6g} "
               f"({reference['hvps']} products, {reference['seconds']:.1f} s)", file=sys.stderr, flush=True)

@@ -43,6 +43,9 @@ class Architecture:
     batches: List[Any]
     train_mode: bool = False
     source: str = ""  # where the model's code came from (torchvision, transformers, this file...)
+    # The same loss written with twice-differentiable operations, where ``loss`` has no double
+    # backward: the exact Hessian to check finite differences against. None: ``loss`` itself.
+    reference_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None
 
     @property
     def parameters(self) -> int:
@@ -294,6 +297,35 @@ def _ctc_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.ctc_loss(log_probs, targets, lengths, target_lengths)  # mean of loss / target length
 
 
+_DEAD = -1e30  # log 0 for paths CTC cannot take (finite: -inf would give NaN second derivatives)
+
+
+def _ctc_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−log p(target | x) of one sequence by the CTC forward recursion (Graves et al. 2006) on the
+    blank-interleaved labels l′ (blank 0): α_t(s) = logsumexp(α_{t−1}(s), α_{t−1}(s−1),
+    α_{t−1}(s−2) where l′_s ≠ blank and l′_s ≠ l′_{s−2}) + log y_t(l′_s); log_probs (T, C)."""
+    extended = torch.zeros(2 * len(target) + 1, dtype=torch.long)
+    extended[1::2] = target
+    emit = log_probs[:, extended]  # (T, S)
+    skip = torch.zeros(len(extended), dtype=torch.bool)
+    skip[2:] = (extended[2:] != 0) & (extended[2:] != extended[:-2])
+    dead = log_probs.new_full((2,), _DEAD)
+    alpha = torch.cat([emit[0, :2], log_probs.new_full((len(extended) - 2,), _DEAD)])
+    for t in range(1, log_probs.shape[0]):
+        by_one = torch.cat([dead[:1], alpha[:-1]])
+        by_two = torch.where(skip, torch.cat([dead, alpha[:-2]]), dead[0])
+        alpha = torch.logsumexp(torch.stack([alpha, by_one, by_two]), dim=0) + emit[t]
+    return -torch.logsumexp(alpha[-2:], dim=0)
+
+
+def twice_differentiable_ctc_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """F.ctc_loss's 'mean' (each sequence's −log p over its target length, averaged) by autograd-
+    friendly operations only: the same function, with a double backward."""
+    x, targets = batch
+    log_probs = model(x)
+    return torch.stack([_ctc_nll(log_probs[:, n], targets[n]) / targets.shape[1] for n in range(x.shape[0])]).mean()
+
+
 def ctc_conv(dtype: torch.dtype = torch.float64, batch: int = 4, frames: int = 12, labels: int = 3,
              classes: int = 6, batches: int = 2) -> Architecture:
     """:class:`ConvCTC` with PyTorch's CTC loss (blank 0) on random features and label sequences.
@@ -303,7 +335,8 @@ def ctc_conv(dtype: torch.dtype = torch.float64, batch: int = 4, frames: int = 1
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(batch, 8, frames, generator=g, dtype=dtype),
              torch.randint(1, classes, (batch, labels), generator=g)) for _ in range(batches)]
-    return Architecture("ctc_conv", model, _ctc_loss, data, source="tests/real_models.py")
+    return Architecture("ctc_conv", model, _ctc_loss, data, source="tests/real_models.py",
+                        reference_loss=twice_differentiable_ctc_loss)
 
 
 ARCHITECTURES: Dict[str, Callable[..., Architecture]] = {
@@ -314,5 +347,7 @@ ARCHITECTURES: Dict[str, Callable[..., Architecture]] = {
     "dropout_tied": dropout_tied,
     "bn_cnn_train": bn_cnn_train,
 }
+# Models probed by finite differences (no double backward): checked against ``reference_loss``.
+FINITE_DIFFERENCE_ARCHITECTURES: Dict[str, Callable[..., Architecture]] = {"ctc_conv": ctc_conv}
 # The ones that need Hugging Face transformers (an optional test dependency).
 NEEDS_TRANSFORMERS = ("gpt2_lm", "bert_classifier")

@@ -9,6 +9,8 @@ eigenvalue); that product is the Hessian of the loss as written (an independent 
 on a copy with every dropout probability set to 0); and the report names the fallback the
 model needs (the exact math attention kernel where PyTorch's fused SDPA kernel has no double
 backward) and nothing where it needs none. One default probe and one reference per model.
+Apart: a CTC model, whose loss has no double backward at all, probed by finite differences and
+checked against the exact Hessian of the same loss written twice-differentiably.
 """
 
 from __future__ import annotations
@@ -291,35 +293,6 @@ def test_train_mode_turns_off_functional_attention_dropout():
 
 
 # ------------------------------------------------------------------ no double backward at all: CTC
-_DEAD = -1e30  # log 0 for paths CTC cannot take (finite: -inf would give NaN second derivatives)
-
-
-def _ctc_nll(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """−log p(target | x) of one sequence by the CTC forward recursion (Graves et al. 2006) on the
-    blank-interleaved labels l′ (blank 0): α_t(s) = logsumexp(α_{t−1}(s), α_{t−1}(s−1),
-    α_{t−1}(s−2) where l′_s ≠ blank and l′_s ≠ l′_{s−2}) + log y_t(l′_s); log_probs (T, C)."""
-    extended = torch.zeros(2 * len(target) + 1, dtype=torch.long)
-    extended[1::2] = target
-    emit = log_probs[:, extended]  # (T, S)
-    skip = torch.zeros(len(extended), dtype=torch.bool)
-    skip[2:] = (extended[2:] != 0) & (extended[2:] != extended[:-2])
-    dead = log_probs.new_full((2,), _DEAD)
-    alpha = torch.cat([emit[0, :2], log_probs.new_full((len(extended) - 2,), _DEAD)])
-    for t in range(1, log_probs.shape[0]):
-        by_one = torch.cat([dead[:1], alpha[:-1]])
-        by_two = torch.where(skip, torch.cat([dead, alpha[:-2]]), dead[0])
-        alpha = torch.logsumexp(torch.stack([alpha, by_one, by_two]), dim=0) + emit[t]
-    return -torch.logsumexp(alpha[-2:], dim=0)
-
-
-def _twice_differentiable_ctc_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    """F.ctc_loss's 'mean' (each sequence's −log p over its target length, averaged) by autograd-
-    friendly operations only: the same function, with a double backward."""
-    x, targets = batch
-    log_probs = model(x)
-    return torch.stack([_ctc_nll(log_probs[:, n], targets[n]) / targets.shape[1] for n in range(x.shape[0])]).mean()
-
-
 def test_ctc_falls_back_to_finite_differences_and_says_how_accurate_they_are():
     """PyTorch's CTC loss has no double backward (and no attention kernel to swap): the default
     probe runs on central differences of gradients and reports the step and its error estimate;
@@ -329,9 +302,9 @@ def test_ctc_falls_back_to_finite_differences_and_says_how_accurate_they_are():
     with _one_thread():
         report = curvdiag.probe(arch.model, arch.loss, arch.batches)
         with torch.no_grad():
-            written = [float(_twice_differentiable_ctc_loss(arch.model, b)) for b in arch.batches]
+            written = [float(arch.reference_loss(arch.model, b)) for b in arch.batches]
             torchs = [float(arch.loss(arch.model, b)) for b in arch.batches]
-        exact = CurvatureOperator(arch.model, arch.batches, _twice_differentiable_ctc_loss, _sizes(arch.batches))
+        exact = CurvatureOperator(arch.model, arch.batches, arch.reference_loss, _sizes(arch.batches))
         reference = eigsh_lambda_max(exact)
     assert written == pytest.approx(torchs, rel=1e-12)
     assert exact.fallback is None  # the reference's product is exact
