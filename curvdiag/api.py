@@ -14,6 +14,8 @@ The report is the same typed report the CLI renders and writes as JSON.
 
 from __future__ import annotations
 
+import math
+import time
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -24,7 +26,8 @@ from curvdiag.errors import BadArgument
 from curvdiag.loading import optimizer as optimizer_info
 from curvdiag.loading.checkpoint import Checkpoint
 from curvdiag.loading.recipe import Recipe
-from curvdiag.loading.target import Target, move_batch
+from curvdiag.curvature.threads import Threads, torch_threads
+from curvdiag.loading.target import Target, check_mean_loss, move_batch
 from curvdiag.probes.runner import ProbeSettings, parse_probe_names, run_probes
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -81,6 +84,8 @@ def probe(
     train_mode: bool = False,
     hvp_method: str = "auto",
     seed: int = 0,
+    threads: Threads = "default",
+    timeout: Optional[float] = None,
     name: str = "python",
 ):
     """Probe the curvature of ``loss`` at ``model``'s current weights over ``batches``.
@@ -99,13 +104,21 @@ def probe(
         batch_size: ``batch_size(batch)`` → samples; default the leading dimension of the first tensor.
         method, tol, top_k, samples, max_hvps, glass_lambda, glass_samples, train_mode, hvp_method,
         seed: as the CLI's flags of the same names.
+        threads: CPU threads torch uses during the call (torch's setting comes back afterwards):
+            ``"default"`` (one thread, measured fastest on a shared machine; ``OMP_NUM_THREADS``
+            when set; see :mod:`curvdiag.curvature.threads`), a count, or
+            None to leave torch's setting alone.
+        timeout: seconds after which the probes stop and the report holds those that finished
+            (``report.interrupted``, ``interrupted_by == "timeout"``). Ctrl-C raises
+            KeyboardInterrupt as usual, with the model left as it was.
         name: what the report calls the source (the CLI writes the recipe's name there).
 
     Returns:
         The typed probe report (``.to_json()`` gives the JSON of ``curvdiag probe --json``).
 
     Raises:
-        BadArgument / BadInput: unusable arguments; ProbeFailed: a probe failed at run time.
+        BadArgument / BadInput: unusable arguments (a ``loss`` that sums over the batch instead
+        of averaging is one); ProbeFailed: a probe failed at run time.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadArgument("model", type(model).__name__, "expected a torch.nn.Module")
@@ -126,12 +139,18 @@ def probe(
     if not held:
         raise BadArgument("batches", "[]", "holds no batch")
     sizes = [recipe.batch_size(b) for b in held]
-    info = optimizer_info.apply_flags(_optimizer_info(optimizer, params), lr, optimizer_family)
-    # The live optimizer's state plays the checkpoint's part for the simulated step (no file).
-    state = Checkpoint(path=None, model_state={}, optimizer_state=optimizer.state_dict(), step=None) \
-        if optimizer is not None else None
-    target = Target(recipe, model, held, sizes, recipe.loss, info, state, device, dtype, total_batches=len(held))
-    op = CurvatureOperator(model, held, recipe.loss, sizes, train_mode=train_mode, hvp_method=hvp_method)
-    if previous is not None:
-        settings.previous = _flat_previous(previous, model, op.parameters_vector())
-    return run_probes(target, op, settings)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                    and math.isfinite(timeout) and timeout > 0):
+        raise BadArgument("timeout", timeout, "must be a positive number of seconds")
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    with torch_threads(threads):
+        check_mean_loss(model, recipe.loss, held[0], recipe.batch_size)
+        info = optimizer_info.apply_flags(_optimizer_info(optimizer, params), lr, optimizer_family)
+        # The live optimizer's state plays the checkpoint's part for the simulated step (no file).
+        state = Checkpoint(path=None, model_state={}, optimizer_state=optimizer.state_dict(), step=None) \
+            if optimizer is not None else None
+        target = Target(recipe, model, held, sizes, recipe.loss, info, state, device, dtype, total_batches=len(held))
+        op = CurvatureOperator(model, held, recipe.loss, sizes, train_mode=train_mode, hvp_method=hvp_method)
+        if previous is not None:
+            settings.previous = _flat_previous(previous, model, op.parameters_vector())
+        return run_probes(target, op, settings, deadline=deadline)

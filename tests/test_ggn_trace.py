@@ -1,7 +1,8 @@
 """The Gauss–Newton control variate against dense references (float64, tiny models): exact
-tr(G) and G z against J_bᵀ A_b J_b built from dense Jacobians and dense output Hessians, the
-estimator against the dense tr(H) within the exact spread of its probes, and every case it
-must refuse (NotCovered) rather than answer wrongly."""
+tr(G) and G z against J_bᵀ A_b J_b built from dense Jacobians and dense output Hessians — by the
+per-layer rules and by per-sample gradients (conv, BatchNorm in eval mode, bare parameters, tied
+and shared weights) — the estimator against the dense tr(H) within the exact spread of its
+probes, and every case it must refuse (NotCovered) rather than answer wrongly."""
 
 import math
 
@@ -10,13 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from curvdiag.curvature.ggn import GaussNewton
+from curvdiag.curvature import per_sample
+from curvdiag.curvature.ggn import LAYERS, PER_SAMPLE, GaussNewton
 from curvdiag.errors import NotCovered
 from curvdiag.probes.ggn_trace import ggn_control_variate_trace
-from curvdiag.probes.hutchinson import hutchinson_trace
+from curvdiag.probes.hutchinson import hutchinson_trace, t_factor
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
+from ggn_models import conv_bn, pos_transformer
 from models import BatchNormNet, FusedKernelMLP, TiedAutoencoder, mse, regression_batches, tanh_mlp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # ---------------------------------------------------------------------------- references
@@ -138,18 +142,48 @@ CASES = {
 }
 
 
+def _regression(make):
+    """(model, batches, mse, sizes) on the 3-output regression batches (a tied autoencoder: its 4 inputs)."""
+    def build():
+        model = make().eval()
+        if isinstance(model, TiedAutoencoder):
+            g = torch.Generator().manual_seed(1)
+            return model, [(torch.randn(5, 4, generator=g, dtype=torch.float64),) * 2], mse, [5]
+        batches = [(x, y[:, :3]) for x, y in regression_batches()]
+        return model, batches, mse, [7, 3]
+    return build
+
+
+def _classifier(make):
+    def build():
+        model, batches, sizes = make()
+        return model, batches, cross_entropy, sizes
+    return build
+
+
+#: Models only per-sample gradients cover: the per-layer rules refuse them with the reason given.
+PER_SAMPLE_CASES = {
+    "conv-batchnorm": (_classifier(conv_bn), "Conv2d not covered"),
+    "bare-parameter-attention": (_classifier(pos_transformer), r"PosTransformer not covered \(parameter pos\)"),
+    "batchnorm-eval-dropout": (_regression(lambda: BatchNormNet().double()), "BatchNorm1d not covered"),
+    "conv1d": (_regression(lambda: ConvNet().double()), "Conv1d not covered"),
+    "tied-weights": (_regression(lambda: TiedAutoencoder().double()), "tied weights"),
+    "module-run-twice": (_regression(lambda: Doubled().double()), "runs 2 times per forward"),
+    "weight-used-outside": (_regression(lambda: WeightUsedDirectly(False).double()), "used outside"),
+    "weight-used-inside-and-outside": (_regression(lambda: WeightUsedDirectly(True).double()), "used outside"),
+}
+
+
 def _case(name, **kw):
-    make_model, make_batches, loss_fn, sizes = CASES[name]
-    model, batches = make_model(), make_batches()
+    if name in PER_SAMPLE_CASES:
+        model, batches, loss_fn, sizes = PER_SAMPLE_CASES[name][0]()
+    else:
+        make_model, make_batches, loss_fn, sizes = CASES[name]
+        model, batches = make_model(), make_batches()
     return model, batches, loss_fn, sizes, CurvatureOperator(model, batches, loss_fn, sizes, **kw)
 
 
-# ---------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("name", list(CASES))
-def test_exact_trace_and_products_equal_the_dense_gauss_newton_matrix(name):
-    model, batches, loss_fn, sizes, op = _case(name)
-    G = dense_ggn(model, batches, loss_fn, sizes)
-    ggn = GaussNewton(op)
+def _check_exact(ggn, G, op):
     assert ggn.trace() == pytest.approx(float(torch.trace(G)), rel=1e-10)
     for (pname, start, stop) in op.layer_slices():
         assert ggn.trace_by_parameter[pname] == pytest.approx(float(torch.trace(G[start:stop, start:stop])),
@@ -159,6 +193,42 @@ def test_exact_trace_and_products_equal_the_dense_gauss_newton_matrix(name):
         z = torch.randn(op.num_params, generator=g, dtype=torch.float64)
         torch.testing.assert_close(ggn.matvec(z), G @ z, rtol=1e-10, atol=1e-12)
         assert ggn.quadratic(z) == pytest.approx(float(z @ G @ z), rel=1e-10)
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("rules", [LAYERS, PER_SAMPLE])
+@pytest.mark.parametrize("name", list(CASES))
+def test_exact_trace_and_products_equal_the_dense_gauss_newton_matrix(name, rules):
+    model, batches, loss_fn, sizes, op = _case(name)
+    G = dense_ggn(model, batches, loss_fn, sizes)
+    ggn = GaussNewton(op, rules=rules)
+    assert ggn.rules == rules
+    _check_exact(ggn, G, op)
+    assert (ggn.per_sample_vjps > 0) == (rules == PER_SAMPLE)
+
+
+@pytest.mark.parametrize("name", list(PER_SAMPLE_CASES))
+def test_models_beyond_the_layer_rules_get_the_exact_gauss_newton_matrix_from_per_sample_gradients(name):
+    model, batches, loss_fn, sizes, op = _case(name)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference's own double backward
+        G = dense_ggn(model, batches, loss_fn, sizes)
+    ggn = GaussNewton(op)
+    assert ggn.rules == PER_SAMPLE
+    _check_exact(ggn, G, op)
+    with pytest.raises(NotCovered, match=PER_SAMPLE_CASES[name][1]):  # why the layer rules did not run
+        GaussNewton(op, rules=LAYERS)
+
+
+def test_per_sample_chunks_under_a_small_memory_cap_give_the_same_trace(monkeypatch):
+    *_, op = _case("conv-batchnorm")
+    whole = GaussNewton(op)
+    monkeypatch.setattr(per_sample, "MAX_PER_SAMPLE_BYTES", op.num_params * 8)  # one sample × one direction
+    chunked = GaussNewton(op)
+    assert chunked.trace() == pytest.approx(whole.trace(), rel=1e-12)
+    # 2 batches (4 and 2 samples) × 2 nonzero eigen-directions (3 classes): one pass per sample and
+    # direction, plus the set-up check's one pass per sample.
+    assert chunked.per_sample_passes == 6 * 2 + 6 and chunked.per_sample_vjps == 6 * 2 + 6
+    assert whole.per_sample_passes == 2 + 2
 
 
 def test_graphs_not_kept_give_the_same_gauss_newton_matrix():
@@ -176,6 +246,10 @@ def test_cross_entropy_skips_the_zero_eigenvalue_of_its_output_hessian():
     ggn = GaussNewton(op)
     ggn.trace()
     assert ggn.trace_backwards == 2 * (3 - 1)  # 2 batches × (C − 1) nonzero eigen-directions
+    per_sample = GaussNewton(op, rules=PER_SAMPLE)
+    setup = per_sample.per_sample_vjps  # the check: one per sample
+    per_sample.trace()
+    assert (setup, per_sample.per_sample_vjps - setup) == (9, 9 * (3 - 1))
 
 
 # ---------------------------------------------------------------------------- the estimator
@@ -198,7 +272,7 @@ def test_estimate_is_unbiased_and_its_probes_spread_far_less_than_plain_hutchins
     # Measured spreads (same z's): the control variate's is several times smaller.
     assert result.probe_sd < 0.3 * plain.stderr * math.sqrt(n)
     assert result.probe_sd == pytest.approx(sd_residual, rel=0.5)
-    assert result.stderr == pytest.approx(result.probe_sd / math.sqrt(n))
+    assert result.stderr == pytest.approx(result.probe_sd / math.sqrt(n) * t_factor(n))  # widened: small n
     assert (result.samples, result.hvps, result.ggn_products) == (n, n, 2 * n)
     assert result.estimator == "hutchinson + exact Gauss-Newton control variate"
 
@@ -284,18 +358,34 @@ def _coupled(model, batch):
     return (model(x) - y).sum(0).pow(2).mean()
 
 
+def _conv_bn_train():
+    return conv_bn()[0].train()
+
+
+def _batch_of_pairs(model, batch):
+    """A model input whose first dimension is not the sample dimension: (2, n, 4)."""
+    x, y = batch
+    return F.mse_loss(model(torch.stack([x, x])), y)
+
+
+class Stacked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(4, 3, 1)
+
+    def forward(self, pair):  # (2, n, 4) → (n, 3)
+        return self.conv(pair.permute(1, 2, 0)).sum(-1)
+
+
 @pytest.mark.parametrize("make, loss_fn, kw, reason", [
-    (lambda: BatchNormNet().double(), mse, {}, "BatchNorm1d not covered"),
-    (lambda: ConvNet().double(), mse, {}, "Conv1d not covered"),
-    (lambda: TiedAutoencoder().double(), None, {}, "tied weights"),
     (lambda: FusedKernelMLP().double(), mse, {}, "no double backward"),
-    (lambda: Doubled().double(), mse, {}, "runs 2 times per forward"),
-    (lambda: WeightUsedDirectly(False).double(), mse, {}, "a.weight is used outside its module's forward"),
-    (lambda: WeightUsedDirectly(True).double(), mse, {}, "a.weight is used outside its module's forward"),
     (tanh_mlp, _twice, {}, "forward ran 2 times"),
     (tanh_mlp, _weight_decay, {}, "other than through the model output"),
     (tanh_mlp, _coupled, {}, "couples the outputs"),
     (_mixing_net, mse, {"train_mode": True}, "mixes samples"),
+    (_conv_bn_train, mse, {"train_mode": True}, "mixes samples"),
+    (lambda: Stacked().double(), _batch_of_pairs, {}, "sample dimension"),
 ])
 def test_uncovered_models_and_losses_are_refused_with_a_reason(make, loss_fn, kw, reason):
     model = make()
@@ -303,6 +393,10 @@ def test_uncovered_models_and_losses_are_refused_with_a_reason(make, loss_fn, kw
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(5, 4, generator=g, dtype=torch.float64),) * 2]
         loss_fn = mse
+    elif make is _conv_bn_train:
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(4, 1, 5, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g,
+                                                                                          dtype=torch.float64))]
     else:
         batches = [(x, y[:, :3] if y.shape[-1] != 3 else y) for x, y in regression_batches()]
     op = CurvatureOperator(model, batches, loss_fn, [len(b[0]) for b in batches], **kw)

@@ -57,6 +57,25 @@ def record_finished(rank: int) -> None:
             pass
 
 
+def record_outcome(code: int) -> None:
+    """Leave the exit status the job should end with, when a rank finished its work but the
+    command still ends otherwise than 0 (``probe --timeout``: 124); the ranks themselves exit 0."""
+    where = os.environ.get(STATUS_DIR_ENV)
+    if where:
+        try:
+            Path(where, "outcome").write_text(str(int(code)))
+        except OSError:
+            pass
+
+
+def recorded_outcome(where: Path) -> int:
+    """The status :func:`record_outcome` left in ``where``, else 0."""
+    try:
+        return int(Path(where, "outcome").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def all_finished(where: Path, world_size: int) -> bool:
     """Whether every rank recorded :func:`record_finished` (and none a failure) in ``where``."""
     where = Path(where)
@@ -173,7 +192,7 @@ def relaunch_under_torchrun(ctx: typer.Context, nproc: int) -> Optional[int]:
         if received:
             return 130  # an interruption, like one process, whatever torchrun made of it
         if code == 0:
-            return 0
+            return recorded_outcome(Path(status_dir))
         return _job_outcome(code, Path(status_dir), nproc)
 
 

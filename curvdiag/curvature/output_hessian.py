@@ -108,15 +108,16 @@ class LayerCall(NamedTuple):
 @dataclass
 class Recording:
     """What the hooks saw in one forward pass: ``calls[i]`` the calls of ``layers[i]``, ``outputs``
-    what the model itself returned (once per call of the model)."""
+    what the model itself returned and ``inputs`` its (args, kwargs) (once per call of the model)."""
 
     calls: Dict[int, List[LayerCall]] = field(default_factory=dict)
     outputs: List[Any] = field(default_factory=list)
+    inputs: List[Tuple[tuple, dict]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
 def recording(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> Iterator[Recording]:
-    """Forward hooks recording each layer's input and output and the model's output; in-place
+    """Forward hooks recording each layer's input and output and the model's inputs and output; in-place
     activations are made out-of-place meanwhile (recorded tensors must keep their values)."""
     seen = Recording()
     handles = []
@@ -133,7 +134,11 @@ def recording(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> Iter
             m.inplace = False
         for index, m in enumerate(layers):
             handles.append(m.register_forward_hook(layer_hook(index), with_kwargs=True))
-        handles.append(model.register_forward_hook(lambda module, args, output: seen.outputs.append(output)))
+        def model_hook(module, args, kwargs, output):
+            seen.inputs.append((args, kwargs))
+            seen.outputs.append(output)
+
+        handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
         yield seen
     finally:
         for handle in handles:

@@ -6,8 +6,10 @@ The one entry point the CLI uses to turn user input into something the operator 
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -16,7 +18,7 @@ from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_check
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading.optimizer import OptimizerInfo
 from curvdiag.loading.recipe import Recipe, load_recipe
-from curvdiag.loading.shards import shard_batches
+from curvdiag.loading.shards import shard_batches, split_batch
 
 
 @dataclass
@@ -117,6 +119,8 @@ def load_target(
         batches.append(move_batch(batch, torch_device, torch_dtype))
     if not batches and world_size == 1:  # a rank may have no share; the operator checks the total
         raise BadInput(f"recipe {recipe.name}: data() yielded no batches")
+    if batches:
+        check_mean_loss(model, recipe.loss, batches[0], recipe.batch_size, what=f"recipe {recipe.name}: ")
     info = _optimizer_info(recipe, model, checkpoint)
     info = optimizer_state.apply_flags(info, lr, optimizer_family)
     return Target(recipe, model, batches, sizes, recipe.loss, info, checkpoint, torch_device,
@@ -145,3 +149,78 @@ def load_previous_parameters(target: Target, path: str) -> torch.Tensor:
     load_model_state(model, read_checkpoint(path))
     model.to(device=target.device, dtype=target.dtype)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+# ------------------------------------------------------------------ the mean-loss contract
+# A sum over a float32 batch agrees with the sum of its halves' to ~1e-6 relative; a mean
+# misses that sum by a factor near 2 (equal halves), so the two thresholds are far apart.
+SUM_AGREES = 1e-3  # |L − (L₁ + L₂)| / (|L₁| + |L₂|) at most this: L adds up like a sum
+MEAN_DISAGREES = 0.05  # |L − (n₁L₁ + n₂L₂)/n| / (|L₁| + |L₂|) above this: L is not the mean
+
+
+def check_mean_loss(model: torch.nn.Module, loss: Callable[[torch.nn.Module, Any], torch.Tensor], batch: Any,
+                    batch_size: Callable[[Any], int], what: str = "") -> None:
+    """BadInput when ``loss`` returns the *sum* over a batch rather than the mean the recipe
+    contract asks for (every curvature would come out n× too large).
+
+    One forward on ``batch`` and one on each half along the leading dimension (as
+    :func:`~curvdiag.loading.shards.split_batch` splits it), in eval mode, without gradients,
+    with the model's modes, buffers and the RNG left as they were. With n = n₁ + n₂ samples
+    (``batch_size`` of each part) a mean satisfies L = (n₁L₁ + n₂L₂)/n and a sum L = L₁ + L₂;
+    it fails only when the sum's equation holds and the mean's does not (:data:`SUM_AGREES`,
+    :data:`MEAN_DISAGREES`). Silently nothing when the batch cannot be split (one sample, no
+    tensor with a leading dimension, tensors of other leading sizes), when the model or the loss
+    fails on a half, or when the losses are not finite: the check never blocks a valid recipe.
+    """
+    values = _whole_and_halves(model, loss, batch, batch_size)
+    if values is None:
+        return
+    (whole, n), (first, n1), (second, n2) = values
+    scale = abs(first) + abs(second)
+    if not all(math.isfinite(v) for v in (whole, first, second)) or scale == 0:
+        return
+    as_mean = (n1 * first + n2 * second) / n
+    if abs(whole - (first + second)) <= SUM_AGREES * scale and abs(whole - as_mean) > MEAN_DISAGREES * scale:
+        raise BadInput(
+            f"{what}loss(model, batch) returns the sum over the batch, not its mean: {whole:.6g} on a batch of {n} "
+            f"samples = {first:.6g} + {second:.6g} on its halves (their mean would be {as_mean:.6g})",
+            hint=f"return the mean over the batch's samples (reduction=\"mean\", or divide by the batch size): "
+                 f"with a sum every curvature comes out about {n}x too large")
+
+
+def _whole_and_halves(model: torch.nn.Module, loss: Callable, batch: Any,
+                      batch_size: Callable[[Any], int]) -> Optional[Tuple[Tuple[float, int], ...]]:
+    """((L, n), (L₁, n₁), (L₂, n₂)) for ``batch`` and its two halves, or None when it cannot be split."""
+    try:
+        halves = split_batch(batch, 2)
+        sizes = [batch_size(batch)] + [batch_size(half) for half in halves]
+    except Exception:  # no leading dimension, mixed leading sizes, a batch_size() that needs more
+        return None
+    if sizes[1] < 1 or sizes[2] < 1 or sizes[1] + sizes[2] != sizes[0]:
+        return None
+    try:
+        with _untouched(model):
+            values = [float(loss(model, part).detach()) for part in (batch, *halves)]
+    except Exception:  # the model refuses a half batch (a fixed batch size): no check
+        return None
+    return tuple(zip(values, sizes))
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, every module's mode, every buffer and the RNG as they were afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    for m, name, b in buffers:
+        m._buffers[name] = b.clone()
+    tensors = [b for _, _, b in buffers] + list(model.parameters())
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        for m, mode in modes:
+            m.training = mode

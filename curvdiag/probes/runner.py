@@ -104,37 +104,93 @@ def parse_probe_names(text: str) -> List[str]:
     return [p for p in PROBE_NAMES if p in wanted]
 
 
+@dataclass
+class ProbeDone:
+    """One finished probe, as :func:`run_probes` reports it to its ``finished`` callback: its
+    wall time, the operator's Hessian-vector products it took, its entries, and its cost in
+    gradient-equivalents where the budget priced it (None otherwise)."""
+
+    name: str
+    seconds: float
+    hvps: int
+    entries: Entries
+    cost: Optional[entry.ProbeCost] = None
+
+
+class DeadlinePassed(BaseException):
+    """Raised from the operator's ``on_hvp`` hook once :func:`run_probes`'s deadline has passed.
+    A BaseException (like KeyboardInterrupt), so that no probe's ``except Exception`` takes it
+    for a failure of the probe."""
+
+
+INTERRUPTERS = {"timeout": "the timeout", "keyboard": "Ctrl-C"}
+
+
 def run_probes(
     target: Target,
     op: CurvatureOperator,
     settings: ProbeSettings,
     progress: Optional[Callable[[str], Any]] = None,
+    *,
+    finished: Optional[Callable[[ProbeDone], Any]] = None,
+    deadline: Optional[float] = None,
+    keyboard_interrupt_ends_run: bool = False,
 ) -> ProbeReport:
     """Run ``settings.probes`` on ``op``, in registry order, each within its share of the budget
-    (:mod:`curvdiag.probes.budget`); a probe that fails raises ProbeFailed naming it."""
+    (:mod:`curvdiag.probes.budget`); a probe that fails raises ProbeFailed naming it.
+    ``progress(name)`` is called as a probe starts, ``finished(done)`` as it ends.
+
+    Interruptions end the run with a report of the probes that finished (``interrupted`` and
+    ``interrupted_by`` set; the probe that was running is Skipped "interrupted after N s", its
+    cost stopped "interrupted", the others "not run: interrupted by ..."):
+
+    - ``deadline`` (a ``time.monotonic()`` value): checked before each probe and, in one process,
+      after each Hessian-vector product. Under several processes only before each probe, with
+      one collective so that every rank stops at the same probe (a rank never leaves the others
+      waiting in a product); a probe that runs past the deadline finishes there.
+    - Ctrl-C (KeyboardInterrupt) when ``keyboard_interrupt_ends_run``; otherwise it propagates
+      (a library call is stopped the Python way, the model's state restored on the way out).
+    """
     announce = progress or (lambda name: None)
     probes: Entries = {}
     todo = [name for name in settings.probes if not (name == "power_law" and "glass" in settings.probes)]
     total = settings.budget if settings.budget is not None else budgets.default_budget(todo)
     left, costs, started = total, [], time.perf_counter()
-    for index, name in enumerate(todo):
-        allowed = budgets.share(name, todo[index:], left)
-        spent_before, probe_started = op.spent, time.perf_counter()
-        op.spend_limit = op.spent + allowed
-        announce(name)
-        try:
-            probes.update(REGISTRY[name].load()(target, op, settings))
-        except ProbeFailed:
+    interrupted_by: Optional[str] = None
+    caller_hook = op.on_hvp
+    if deadline is not None and op.world_size == 1:
+        op.on_hvp = _deadline_hook(caller_hook, deadline)
+    running, allowed, spent_before, probe_started, hvps = None, 0.0, op.spent, started, op.hvp_count
+    try:
+        for index, name in enumerate(todo):
+            if _deadline_agreed(op, deadline):
+                raise DeadlinePassed
+            allowed = budgets.share(name, todo[index:], left)
+            running, spent_before, probe_started, hvps = name, op.spent, time.perf_counter(), op.hvp_count
+            op.spend_limit = op.spent + allowed
+            announce(name)
+            try:
+                done = _run_one(name, target, op, settings)
+            finally:
+                op.spend_limit = None
+            running = None
+            probes.update(done)
+            spent = op.spent - spent_before
+            left -= spent
+            costs.append(_probe_cost(name, probes, settings, allowed, spent, time.perf_counter() - probe_started))
+            if finished is not None:
+                finished(ProbeDone(name, time.perf_counter() - probe_started, op.hvp_count - hvps, done, costs[-1]))
+    except (DeadlinePassed, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) and not keyboard_interrupt_ends_run:
             raise
-        except CurvdiagError as exc:  # the recipe's code failed while a probe ran
-            raise ProbeFailed(name, exc.message, exc.hint) from exc
-        except Exception as exc:
-            raise ProbeFailed(name, f"{type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback") from exc
-        finally:
-            op.spend_limit = None
-        spent = op.spent - spent_before
-        left -= spent
-        costs.append(_probe_cost(name, probes, settings, allowed, spent, time.perf_counter() - probe_started))
+        interrupted_by = "timeout" if isinstance(exc, DeadlinePassed) else "keyboard"
+        seconds = time.perf_counter() - probe_started
+        if running is not None:
+            costs.append(entry.ProbeCost(name=running, planned=allowed, spent=op.spent - spent_before,
+                                         seconds=seconds, stop="interrupted"))
+        probes.update(_unfinished(settings, probes, running, seconds, interrupted_by))
+    finally:
+        op.on_hvp = caller_hook
     budget = entry.BudgetSummary(total=total, spent=sum(c.spent for c in costs), seconds=time.perf_counter() - started,
                                  gradient_seconds=op.gradient_seconds, hvp_cost=op.hvp_price, probes=costs)
     return ProbeReport(
@@ -149,7 +205,61 @@ def run_probes(
         grad_norm=float(op.gradient().norm()),
         probes=probes,
         budget=budget,
+        interrupted=interrupted_by is not None,
+        interrupted_by=interrupted_by,
     )
+
+
+def _run_one(name: str, target: Target, op: CurvatureOperator, settings: ProbeSettings) -> Entries:
+    """The entries of probe ``name``; its failure as ProbeFailed naming it."""
+    try:
+        return REGISTRY[name].load()(target, op, settings)
+    except ProbeFailed:
+        raise
+    except CurvdiagError as exc:  # the recipe's code failed while a probe ran
+        raise ProbeFailed(name, exc.message, exc.hint) from exc
+    except Exception as exc:
+        raise ProbeFailed(name, f"{type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback") from exc
+
+
+def _deadline_hook(caller_hook: Optional[Callable[[int], None]], deadline: float) -> Callable[[int], None]:
+    """The operator's ``on_hvp``: the caller's hook, then DeadlinePassed once the deadline passed."""
+
+    def hook(count: int) -> None:
+        if caller_hook is not None:
+            caller_hook(count)
+        if time.monotonic() >= deadline:
+            raise DeadlinePassed
+    return hook
+
+
+def _deadline_agreed(op: CurvatureOperator, deadline: Optional[float]) -> bool:
+    """Whether the deadline has passed; under several processes whether it has on any rank (one
+    collective, taken by every rank at the same point since all run the same probes)."""
+    if deadline is None:
+        return False
+    passed = time.monotonic() >= deadline
+    if op.world_size == 1:
+        return passed
+    flag = torch.tensor([1.0 if passed else 0.0], device=op.device, dtype=op.dtype)
+    return float(op.sum_over_ranks(flag)[0]) > 0
+
+
+def _unfinished(settings: ProbeSettings, probes: Entries, running: Optional[str], seconds: float,
+                interrupted_by: str) -> Entries:
+    """Skipped entries for every requested probe without one: the one that was running (and the
+    entries its function would have written) "interrupted after N s", the rest "not run"."""
+    out: Entries = {}
+    cut = [] if running is None else [running] + [
+        n for n in settings.probes if n != running and REGISTRY[n].function == REGISTRY[running].function]
+    for name in cut:
+        for written in (name, *REGISTRY[name].companions):
+            out[written] = Skipped(f"interrupted after {seconds:.1f} s")
+    for name in settings.probes:
+        if name not in probes and name not in out:
+            for written in (name, *REGISTRY[name].companions):
+                out.setdefault(written, Skipped(f"not run: interrupted by {INTERRUPTERS[interrupted_by]}"))
+    return out
 
 
 def _probe_cost(name: str, probes: Entries, s: ProbeSettings, allowed: float, spent: float,
