@@ -98,18 +98,22 @@ def preserved_state(model: torch.nn.Module, train_mode: bool) -> Iterator[None]:
             if buffer is not None:
                 swapped.append((m, name, buffer))
                 m._buffers[name] = buffer.clone()
+    # Dropout modules also get p = 0: Hugging Face attention passes ``self.attn_dropout.p`` to the
+    # fused kernel whenever its *parent* is in train mode, whatever the dropout module's own mode.
+    rates = [(m, m.p) for m in model.modules() if isinstance(m, _DROPOUT)] if train_mode else []
     try:
         model.train(train_mode)
-        if train_mode:
-            for m in model.modules():
-                if isinstance(m, _DROPOUT):
-                    m.eval()
+        for m, _ in rates:
+            m.eval()
+            m.p = 0.0
         yield
     finally:
         for m, name, buffer in swapped:
             m._buffers[name] = buffer
         for m, mode in modes:
             m.training = mode
+        for m, p in rates:
+            m.p = p
 
 
 class CurvatureOperator:

@@ -422,6 +422,7 @@ def run_hessian_trace(target: Target, op: CurvatureOperator, s: ProbeSettings) -
                                estimator_note=fallback_reason)
     if not fallback_reason:
         trace.ggn_trace, trace.residual_trace, trace.probe_sd = result.ggn_trace, result.residual_trace, result.probe_sd
+        trace.cv_coefficient = result.coefficient
     return {"hessian_trace": trace}
 
 

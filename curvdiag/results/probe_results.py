@@ -112,6 +112,8 @@ class HessianTrace(Entry):
     ggn_trace: Optional[float] = _omitted_if_none()
     residual_trace: Optional[float] = _omitted_if_none()
     probe_sd: Optional[float] = _omitted_if_none()
+    # c in tr(H) ≈ c·tr(G) + mean(zᵀHz − c·zᵀGz), fitted to the probes (1: G tracks H; 0: it does not)
+    cv_coefficient: Optional[float] = _omitted_if_none()
 
 
 @dataclass
