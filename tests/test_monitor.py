@@ -125,9 +125,9 @@ def test_lambda_max_trajectory_equals_curvdiag_train_and_is_plotted(tmp_path):
     assert [r.loss for r in run.records] == [r["loss"] for r in reference]
     measured = [(a, b) for a, b in zip(reference, run.records) if a.get("lambda_max") is not None]
     assert [a["step"] for a, _ in measured] == [b.step for b in run.records if b.lambda_max is not None] == [0, 10, 20]
-    for a, b in measured:
-        assert b.lambda_max == pytest.approx(a["lambda_max"], rel=1e-4)
-        assert b.eos_ratio == pytest.approx(a["eos_ratio"], rel=1e-4)
+    for a, b in measured:  # both Ritz values are below λmax and within tol of it: within tol of each other
+        assert b.lambda_max == pytest.approx(a["lambda_max"], rel=1e-3)
+        assert b.eos_ratio == pytest.approx(a["eos_ratio"], rel=1e-3)
     for a, b in zip(reference[1:], run.records[1:]):
         assert b.directional_curvature == pytest.approx(a["directional_curvature"], rel=1e-5)
     cold, *warm = monitor.measurements

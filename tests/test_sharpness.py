@@ -31,7 +31,7 @@ def test_lanczos_does_not_return_the_second_eigenvalue_of_a_crowded_top_at_loose
     A = quadratic_spectrum(CROWDED, seed=seed)
     result = lambda_max(A, tol=1e-3, seed=seed)
     assert result.converged
-    assert result.value == pytest.approx(7.001, rel=1e-4)
+    assert 7.001 - 1e-3 * 7.001 <= result.value <= 7.001  # within tol; the second (6.880) is 1.7% off
     assert result.hvps < 100
 
 

@@ -37,6 +37,7 @@ class SharpnessResult:
     tol: float
     restarts: int = 0
     ritz_values: List[float] = field(default_factory=list)  # Lanczos: every Ritz value, largest first
+    error_estimates: List[float] = field(default_factory=list)  # Lanczos: of each top-k value (absolute)
     eigenvectors: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
@@ -63,7 +64,11 @@ def lambda_max(
     want_vectors: bool = False,
 ) -> SharpnessResult:
     """Top-k largest algebraic eigenvalues of a symmetric operator (a CurvatureOperator, any
-    ``curvdiag.curvature.linear_operator`` operator, or a dense symmetric tensor)."""
+    ``curvdiag.curvature.linear_operator`` operator, or a dense symmetric tensor).
+
+    ``tol`` is the relative accuracy asked of each eigenvalue: Lanczos stops on its error
+    estimate (:func:`curvdiag.probes.eigen.ritz_error_estimates`), power iteration on the Rayleigh
+    residual. ``lambda_min`` is reported only when its own residual is within tol."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if top_k < 1:
@@ -77,6 +82,7 @@ def lambda_max(
             value=r.eigenvalues[0], eigenvalues=r.eigenvalues, residuals=r.residuals, lambda_min=lam_min,
             lambda_min_estimate=r.lambda_min, method="lanczos", hvps=counting.count, converged=r.converged,
             seconds=0.0, tol=tol, restarts=r.restarts, eigenvectors=r.eigenvectors, ritz_values=r.ritz_values,
+            error_estimates=r.error_estimates,
         )
     else:
         r = power_iteration(counting, top_k=top_k, tol=tol, max_matvecs=max_hvps, seed=seed)
