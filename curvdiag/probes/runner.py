@@ -271,8 +271,10 @@ def _probe_cost(name: str, probes: Entries, s: ProbeSettings, allowed: float, sp
         cost.stop = "skipped"
     elif isinstance(result, entry.LambdaMax):
         cost.stop = "converged" if result.converged else "budget"
-        cost.precision_name, cost.precision_target = "relative Ritz residual", result.tol
-        cost.precision_reached = result.residuals[0] / abs(result.value) if result.value else None
+        bounds = result.error_estimates or result.residuals  # Lanczos: r²/gap or r; power: the residual
+        cost.precision_name = "relative error estimate" if result.error_estimates else "relative Ritz residual"
+        cost.precision_target = result.tol
+        cost.precision_reached = bounds[0] / abs(result.value) if result.value else None
     elif isinstance(result, entry.HessianTrace):
         _stochastic(cost, "relative s.e. of tr H", s.trace_target_rel_stderr, result.stderr, result.value, s.samples)
     elif isinstance(result, entry.HessianDiag):
@@ -340,7 +342,7 @@ def _sharpness_entry(result: SharpnessResult, op: CurvatureOperator) -> entry.La
         value=result.value, lambda_min=result.lambda_min, lambda_min_estimate=result.lambda_min_estimate,
         eigenvalues=result.eigenvalues, residuals=result.residuals, next_ritz_values=result.ritz_values[k:k + 3],
         method=result.method, tol=result.tol, hvps=result.hvps, converged=result.converged, seconds=result.seconds,
-        top_eigenvector_layers=shares,
+        top_eigenvector_layers=shares, error_estimates=list(result.error_estimates) or None,
     )
 
 

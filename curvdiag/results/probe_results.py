@@ -78,6 +78,7 @@ class LambdaMax(Entry):
     converged: bool
     seconds: float
     top_eigenvector_layers: Optional[List[LayerShare]] = _omitted_if_none()  # largest share first
+    error_estimates: Optional[List[float]] = _omitted_if_none()  # absolute, of each top-k value (Lanczos)
 
 
 @dataclass
