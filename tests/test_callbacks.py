@@ -73,52 +73,21 @@ def test_lightning_callback_logs_the_monitors_lambda_max(tmp_path):
 def test_lightning_callback_under_ddp_gives_every_rank_the_union_s_curvature(tmp_path):
     """strategy="ddp_fork", 2 CPU ranks (gloo): each rank's Monitor sums the curvature over the
     ranks, so both log the same λmax, and it is one process's on the union of the two ranks'
-    batches (gathered by a callback that runs before the monitor's)."""
-    pl = pytest.importorskip("lightning.pytorch", reason="pip install curvdiag[lightning]")
+    batches (gathered by a callback that runs before the monitor's). The job runs in a fresh
+    interpreter (tests/lightning_ddp_job.py): forking this process, whose thread pools other tests
+    have started, can hang the forked ranks."""
+    pytest.importorskip("lightning.pytorch", reason="pip install curvdiag[lightning]")
     import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from curvdiag.curvature.operator import CurvatureOperator
-    from curvdiag.probes.sharpness import lambda_max
-
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def loss(module, batch):
-        return F.cross_entropy(module(batch[0]), batch[1])
-
-    x, y = _data()
-    module, union = Tiny(), {}
-
-    class GatherBatches(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            pieces = [[torch.empty_like(t) for _ in range(2)] for t in batch]
-            for gathered, t in zip(pieces, batch):
-                torch.distributed.all_gather(gathered, t)
-            union["batch"] = tuple(torch.cat(gathered) for gathered in pieces)
-
-    def on_measure(step, m):  # runs in the forked ranks: results go to files
-        reference = CurvatureOperator(module, [union["batch"]], loss, [32], train_mode=True)
-        reference = lambda_max(reference, tol=1e-10).value
-        with open(tmp_path / f"rank{torch.distributed.get_rank()}.jsonl", "a") as f:
-            f.write(json.dumps([step, m.lambda_max, m.eos_ratio, reference]) + "\n")
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
-    callback = curvdiag.LightningMonitor(loss, every=2, tol=1e-8, max_hvps=200, on_measure=on_measure)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
-                         callbacks=[GatherBatches(), callback], enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(module, loader)
+    job = Path(__file__).with_name("lightning_ddp_job.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(job), str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     ranks = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
     assert ranks[0] == ranks[1] and [row[0] for row in ranks[0]] == [0, 2]  # 4 steps of 2 × 16 samples
     for step, value, ratio, reference in ranks[0]:

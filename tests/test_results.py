@@ -15,7 +15,9 @@ from curvdiag.results.json_safe import finite_or_none
 from curvdiag.results.probe_results import ENTRY_TYPES, ProbeReport, Skipped, smoothed_density
 from curvdiag.results.run_dir import RunSummary, read_run, write_run_summary
 from curvdiag.results.schema import SCHEMA_PATH, report_schema, schema_text
-from test_plots import plot_inputs  # noqa: F401 (fixture)
+import test_plots
+
+plot_inputs = test_plots.plot_inputs  # the fixture, bound by assignment so that its parameters redefine nothing
 
 
 def test_committed_schema_is_the_generated_one():
