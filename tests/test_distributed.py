@@ -397,3 +397,22 @@ def test_a_rank_that_hangs_ends_the_job_after_the_timeout(tmp_path, monkeypatch)
     assert output.startswith("rank 0: error: no answer from another rank within 3 s"), output
     assert "--dist-timeout" in output  # the hint says what to raise
     del store
+
+
+def test_the_per_sample_control_variate_under_two_ranks_equals_one_process(tmp_path):
+    """Conv2d + BatchNorm (eval): tr(G) from torch.func per-sample gradients on each rank's batches,
+    summed over the ranks, gives one process's trace — and the same budget spent, so both stop at
+    the same probe."""
+    recipe = str(RECIPES / "conv_bn.py")
+    args = ["--probes", "hessian_trace", "--dtype", "float64", "--samples", "6", "--seed", "3"]
+    single_out = tmp_path / "single.json"
+    result = runner.invoke(app, ["probe", recipe, *args, "--json", str(single_out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _run_ranks(2, [("conv", [recipe, *args, "--json", str(tmp_path / "conv.json")])], tmp_path) == [0, 0], [
+        path.read_text() for path in sorted(tmp_path.glob("*.out"))]
+    single, multi = (json.loads(path.read_text()) for path in (single_out, tmp_path / "conv.json"))
+    trace = multi["probes"]["hessian_trace"]
+    assert trace["estimator"] == GGN_ESTIMATOR and "estimator_note" not in trace, trace
+    for key in ("value", "stderr", "ggn_trace", "residual_trace"):
+        assert trace[key] == pytest.approx(single["probes"]["hessian_trace"][key], rel=RTOL, abs=1e-12), key
+    assert multi["budget"]["spent"] == single["budget"]["spent"]
