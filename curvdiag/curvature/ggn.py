@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from curvdiag.curvature.operator import CurvatureOperator
-from curvdiag.curvature.output_hessian import Recording, output_hessian, recording, rounding_tolerance
+from curvdiag.curvature.output_hessian import (Recording, model_output_tensor, output_hessian, recording,
+                                               rounding_tolerance)
 from curvdiag.curvature.per_sample import PerSampleModel
 from curvdiag.errors import NotCovered
 
@@ -216,7 +217,7 @@ class GaussNewton:
             loss = self.op.batch_loss(batch)
         if len(seen.outputs) != 1:
             raise NotCovered(f"the model's forward ran {len(seen.outputs)} times in one loss call (needs exactly once)")
-        out = seen.outputs[0]
+        out = model_output_tensor(seen.outputs[0])
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             raise NotCovered(f"the model returns {type(out).__name__}, not a floating-point tensor")
         if out.dim() == 0:

@@ -16,6 +16,7 @@ numbers, refused above :data:`MAX_OUTPUT_HESSIAN_ENTRIES`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
@@ -113,6 +114,19 @@ class Recording:
     calls: Dict[int, List[LayerCall]] = field(default_factory=dict)
     outputs: List[Any] = field(default_factory=list)
     inputs: List[Tuple[tuple, dict]] = field(default_factory=list)
+
+
+def model_output_tensor(out: Any) -> Any:
+    """The model output the Gauss–Newton matrix is taken at: ``out`` itself when a tensor; the
+    ``logits`` of a mapping such as a Hugging Face ``ModelOutput`` (whose ``loss``, when labels
+    were passed, is computed from those logits); else ``out`` unchanged (the caller refuses it)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+    return out
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from curvdiag.curvature.output_hessian import model_output_tensor
 from curvdiag.errors import NotCovered
 
 #: Per-sample gradients held at once (chunk samples × chunk directions × parameters × bytes).
@@ -68,7 +69,7 @@ class PerSampleModel:
         it = iter(sample)
         leaves = [next(it).unsqueeze(0) if b else t for t, b in zip(self._leaves, self._batched)]
         args, kwargs = tree_unflatten(leaves, self._spec)
-        out = torch.func.functional_call(self.model, params, tuple(args), dict(kwargs))
+        out = model_output_tensor(torch.func.functional_call(self.model, params, tuple(args), dict(kwargs)))
         if not isinstance(out, torch.Tensor):
             raise NotCovered(f"the model returns {type(out).__name__}, not a tensor")
         return out[0]
