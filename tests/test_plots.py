@@ -142,6 +142,24 @@ def test_compare_run_overlays_every_run_in_every_figure(plot_inputs, figure_sets
     assert figures.figures["loss"].axes[0].get_yscale() == "log"  # MSE losses are positive
 
 
+def test_compared_runs_share_the_lambda_max_of_their_starting_weights(plot_inputs, figure_sets):
+    """Every run of a --compare starts from the same weights: run.json holds the λmax measured
+    there, the same in each run, and the figure draws it once, at step 0, as shared."""
+    from curvdiag.curvature.operator import CurvatureOperator
+    from curvdiag.loading.target import load_target
+    from curvdiag.probes.sharpness import lambda_max
+
+    runs = read_runs(plot_inputs["compare"])
+    starts = {run.summary.lambda_max_at_start for run in runs}
+    assert len(starts) == 1 and None not in starts, starts
+    target = load_target(LINEAR)
+    op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes, train_mode=True)
+    assert starts.pop() == pytest.approx(lambda_max(op, tol=1e-8).value, rel=1e-3)  # measured at tol 1e-3
+    ax = figure_sets["compare"].figures["sharpness"].axes[0]
+    (star,) = _lines_labelled(ax, "λmax at the starting weights (shared by the 3 runs)")
+    assert list(star.get_xdata()) == [0] and star.get_marker() == "*"
+
+
 def test_sharpness_figure_draws_lambda_max_and_the_threshold_two_over_lr(plot_inputs, figure_sets):
     figure = figure_sets["compare"].figures["sharpness"]
     ax, ratio_ax = figure.axes
@@ -212,7 +230,7 @@ def test_each_run_is_read_against_its_own_threshold(tmp_path):
     (ratio,) = [l for l in ratio_ax.get_lines() if l.get_label() == "throttle"]
     assert max(ratio.get_ydata()) < 0.52  # ... but at half of its own threshold
     assert not _lines_labelled(ax, "stability threshold")  # no line that belongs to no run
-    assert "their first λmax differ because each is measured after that step's update" in _notes(figure)
+    assert "their first logged λmax differ because each is measured after that step's update" in _notes(figure)
 
 
 def test_a_single_run_threshold_is_red_and_labelled_plainly(figure_sets):

@@ -198,6 +198,7 @@ def sharpness_figure(runs: Sequence[RunLog], title: str) -> Figure:
             ax.plot(steps, values, label=f"{_run_label(run)}: λmax", **_style(run, colour, len(steps), marker="o"))
         if run.diverged:
             _mark_divergence(ax, run, colour)
+    _draw_start(ax, runs)
     notes = _draw_run_thresholds(ax, runs, colours)
     for note in notes:
         ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=8, color="0.3")
@@ -230,6 +231,22 @@ def sharpness_figure(runs: Sequence[RunLog], title: str) -> Figure:
     return fig
 
 
+def _draw_start(ax: Any, runs: Sequence[RunLog]) -> None:
+    """λmax at the starting weights (run.json's ``lambda_max_at_start``): one black star at step 0
+    that runs started from the same weights share; a star per run when their starts differ."""
+    starts = [(run, run.summary.lambda_max_at_start) for run in runs if run.summary.lambda_max_at_start is not None]
+    if not starts:
+        return
+    values = [v for _, v in starts]
+    if max(values) - min(values) <= 1e-9 * max(abs(v) for v in values):
+        label = "λmax at the starting weights" + (f" (shared by the {len(starts)} runs)" if len(starts) > 1 else "")
+        ax.plot([0], [values[0]], marker="*", markersize=13, color="black", linestyle="none", label=label, zorder=5)
+        return
+    for run, value in starts:
+        ax.plot([0], [value], marker="*", markersize=11, linestyle="none", zorder=5,
+                label=f"{_run_label(run)}: λmax at its starting weights")
+
+
 def _first_lambda_note(runs: Sequence[RunLog]) -> str:
     """When compared runs log different λmax at their first measured step, say why: they
     start from the same weights, but λmax is measured after that step's update, which a
@@ -242,8 +259,10 @@ def _first_lambda_note(runs: Sequence[RunLog]) -> str:
     if max(values) - min(values) <= 1e-9 * max(abs(v) for v in values):
         step = next(iter(firsts.values()))[0]
         return f" All runs share λmax = {values[0]:.4g} at step {step:g}."
-    return (" The runs start from the same weights; their first λmax differ because each is measured after that "
-            "step's update, which a controller may already have changed.")
+    shared = "; the star is the λmax they share, at the starting weights" if any(
+        run.summary.lambda_max_at_start is not None for run in runs) else ""
+    return (" The runs start from the same weights; their first logged λmax differ because each is measured after "
+            f"that step's update, which a controller may already have changed{shared}.")
 
 
 def directional_curvature_figure(runs: Sequence[RunLog], title: str) -> Figure:

@@ -51,6 +51,9 @@ class RunSummary:
     failure: Optional[str] = None  # why the run stopped early, when it did not diverge or get interrupted
     in_progress: bool = False  # written while the run goes on: true here after a kill means it was cut short
     save_failures: List[str] = field(default_factory=list)  # periodic saves that failed ("path: cause"), retried
+    # λmax at the starting weights, before step 0's update (with --sharpness-every): the one value
+    # that runs started from the same checkpoint share (the step records' λmax follow each update)
+    lambda_max_at_start: Optional[float] = None
 
 
 @dataclass

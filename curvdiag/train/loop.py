@@ -292,6 +292,7 @@ class Trainer:
         self.optimizer = self.recipe.optimizer(self.params)
         optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: optimizer(params)")
         self.start_step, self.resumed = 0, bool(resume_state and resume_state.get("resume"))
+        self._start_lambda: Optional[float] = None  # λmax at the starting weights (run.json)
         self._resume_extras: Dict[str, Any] = dict(resume_state.get("extras") or {}) if self.resumed else {}
         source = resume_state or (read_checkpoint(checkpoint).__dict__ if checkpoint else None)
         if source is not None:
@@ -432,6 +433,7 @@ class Trainer:
                         progress.factors.append(record.get("throttle"))
                         progress.times.append(record.get("seconds"))
         progress.last_good = self._state(self.start_step, progress)
+        self._start_lambda = self._lambda_max_at_start()
         try:
             metrics = MetricsLog(self.out if replicas.is_writer else None, append=self.resumed or append)
             self._write_summary(self._summary(progress, self.start_step, in_progress=True))
@@ -636,7 +638,20 @@ class Trainer:
             failure=None if failure is None else f"{type(failure).__name__}: {failure}".strip()[:500],
             in_progress=in_progress,
             save_failures=list(progress.save_failures),
+            lambda_max_at_start=self._start_lambda,
         )
+
+    def _lambda_max_at_start(self) -> Optional[float]:
+        """λmax at the weights the run starts from (with --sharpness-every); a resumed run keeps
+        the value its first start measured (its run.json)."""
+        if not self.settings.sharpness_every:
+            return None
+        if self.resumed:
+            try:
+                return read_run(self.out).summary.lambda_max_at_start
+            except CurvdiagError:
+                return None
+        return self._sharpness(self.optimizer.param_groups[0]["lr"])["lambda_max"]
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:
         """λmax on all batches with the probe code; the EoS ratio lr·λ/T."""
