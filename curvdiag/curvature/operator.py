@@ -17,7 +17,11 @@ per-batch quantity f_b is then the single-process sum over all batches, to round
 How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
 - ``kept-graph``: the gradient graph of every batch is built once (``create_graph=True``) and
   each product is one backward through it: 1.55× a gradient on CPU, 2.0–2.4× on an H100.
-  Holds the activations of all batches, so it is used up to ``max_kept_batches`` batches.
+  Holds the activations of all batches, so ``auto`` uses it when they fit in ``memory`` bytes:
+  the graph's saved tensors of this rank's first batch (distinct storages, parameters excluded,
+  measured with ``saved_tensors_hooks`` on a first-and-backward pass with ``create_graph=True``)
+  times the rank's samples over that batch's samples. Under several ranks it is kept only when
+  it fits on every rank (one collective).
 - ``double-backward``: per batch, a fresh gradient graph and one backward; memory of one batch.
 - ``finite-difference``: (G(θ + h v̂) − G(θ − h v̂)) / 2h · ‖v‖ with unit v̂, for kernels that
   have no double backward (fused attention) when the exact ``math`` attention kernel fails too.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -126,7 +131,8 @@ class CurvatureOperator:
         batch_sizes: samples per batch (n_b); all equal to 1 when omitted (equal weights).
         train_mode: evaluate with batch statistics (dropout stays off); default eval mode.
         hvp_method: one of ``HVP_METHODS``.
-        max_kept_batches: above this many batches ``auto`` uses ``double-backward``.
+        memory: bytes the kept gradient graph may take before ``auto`` uses ``double-backward``;
+            default a quarter of the device's available memory (:func:`default_memory`).
         fd_step: h for finite differences along a unit vector.
         distributed: sum over the ranks of the initialised process group (``batches`` is this
             rank's shard; see :mod:`curvdiag.curvature.distributed`). Every rank must construct the operator
@@ -142,12 +148,14 @@ class CurvatureOperator:
         *,
         train_mode: bool = False,
         hvp_method: str = "auto",
-        max_kept_batches: int = 32,
+        memory: Optional[int] = None,
         fd_step: float = 3e-3,
         distributed: bool = False,
     ):
         if hvp_method not in HVP_METHODS:
             raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+            raise BadArgument("memory", memory, "must be a positive whole number of bytes")
         from curvdiag.curvature import distributed as dist
 
         self.distributed = bool(distributed) and dist.is_distributed()
@@ -181,9 +189,16 @@ class CurvatureOperator:
         self._attention_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._kept_gradient: Optional[List[torch.Tensor]] = None
         self._graph_stale = False
+        self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
+        self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)
         if hvp_method == "auto":
-            hvp_method = "kept-graph" if len(self.batches) <= max_kept_batches else "double-backward"
-            self.hvp_method = hvp_method
+            self.memory = default_memory(self.device) if memory is None else memory
+            self.graph_bytes = self._estimate_graph_bytes()
+            fits = self.graph_bytes <= self.memory
+            if self.distributed:  # every rank takes the same decision: keep only if it fits on all
+                misses = self.sum_over_ranks(torch.tensor([0.0 if fits else 1.0], device=self.device))
+                fits = float(misses[0]) == 0.0
+            self.hvp_method = "kept-graph" if fits else "double-backward"
             self._prepare_with_fallback()
         else:
             self.hvp_method = hvp_method
@@ -203,6 +218,40 @@ class CurvatureOperator:
         self.size = self.num_params  # the linear-operator interface of curvdiag.curvature.linear_operator
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
+
+    def _estimate_graph_bytes(self) -> int:
+        """Bytes this rank's kept gradient graph would hold: the saved tensors of the first batch's
+        loss and ``create_graph`` gradient (distinct storages; the parameters' own excluded, as
+        they are held anyway) × Σ_b n_b / n_1. Costs one batch's forward and backward; 0 without
+        batches. A kernel without double backward counts 0: the product check then falls back."""
+        if not self.batches:
+            return 0
+        owned = {p.untyped_storage().data_ptr() for p in self.params}
+        seen: set = set()
+        total = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            try:
+                storage = tensor.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+            except Exception:  # no plain storage (a tensor subclass): count its elements
+                key, size = id(tensor), tensor.element_size() * tensor.numel()
+            if key not in owned and key not in seen:
+                seen.add(key)
+                total += size
+            return tensor
+
+        try:
+            with self.probing(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = _depending_on_parameters(self.batch_loss(self.batches[0]))
+                graph = self.parameter_gradients(loss, create_graph=True)
+            del graph, loss
+        except Exception as exc:
+            if not _lacks_double_backward(exc):
+                raise
+            return 0
+        return int(math.ceil(total * sum(self.batch_sizes) / max(self.batch_sizes[0], 1)))
 
     def _agree_on_start(self) -> None:
         """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
@@ -521,12 +570,34 @@ class CurvatureOperator:
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""
         text = self.hvp_method
+        if text == "double-backward" and self.graph_bytes is not None and self.memory is not None:
+            text += f" (kept graph ≈ {_bytes(self.graph_bytes)} > {_bytes(self.memory)} budget)"
         if self.fallback == "math-attention":
             text += " (math attention kernel: the fused kernel has no double backward)"
         if self.finite_difference is not None:
             fd = self.finite_difference
             text += f" (h={fd.step:g}, est. rel. error {fd.relative_error_estimate:.1e})"
         return text
+
+
+def default_memory(device: torch.device) -> int:
+    """A quarter of the device's available memory in bytes: free CUDA memory
+    (``torch.cuda.mem_get_info``), else the host's available pages × page size, else 4 GiB."""
+    try:
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), no CUDA query
+        available = 4 * 2**30
+    return int(available) // 4
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def _depending_on_parameters(loss: torch.Tensor) -> torch.Tensor:

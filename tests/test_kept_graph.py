@@ -1,0 +1,128 @@
+"""``hvp_method="auto"`` keeps the gradient graph when its estimated bytes fit the ``memory`` budget
+(issue #16 item 3): the estimate is the first batch's saved tensors scaled by the samples, the
+choice flips exactly at the budget, both methods give the same products, and under several ranks
+every rank takes the same choice."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvdiag.curvature.operator import CurvatureOperator, default_memory
+from curvdiag.errors import BadArgument
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _setup(num_batches=64, size=4, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    batches = [(torch.randn(size, 6, dtype=torch.float64), torch.randn(size, 1, dtype=torch.float64))
+               for _ in range(num_batches)]
+    return model, batches
+
+
+def test_64_small_batches_keep_the_graph_and_the_estimate_scales_with_the_batches():
+    model, batches = _setup()
+    op = CurvatureOperator(model, batches, _mse, [4] * 64)
+    one = CurvatureOperator(model, batches[:1], _mse, [4])
+    assert op.hvp_method == "kept-graph" and op.describe_method() == "kept-graph"
+    assert one.graph_bytes > 0 and op.graph_bytes == 64 * one.graph_bytes
+    assert op.memory > op.graph_bytes and op.memory > 0
+
+
+def test_the_default_budget_is_a_quarter_of_the_available_memory(monkeypatch):
+    import os
+
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert default_memory(torch.device("cpu")) == 1000 * 4096 // 4
+
+    def missing(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(os, "sysconf", missing)
+    assert default_memory(torch.device("cpu")) == 2**30
+
+
+def test_the_estimate_scales_by_samples_not_batches():
+    model, batches = _setup(num_batches=2)
+    small = CurvatureOperator(model, batches, _mse, [4, 12]).graph_bytes
+    assert small == 4 * CurvatureOperator(model, batches[:1], _mse, [4]).graph_bytes
+
+
+def test_parameters_are_not_counted():
+    """One sample through a 200×200 layer: the graph saves the weight (320 KB), not counted, and
+    activations of a few KB."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Tanh(), torch.nn.Linear(200, 1)).double()
+    batch = (torch.randn(1, 200, dtype=torch.float64), torch.randn(1, 1, dtype=torch.float64))
+    op = CurvatureOperator(model, [batch], _mse)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < op.graph_bytes < parameter_bytes / 20
+
+
+def test_the_choice_flips_at_the_budget_and_both_give_the_same_products():
+    model, batches = _setup()
+    estimate = CurvatureOperator(model, batches, _mse, [4] * 64).graph_bytes
+    kept = CurvatureOperator(model, batches, _mse, [4] * 64, memory=estimate)
+    rerun = CurvatureOperator(model, batches, _mse, [4] * 64, memory=estimate - 1)
+    tiny = CurvatureOperator(model, batches, _mse, [4] * 64, memory=1024)
+    assert (kept.hvp_method, rerun.hvp_method, tiny.hvp_method) == ("kept-graph", "double-backward", "double-backward")
+    assert tiny.describe_method().startswith("double-backward (kept graph ≈ ") and "> 1 KiB budget)" in tiny.describe_method()
+    assert kept._kept_gradient is not None and tiny._kept_gradient is None
+    v = torch.randn(kept.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = kept.hvp(v)
+    for op in (rerun, tiny):
+        assert torch.allclose(op.hvp(v), expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+    assert tiny.hvp_price == 3.0 and kept.hvp_price == 1.5
+
+
+@pytest.mark.parametrize("memory", [0, -5, 1.5, "4G", True, float("inf")])
+def test_a_bad_memory_is_refused(memory):
+    model, batches = _setup(num_batches=1)
+    with pytest.raises(BadArgument, match=r"^memory=.*: must be a positive whole number of bytes$"):
+        CurvatureOperator(model, batches, _mse, memory=memory)
+
+
+def test_explicit_methods_measure_nothing():
+    model, batches = _setup(num_batches=2)
+    op = CurvatureOperator(model, batches, _mse, hvp_method="double-backward", memory=1)
+    assert (op.hvp_method, op.graph_bytes, op.describe_method()) == ("double-backward", None, "double-backward")
+
+
+def _rank(rank, world, out_dir, memory):
+    """One gloo rank: rank 0 holds 1 batch, rank 1 eight: the graph fits on rank 0 only."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'store')}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        model, batches = _setup(num_batches=8)
+        mine = batches[:1] if rank == 0 else batches
+        op = CurvatureOperator(model, mine, _mse, [4] * len(mine), memory=memory, distributed=True)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps([op.hvp_method, op.graph_bytes]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_drops_the_graph_when_it_does_not_fit_on_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    model, batches = _setup(num_batches=8)
+    per_batch = CurvatureOperator(model, batches[:1], _mse, [4]).graph_bytes
+    out_dir = tmp_path
+    context = mp.start_processes(_rank, args=(2, str(out_dir), 4 * per_batch), nprocs=2, join=False,
+                                 start_method="fork")
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "ranks still ran after 60 s"
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [["double-backward", per_batch], ["double-backward", 8 * per_batch]]
