@@ -81,6 +81,7 @@ def probe(
     glass_lambda: float = 1e-3,
     glass_samples: Optional[int] = None,
     budget: Optional[float] = None,
+    memory: Optional[int] = None,
     train_mode: bool = False,
     hvp_method: str = "auto",
     seed: int = 0,
@@ -97,6 +98,8 @@ def probe(
         probes: ``"default"`` (λmax with its margin, the trace, the HesScale diagonal, the curvature
             along the next step), ``"all"``, a comma-separated string or a list of probe names (as ``--probes``).
         budget: gradient-equivalents the run may spend (as ``--budget``); default: the probes' asks.
+        memory: bytes the kept gradient graph may take (as ``--memory``); default: a quarter of the
+            device's available memory.
         optimizer: the live optimizer of the run (lr, family, momentum, Adam state), optional.
         lr, optimizer_family: override what the optimizer says (``sgd|momentum|nesterov|adam|adamw``).
         previous: θ_{t−1} (a module, a state_dict or a flat tensor) for the directional curvature;
@@ -150,7 +153,8 @@ def probe(
         state = Checkpoint(path=None, model_state={}, optimizer_state=optimizer.state_dict(), step=None) \
             if optimizer is not None else None
         target = Target(recipe, model, held, sizes, recipe.loss, info, state, device, dtype, total_batches=len(held))
-        op = CurvatureOperator(model, held, recipe.loss, sizes, train_mode=train_mode, hvp_method=hvp_method)
+        op = CurvatureOperator(model, held, recipe.loss, sizes, train_mode=train_mode, hvp_method=hvp_method,
+                               memory=memory)
         if previous is not None:
             settings.previous = _flat_previous(previous, model, op.parameters_vector())
         return run_probes(target, op, settings, deadline=deadline)

@@ -126,3 +126,23 @@ def test_every_rank_drops_the_graph_when_it_does_not_fit_on_one_rank(tmp_path):
         assert time.monotonic() < deadline, "ranks still ran after 60 s"
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [["double-backward", per_batch], ["double-backward", 8 * per_batch]]
+
+
+def test_memory_flag_forces_double_backward_and_refuses_a_non_size():
+    from typer.testing import CliRunner
+
+    from curvdiag.cli.app import app
+    from conftest import RECIPES
+
+    runner = CliRunner()
+    tiny = str(RECIPES / "tiny_mlp.py")
+    result = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "1KiB", "--json", "-", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["operator"]["hvp_method"] == "double-backward"
+    assert "budget" in report["operator"]["description"]
+    roomy = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "2GiB", "--json", "-", "-q"])
+    assert json.loads(roomy.stdout)["operator"]["hvp_method"] == "kept-graph"
+    bad = runner.invoke(app, ["probe", tiny, "--memory", "lots"])
+    assert bad.exit_code == 2 and "--memory" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) <= 2, bad.output

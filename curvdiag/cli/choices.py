@@ -71,3 +71,24 @@ class FigureFormat(Choice):
     png = "png"
     svg = "svg"
     pdf = "pdf"
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """``--memory``: a number of bytes, with an optional unit (``512MiB``, ``2GiB``, ``1.5GB``)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    raw = str(text).strip().replace(" ", "")
+    number = raw.rstrip("KMGTBikmgtb")
+    unit = raw[len(number):].lower()
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise typer.BadParameter(f"{text}: not a size; give bytes, e.g. 536870912, 512MiB or 2GiB") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise typer.BadParameter(f"{text}: must be at least one byte")
+    return int(value)
+

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily
+from curvdiag.cli.choices import DType, EigenMethod, HvpMethod, OptimizerFamily, parse_bytes
 from curvdiag.cli.launch import across_processes
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.probes.registry import PROBE_NAMES
@@ -48,6 +48,7 @@ class ProbeRequest:
     timeout: Optional[float] = None
     threads: Optional[int] = None  # None: the default (curvdiag.curvature.threads)
     budget: Optional[float] = None
+    memory: Optional[int] = None
 
     @property
     def json_to_stdout(self) -> bool:
@@ -150,7 +151,8 @@ def _measure(request: ProbeRequest, settings, progress, deadline: Optional[float
     settings.previous = load_previous_parameters(target, str(request.previous)) if request.previous else None
     progress.stage(f"building the curvature operator ({len(target.batches)} batches)")
     op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes,
-                           train_mode=request.train_mode, hvp_method=request.hvp_method.value, distributed=world > 1)
+                           train_mode=request.train_mode, hvp_method=request.hvp_method.value, distributed=world > 1,
+                           memory=request.memory)
     op.on_hvp = progress.hvp
     progress.plan(planned_cost(settings, op.gradient_seconds))
     return run_probes(target, op, settings, progress=progress.probe_started, finished=progress.probe_finished,
@@ -230,6 +232,7 @@ def probe(
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Use batch statistics (BatchNorm) instead of eval mode; dropout stays off.")] = False,
     hvp_method: Annotated[HvpMethod, typer.Option(parser=HvpMethod.parse, help="How Hessian-vector products are taken.")] = HvpMethod.auto,
     max_hvps: Annotated[int, typer.Option(help="At most this many products for λmax (fewer when its share of --budget holds fewer).")] = 500,
+    memory: Annotated[Optional[int], typer.Option(parser=parse_bytes, metavar="BYTES", help="Memory the kept gradient graph may take (512MiB, 2GiB; default: a quarter of the device's available memory); past it, --hvp-method auto runs double backward per batch.")] = None,
     budget: Annotated[Optional[float], typer.Option(metavar="GE", help="Budget of the run in gradient-equivalents (one forward and backward over all the data), split over the probes (default: the sum of the probes' asks: 150 for default, 400 for all).")] = None,
     timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Once SECONDS have passed since the start (loading counts but is not cut short), stop the probes at the next Hessian-vector product (under --nproc: before the next probe) and write the report of those that finished, marked interrupted; exit status 124. Ctrl-C does the same with exit status 130.")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
@@ -245,7 +248,8 @@ def probe(
         recipe=recipe, checkpoint=checkpoint, previous=previous, probes=probes, lr=lr, optimizer=optimizer,
         method=method, tol=tol, top_k=top_k, samples=samples, glass_lambda=glass_lambda, glass_samples=glass_samples,
         max_batches=max_batches, seed=seed, device=device, dtype=dtype, train_mode=train_mode, hvp_method=hvp_method,
-        max_hvps=max_hvps, json_out=json_out, plots=plots, quiet=quiet, timeout=timeout, threads=threads, budget=budget)
+        max_hvps=max_hvps, json_out=json_out, plots=plots, quiet=quiet, timeout=timeout, threads=threads, budget=budget,
+        memory=memory)
     code = 0
     try:
         with across_processes(ctx, nproc, debug, device, dist_timeout):
