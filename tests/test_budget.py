@@ -86,3 +86,12 @@ def test_the_operator_prices_its_passes():
 def test_bad_budget_is_refused_naming_the_argument():
     with pytest.raises(BadArgument, match="budget"):
         _probe(budget=0)
+
+
+def test_an_estimate_that_hits_its_sample_cap_says_limit_not_budget():
+    # The tiny regression MLP's trace does not reach 1% within 1,000 probes; a budget of 10^5 GE
+    # holds them all, so the cap, not the budget, ends it.
+    report = _probe(probes="hessian_trace", budget=1e5)
+    trace, cost = report.probes["hessian_trace"], report.budget.probes[0]
+    assert trace.samples == 1000
+    assert cost.stop == "limit" and cost.missed_target and cost.spent < cost.planned

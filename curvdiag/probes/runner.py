@@ -38,6 +38,7 @@ GGN_MIN_SAMPLES = 10
 DIAG_TARGET_REL_STDERR = 0.10  # the largest layer's mean diagonal entry (hutchinson.segment_precision)
 GLASS_TARGET_REL_STDERR = 0.10  # the glass density ρ
 GLASS_MAX_SAMPLES = 100
+STOCHASTIC_MAX_SAMPLES = 1000  # the trace's and the diagonal's cap on probes, whatever the budget
 HESSCALE_PRICE = 2.0  # GE of the HesScale diagonal: a forward and one backward of second-order rules per batch
 Entries = Dict[str, ProbeEntry]
 
@@ -276,31 +277,35 @@ def _probe_cost(name: str, probes: Entries, s: ProbeSettings, allowed: float, sp
         cost.precision_target = result.tol
         cost.precision_reached = bounds[0] / abs(result.value) if result.value else None
     elif isinstance(result, entry.HessianTrace):
-        _stochastic(cost, "relative s.e. of tr H", s.trace_target_rel_stderr, result.stderr, result.value, s.samples)
+        _stochastic(cost, "relative s.e. of tr H", s.trace_target_rel_stderr, result.stderr, result.value, s.samples,
+                    at_cap=result.samples >= STOCHASTIC_MAX_SAMPLES)
     elif isinstance(result, entry.HessianDiag):
         from curvdiag.probes.hutchinson import segment_precision
 
         reached = segment_precision([l.mean for l in result.layers], [l.stderr for l in result.layers],
                                     [l.size for l in result.layers])
-        _stochastic(cost, "largest relative s.e. of a layer's mean", DIAG_TARGET_REL_STDERR, reached, 1.0, s.samples)
+        _stochastic(cost, "largest relative s.e. of a layer's mean", DIAG_TARGET_REL_STDERR, reached, 1.0, s.samples,
+                    at_cap=result.samples >= STOCHASTIC_MAX_SAMPLES)
     elif isinstance(result, entry.Glass):
         _stochastic(cost, "relative s.e. of rho", GLASS_TARGET_REL_STDERR, result.rho_stderr, result.rho,
-                    s.glass_samples)
+                    s.glass_samples, at_cap=result.samples >= GLASS_MAX_SAMPLES)
     elif isinstance(result, entry.SpectralDensity):
         cost.stop = "fixed" if result.probes >= s.density_probes else "budget"
     return cost
 
 
 def _stochastic(cost: entry.ProbeCost, what: str, target: Optional[float], stderr: Optional[float], value: float,
-                fixed: Optional[int]) -> None:
-    """Fill a stochastic estimate's stop and precision: ``fixed`` when the user set the count."""
+                fixed: Optional[int], at_cap: bool = False) -> None:
+    """Fill a stochastic estimate's stop and precision: ``fixed`` when the user set the count,
+    ``limit`` when it took its cap of samples before its target or its share."""
     reached = stderr / abs(value) if stderr is not None and value else None
     cost.precision_name, cost.precision_reached = what, reached
     if fixed is not None:
         cost.stop = "fixed"
         return
     cost.precision_target = target
-    cost.stop = "precision" if reached is not None and target is not None and reached <= target else "budget"
+    met = reached is not None and target is not None and reached <= target
+    cost.stop = "precision" if met else ("limit" if at_cap else "budget")
 
 
 def _operator_summary(target: Target, op: CurvatureOperator) -> entry.OperatorSummary:
@@ -411,7 +416,8 @@ def run_lambda_max(target: Target, op: CurvatureOperator, s: ProbeSettings) -> E
 def run_hessian_trace(target: Target, op: CurvatureOperator, s: ProbeSettings) -> Entries:
     """The exact Gauss-Newton control variate where the model is covered (DESIGN §3.3), else
     plain Hutchinson; the entry names the estimator and, for the fallback, why."""
-    kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1)
+    kwargs = dict(samples=s.samples, target_rel_stderr=s.trace_target_rel_stderr, seed=s.seed + 1,
+                  max_samples=STOCHASTIC_MAX_SAMPLES)
     fallback_reason = None
     try:
         result = ggn_control_variate_trace(op, min_samples=GGN_MIN_SAMPLES,
@@ -433,7 +439,7 @@ def run_hessian_diag(target: Target, op: CurvatureOperator, s: ProbeSettings) ->
     if s.samples is not None:
         result = hutchinson_diag(op, samples=s.samples, seed=s.seed + 2, segments=op.layer_slices())
     else:
-        result = hutchinson_diag(op, samples=1000, seed=s.seed + 2, segments=op.layer_slices(),
+        result = hutchinson_diag(op, samples=STOCHASTIC_MAX_SAMPLES, seed=s.seed + 2, segments=op.layer_slices(),
                                  target_rel_stderr=DIAG_TARGET_REL_STDERR, exhausted=_exhausted(op, op.hvp_price))
     layers = []
     for (name, a, b), mean, se in zip(op.layer_slices(), result.segment_means, result.segment_stderr):

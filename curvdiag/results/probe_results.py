@@ -346,7 +346,8 @@ class ProbeCost:
     and backward over all the data; :mod:`curvdiag.probes.budget` prices every pass), and why
     it stopped: ``converged`` (λmax at its tolerance), ``precision`` (a stochastic estimate at
     its target), ``budget`` (its share of the budget spent first), ``fixed`` (a count the user
-    set), ``exact`` (a closed-form computation), ``interrupted`` (timeout or Ctrl-C)."""
+    set), ``exact`` (a closed-form computation), ``limit`` (the estimator's cap on samples: 1,000
+    probes, 100 glass samples), ``interrupted`` (timeout or Ctrl-C)."""
 
     name: str
     planned: float  # GE: this probe's share of the budget
