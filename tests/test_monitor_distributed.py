@@ -71,6 +71,11 @@ def _rank(rank, out_dir):
             monitor.step(half, loss=loss)
         monitor.close()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
+        # Tear down together: every rank past its last collective, and DDP's reducer (which holds
+        # the group) gone before the group is destroyed. A rank that destroyed the group while the
+        # other still held DDP died of "terminate called without an active exception" (SIGABRT).
+        torch.distributed.barrier()
+        del monitor, model, opt
     finally:
         torch.distributed.destroy_process_group()
 
