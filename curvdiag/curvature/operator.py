@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from curvdiag.errors import BadArgument, BadInput, NotCovered
+from curvdiag.model_state import preserved_state
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -63,8 +64,6 @@ HVP_METHODS = ("auto", "kept-graph", "double-backward", "finite-difference")
 #: batches; finite differences are two gradients. Prices are fixed, not timed, so that a budget stops
 #: every run of the same settings at the same product (the report gives the seconds beside them).
 HVP_PRICE = {"kept-graph": 1.5, "double-backward": 3.0, "finite-difference": 2.0}
-_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-            torch.nn.FeatureAlphaDropout)
 _NO_DOUBLE_BACKWARD = ("not implemented", "double backward", "once_differentiable", "differentiate twice")
 
 
@@ -86,39 +85,6 @@ def _math_attention() -> contextlib.AbstractContextManager:
 def _lacks_double_backward(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, (RuntimeError, NotImplementedError)) and any(t in text for t in _NO_DOUBLE_BACKWARD)
-
-
-@contextlib.contextmanager
-def preserved_state(model: torch.nn.Module, train_mode: bool) -> Iterator[None]:
-    """Evaluate ``model`` in eval mode (or train mode with dropout off) and leave it as it was.
-
-    Each buffer is swapped for a copy during the block and the original put back afterwards:
-    BatchNorm may update the copy (train mode), the original is never written, and a graph that
-    saved the copy stays valid for later products. Every module's mode is restored.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    swapped = []
-    for m in model.modules():
-        for name, buffer in list(m._buffers.items()):
-            if buffer is not None:
-                swapped.append((m, name, buffer))
-                m._buffers[name] = buffer.clone()
-    # Dropout modules also get p = 0: Hugging Face attention passes ``self.attn_dropout.p`` to the
-    # fused kernel whenever its *parent* is in train mode, whatever the dropout module's own mode.
-    rates = [(m, m.p) for m in model.modules() if isinstance(m, _DROPOUT)] if train_mode else []
-    try:
-        model.train(train_mode)
-        for m, _ in rates:
-            m.eval()
-            m.p = 0.0
-        yield
-    finally:
-        for m, name, buffer in swapped:
-            m._buffers[name] = buffer
-        for m, mode in modes:
-            m.training = mode
-        for m, p in rates:
-            m.p = p
 
 
 class CurvatureOperator:

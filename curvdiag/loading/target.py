@@ -19,6 +19,7 @@ from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading.optimizer import OptimizerInfo
 from curvdiag.loading.recipe import Recipe, load_recipe
 from curvdiag.loading.shards import shard_batches, split_batch
+from curvdiag.model_state import preserved_state
 
 
 @dataclass
@@ -208,19 +209,8 @@ def _whole_and_halves(model: torch.nn.Module, loss: Callable, batch: Any,
 
 @contextlib.contextmanager
 def _untouched(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, every module's mode, every buffer and the RNG as they were afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-    for m, name, b in buffers:
-        m._buffers[name] = b.clone()
-    tensors = [b for _, _, b in buffers] + list(model.parameters())
+    """Eval mode without gradients; every module's mode, every buffer and the RNG as they were afterwards."""
+    tensors = list(model.buffers()) + list(model.parameters())
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model.eval()
-            yield
-    finally:
-        for m, name, b in buffers:
-            m._buffers[name] = b
-        for m, mode in modes:
-            m.training = mode
+    with preserved_state(model, train_mode=False), torch.random.fork_rng(devices=devices), torch.no_grad():
+        yield

@@ -63,7 +63,7 @@ class DataParallel:
     def _has_unused_parameters(self) -> bool:
         """Whether the loss of the first batch leaves a trainable parameter without a gradient
         (DDP must then be told, or its next step fails); the same answer on every rank."""
-        from curvdiag.curvature.operator import preserved_state
+        from curvdiag.model_state import preserved_state
 
         batch, _ = next(self.batches())
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -45,7 +45,8 @@ from curvdiag.curvature import distributed
 from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, RunDirectoryError, RunSummary,
                                       describe_os_error, logged_steps, read_run, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
-from curvdiag.curvature.operator import CurvatureOperator, preserved_state
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.model_state import preserved_state
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
 from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_checkpoint
