@@ -1,5 +1,6 @@
 """Lightning with strategy="ddp_fork" on 2 CPU ranks (gloo) and curvdiag.LightningMonitor, run as
-its own process by tests/test_callbacks.py: forking a process that already ran torch's thread
+its own process by tests/test_callbacks.py (whose single-process test uses ``Tiny`` and
+``loss`` from here): forking a process that already ran torch's thread
 pools (the pytest process, after other tests) can hang the forked ranks, so the job forks from a
 fresh interpreter on one thread. Each rank writes [step, λmax, η·λmax/T, reference] lines to
 OUT/rank{r}.jsonl, the reference being one process's λmax on the union of both ranks' batches.
@@ -10,26 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
-torch.set_num_threads(1)
-
-import lightning.pytorch as pl  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import curvdiag  # noqa: E402
-from curvdiag.curvature.operator import CurvatureOperator  # noqa: E402
-from curvdiag.probes.sharpness import lambda_max  # noqa: E402
-
-
-def _data():
-    generator = torch.Generator().manual_seed(2)
-    return torch.randn(128, 6, generator=generator), torch.randint(0, 3, (128,), generator=generator)
-
-
-def _net():
-    torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+import curvdiag
+from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.probes.sharpness import lambda_max
+from test_callbacks import _data, _net
 
 
 class Tiny(pl.LightningModule):
@@ -52,6 +41,7 @@ def loss(module, batch):
 
 
 def main(out: Path) -> None:
+    torch.set_num_threads(1)  # before any work: the forked ranks start from a process without a thread pool
     x, y = _data()
     module, union = Tiny(), {}
 

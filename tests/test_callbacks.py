@@ -25,23 +25,7 @@ def _net():
 def test_lightning_callback_logs_the_monitors_lambda_max(tmp_path):
     pl = pytest.importorskip("lightning.pytorch", reason="pip install curvdiag[lightning]")
     from lightning.pytorch.loggers import CSVLogger
-
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def loss(module, batch):
-        return F.cross_entropy(module(batch[0]), batch[1])
+    from lightning_ddp_job import Tiny, loss
 
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=False)
