@@ -163,8 +163,7 @@ def planned_cost(settings, gradient_seconds: float) -> str:
     """One line: the budget in gradient-equivalents, about how long it takes here, and its split."""
     from curvdiag.probes import budget
 
-    names = [n for n in settings.probes if not (n == "power_law" and "glass" in settings.probes)]
-    total = settings.budget if settings.budget is not None else budget.default_budget(names)
+    names, total = budget.runs_and_budget(settings.probes, settings.budget)
     shares = budget.scaled_asks(names, total)
     seconds = f" (≈ {total * gradient_seconds:.3g} s at {gradient_seconds:.2g} s per GE)" if gradient_seconds > 0 else ""
     return (f"plan: at most {total:g} gradient-equivalents{seconds}: "

@@ -16,7 +16,7 @@ ResNet-18, GPT-2 and BERT shapes built from code (README, "What a probe costs").
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 #: The probes ``--probes default`` runs: λmax (with the edge-of-stability margin), the trace, the
 #: HesScale diagonal (one pass where it applies) and the curvature along the next optimizer step.
@@ -36,6 +36,13 @@ ASKS: Dict[str, float] = {
     "power_law": 0.0,  # measured with the glass, from the same perturbations
     "spectral_density": 120.0,
 }
+
+
+def runs_and_budget(probes: Sequence[str], budget: Optional[float]) -> Tuple[List[str], float]:
+    """The probes that run on their own, in order (``power_law`` rides with ``glass`` when both are
+    asked for), and the run's budget: ``budget``, or the sum of their asks."""
+    runs = [name for name in probes if not (name == "power_law" and "glass" in probes)]
+    return runs, (budget if budget is not None else default_budget(runs))
 
 
 def default_budget(probes: Sequence[str]) -> float:

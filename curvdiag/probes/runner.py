@@ -154,8 +154,7 @@ def run_probes(
     """
     announce = progress or (lambda name: None)
     probes: Entries = {}
-    todo = [name for name in settings.probes if not (name == "power_law" and "glass" in settings.probes)]
-    total = settings.budget if settings.budget is not None else budgets.default_budget(todo)
+    todo, total = budgets.runs_and_budget(settings.probes, settings.budget)
     left, costs, started = total, [], time.perf_counter()
     interrupted_by: Optional[str] = None
     caller_hook = op.on_hvp
