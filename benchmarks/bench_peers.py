@@ -24,7 +24,8 @@ Methods
   ``TrainSettings`` as they are in the checkout the script runs in (the rule being redesigned).
 - ``clip``: ``Trainer(controller="clip")``, gradient norm clipped at 1, at the case's lr.
 - ``prodigy``: ``prodigyopt.Prodigy(lr=1.0)``, its defaults (weight decay as the recipe's AdamW).
-- ``schedulefree``: ``SGDScheduleFree(lr, momentum)`` with the case's lr and momentum (GD: 0), or
+- ``schedulefree``: ``SGDScheduleFree(lr, momentum)`` with the case's lr and momentum (GD: the
+  package's default 0.9, since it refuses momentum 0), or
   ``AdamWScheduleFree(lr)`` at the case's lr; ``train()`` before the steps, ``eval()`` before the
   final loss is measured.
 - ``dadaptation``: ``DAdaptSGD(lr=1.0, momentum=the case's)`` or ``DAdaptAdam(lr=1.0)`` (decoupled
@@ -248,7 +249,9 @@ def peer_optimizer(method: str, case: Case, lr: float) -> Callable[[List[torch.n
         import schedulefree
 
         if case.family == "sgd":
-            return lambda params: schedulefree.SGDScheduleFree(params, lr=lr, momentum=case.momentum)
+            # SGDScheduleFree needs 0 < momentum < 1: full-batch GD (momentum 0) gets the package's default 0.9
+            momentum = case.momentum if 0 < case.momentum < 1 else 0.9
+            return lambda params: schedulefree.SGDScheduleFree(params, lr=lr, momentum=momentum)
         return lambda params: schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=case.weight_decay)
     if method == "dadaptation":
         import dadaptation
@@ -338,7 +341,12 @@ def run_cell(case: Case, seed: int, from_checkpoint: bool, steps: int, methods: 
         cache: Dict[str, Any] = {}
         for method in methods:
             started = time.perf_counter()
-            results[method] = run_method(method, start, case, steps, tmp, cache)
+            try:
+                results[method] = run_method(method, start, case, steps, tmp, cache)
+            except Exception as exc:  # noqa: BLE001 -- a peer that raises on a case is a result
+                message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                log(f"    {method}: {type(exc).__name__}: {message}")
+                results[method] = _result(None, None, [], 0, error=f"{type(exc).__name__}: {message}")
             results[method]["run_s"] = time.perf_counter() - started
         cell["methods"] = results
     return cell
