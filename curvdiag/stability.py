@@ -87,6 +87,21 @@ def family_of_group(group: Mapping[str, Any]) -> Optional[OptimizerFamily]:
     return next((family for family in OPTIMIZER_FAMILIES.values() if family.matches(group)), None)
 
 
+def throttle_kappa(momentum: float = 0.0) -> float:
+    """The throttle's fraction κ of the edge, κ = √(1 − β) for momentum β (heavy ball, or Adam's β1).
+
+    Measured, not derived (benchmarks/throttle_results.md): the best fixed learning rate of a grid
+    sits, after its first steps, at η·λmax ≈ T (GD at the edge of stability) without momentum and
+    well below it with momentum; a throttle holding η·Ĉ ≤ κT ends within 1.5× of that tuned loss
+    for κ = 1.0, 0.7, 0.3, 0.2 at β = 0, 0.5, 0.9, 0.95 and fails by 10× or more one step of that
+    grid away — √(1 − β) is 1, 0.71, 0.32, 0.22. A heuristic reading: a top mode driven by noise
+    or by the nonlinearity oscillates with an amplitude about 1/√(1 − β) times plain GD's, so the
+    same amplitude needs η·λ lower by √(1 − β)."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum={momentum!r}: must lie in [0, 1)")
+    return (1.0 - momentum) ** 0.5
+
+
 def stability_constant(family: str, momentum: float = 0.0, beta1: float = 0.9) -> float:
     """T such that η·curvature < T is stable for this optimizer family."""
     if family not in OPTIMIZER_FAMILIES:

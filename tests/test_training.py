@@ -181,15 +181,22 @@ def test_divergence_stops_cleanly_with_the_last_finite_state(tmp_path):
 
 
 def test_the_throttle_saves_a_least_squares_run_that_diverges_without_it(tmp_path):
-    recipe = str(RECIPES / "linear_regression.py")  # λmax = 18.3: GD diverges above lr 0.109
+    """GD at lr 0.2 on a quadratic (λmax = 18.3: diverges above lr 0.109). The default κ = 1 for plain
+    GD holds the edge itself: the run does not diverge but its top mode neither grows nor decays (a
+    quadratic does not self-stabilise, DESIGN §3.8); κ = 0.9 converges, as the Newton rate does."""
+    recipe = str(RECIPES / "linear_regression.py")
     runs = {}
-    for controller in ("none", "throttle", "newton"):
-        runs[controller] = Trainer(recipe, None, tmp_path / controller,
-                                   TrainSettings(steps=60, lr=0.2, controller=controller)).run()
+    for name, controller, kappa in (("none", "none", None), ("edge", "throttle", None), ("below", "throttle", 0.9),
+                                    ("newton", "newton", None)):
+        runs[name] = Trainer(recipe, None, tmp_path / name,
+                             TrainSettings(steps=60, lr=0.2, controller=controller, kappa=kappa)).run()
     assert runs["none"].diverged
-    for controller in ("throttle", "newton"):
-        assert not runs[controller].diverged, controller
-        assert runs[controller].final_loss < 0.1 * runs[controller].initial_loss, controller
+    for name in ("edge", "below", "newton"):
+        assert not runs[name].diverged, name
+    assert runs["edge"].final_loss < runs["edge"].initial_loss
+    assert runs["edge"].mean_throttle == pytest.approx(2 / (0.2 * 18.3), rel=0.1)  # η·s·λmax ≈ 2: the edge
+    for name in ("below", "newton"):
+        assert runs[name].final_loss < 0.1 * runs[name].initial_loss, name
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):

@@ -35,7 +35,7 @@ class TrainRequest:
     compare: bool
     sharpness_every: int
     checkpoint_every: int
-    kappa: float
+    kappa: Optional[float]
     seed: int
     max_batches: Optional[int]
     out: Optional[Path]
@@ -127,7 +127,7 @@ def run_train(request: TrainRequest) -> None:
     """Plan the runs, replay each (on ``--threads``), and print them side by side (only rank 0 prints)."""
     from curvdiag.curvature.threads import torch_threads
 
-    if not 0 < request.kappa <= 1:
+    if request.kappa is not None and not 0 < request.kappa <= 1:
         raise BadArgument("kappa", request.kappa, "must lie in (0, 1]")
     for argument in ("sharpness_every", "checkpoint_every"):
         if getattr(request, argument) < 0:
@@ -169,7 +169,8 @@ def train(
     compare: Annotated[bool, typer.Option("--compare", help="Also run without a controller, same start, data order and seed; print a side-by-side table.")] = False,
     sharpness_every: Annotated[int, typer.Option(help="Measure λmax (all batches) every K steps; 0 never.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt (and run.json) every K steps, so that a killed run resumes from there; 0 only final.pt.")] = 50,
-    kappa: Annotated[float, typer.Option(help="Throttle safety factor κ in (0, 1].")] = 0.5,
+    kappa: Annotated[Optional[float], typer.Option(
+        help="Throttle: the fraction κ of the edge, in (0, 1]; default √(1 − β) for the optimizer's momentum β.")] = None,
     seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,

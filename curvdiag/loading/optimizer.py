@@ -55,6 +55,11 @@ class OptimizerInfo:
     note: Optional[str] = None
 
     @property
+    def beta(self) -> float:
+        """The family's momentum β: heavy-ball momentum, or Adam's β1; 0 when there is none."""
+        return float(self.betas[0]) if self.betas else float(self.momentum or 0.0)
+
+    @property
     def is_adaptive(self) -> bool:
         """Whether the family's curvature is the preconditioned λmax(P^{-1/2} H P^{-1/2})."""
         return self.family is not None and OPTIMIZER_FAMILIES[self.family].preconditioned

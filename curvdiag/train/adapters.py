@@ -9,7 +9,7 @@ direction (only clipping, whose state carries ``gradient_scale``, rescales the g
 :class:`CurvatureThrottle` and :class:`NewtonLearningRate` are the two named adapters of the
 public API. For a user's own loop::
 
-    throttle = CurvatureThrottle(optimizer)          # family and threshold read off the optimizer
+    throttle = CurvatureThrottle(optimizer)          # family, threshold and κ read off the optimizer
     for x, y in loader:
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -32,7 +32,7 @@ import torch
 
 from curvdiag.errors import BadArgument
 from curvdiag.loading import optimizer as optimizer_state
-from curvdiag.stability import family_of_group, stability_constant
+from curvdiag.stability import family_of_group, stability_constant, throttle_kappa
 from curvdiag.train import controllers
 from curvdiag.train.controllers import Controller, Lookahead, Observation
 
@@ -124,7 +124,8 @@ class ControlledOptimizer:
     ``step(closure, loss)``: ``.grad`` holds ∇L_t(θ_t); ``closure()`` returns the loss of the same
     batch at the current weights (needed by controllers that observe ``curvature`` on the same
     batch or the ``lookahead``: one extra forward and backward after the step), ``loss`` is
-    L_t(θ_t) (the ``lookahead``). ``floor`` may be set from outside (a λmax estimate).
+    L_t(θ_t) (the ``lookahead``). ``floor`` may be set from outside (a λmax estimate): the next
+    step reads it once (the throttle's Ĉ then decays from it like from any C).
     After a step, ``curvature`` is what the step measured along itself: C_t in the optimizer's
     metric when the controller observes it, else ⟨Δθ, ΔG⟩/‖Δθ‖² from the lookahead, else None.
     """
@@ -134,9 +135,24 @@ class ControlledOptimizer:
         self.reduce = reduce  # data parallelism: sums the closure's loss and gradient over ranks
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.state = controller.init(self._lr())
-        self.floor: Optional[float] = None  # an external λmax estimate may be set here
+        self.floor: Optional[float] = None  # an external λmax estimate for the next step may be set here
         self.curvature: Optional[float] = None
         self._previous: Optional[tuple] = None
+
+    def memory(self) -> Optional[tuple]:
+        """The previous step's (θ, G) per parameter that the next consecutive C_t compares with, or None."""
+        return self._previous if self._previous is not None and self._previous[0] is not None else None
+
+    def load_memory(self, memory: Optional[tuple]) -> None:
+        """Continue from a :meth:`memory` (a resumed run): the first step then measures C_t as the
+        uninterrupted run would."""
+        if memory is not None:
+            theta, grads = memory
+            if len(theta) != len(self.params) or len(grads) != len(self.params) or any(
+                    not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(list(theta) + list(grads), self.params + self.params)):
+                raise ValueError("a controller memory holds (θ, G) shaped like the optimizer's parameters")
+            memory = (list(theta), list(grads))
+        self._previous = memory
 
     @property
     def factor(self) -> float:
@@ -184,7 +200,8 @@ class ControlledOptimizer:
         if "grad_norm" in observes:
             grad_norm = float(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                                          for p in self.params]).norm())
-        return Observation(lr=lr, grad_norm=grad_norm, curvature=self.curvature, floor=self.floor)
+        floor, self.floor = self.floor, None  # a floor is one measurement: it enters Ĉ once, then decays with it
+        return Observation(lr=lr, grad_norm=grad_norm, curvature=self.curvature, floor=floor)
 
     def _scale_gradients(self, scale: float) -> None:
         if scale != 1.0:
@@ -209,16 +226,17 @@ class ControlledOptimizer:
 class CurvatureThrottle(ControlledOptimizer):
     """Wraps a torch optimizer with the curvature throttle (DESIGN §3.8)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, kappa: float = 0.5, decay: float = 0.95,
+    def __init__(self, optimizer: torch.optim.Optimizer, kappa: Optional[float] = None, decay: float = 0.95,
                  constant: Optional[float] = None, reduce: Optional[Reduce] = None):
+        """``kappa`` None: κ = √(1 − β) for the optimizer's momentum β (:func:`curvdiag.stability.throttle_kappa`)."""
         info = optimizer_state.from_optimizer(optimizer)
         if constant is None and info.family is not None:
             constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9)
         if constant is None:
             raise BadArgument("constant", None, f"no stability threshold known for {type(optimizer).__name__}",
                               hint="pass constant=T")
-        self.constant, self.kappa, self.decay = constant, kappa, decay
-        super().__init__(optimizer, controllers.throttle(constant, kappa, decay), reduce)
+        self.constant, self.kappa, self.decay = constant, throttle_kappa(info.beta) if kappa is None else kappa, decay
+        super().__init__(optimizer, controllers.throttle(constant, self.kappa, decay), reduce)
 
     def step(self, closure: Optional[Closure] = None) -> Optional[torch.Tensor]:
         return super().step(closure)

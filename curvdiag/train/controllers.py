@@ -4,7 +4,7 @@ Every controller has one shape, the optax pattern: a builder takes its hyperpara
 them (a bad value raises :class:`~curvdiag.errors.BadArgument` naming it) and returns a
 :class:`Controller` of two pure functions over an immutable NamedTuple state::
 
-    controller = throttle(constant=2.0, kappa=0.5)
+    controller = throttle(constant=2.0, momentum=0.9)
     state = controller.init(lr)                        # lr: the optimizer's learning rate
     state = controller.update(state, Observation(...))  # before each step
     state.factor                                       # multiplies every group's lr for this step
@@ -20,8 +20,9 @@ the update direction is never changed, only its length:
     Ĉ_t = max(C_{t−1}, decay·Ĉ_{t−1}, floor),    s_t = min(1, κ·T / (η_t·Ĉ_t))
 
 with C_{t−1} the directional curvature of the last step (§3.4, in the optimizer's metric), T the
-stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ < 1 a
-safety factor. The max with the decayed previous value reacts at once to a rise in curvature and
+stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ ≤ 1 the
+fraction of the edge, by default κ = √(1 − β) for the optimizer's momentum β
+(:func:`curvdiag.stability.throttle_kappa`: 1 for GD, the edge itself, 0.32 at β = 0.9). The max with the decayed previous value reacts at once to a rise in curvature and
 relaxes slowly; ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a
 PSD Hessian: the last step need not point along the sharpest direction).
 
@@ -51,6 +52,7 @@ import math
 from typing import Any, Callable, Dict, FrozenSet, NamedTuple, Optional, Tuple
 
 from curvdiag.errors import BadArgument
+from curvdiag.stability import throttle_kappa
 
 
 class Lookahead(NamedTuple):
@@ -123,11 +125,17 @@ class ThrottleState(NamedTuple):
     steps: int
 
 
-def throttle(constant: Optional[float], kappa: float = 0.5, decay: float = 0.95) -> Controller:
-    """The curvature throttle with stability constant T = ``constant`` (§3.7)."""
+def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
+             momentum: float = 0.0) -> Controller:
+    """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
+    κ = √(1 − ``momentum``)."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")
+    _check_range("momentum", momentum, 0.0, 1.0, closed_low=True)
+    if momentum >= 1.0:
+        raise BadArgument("momentum", momentum, "must lie in [0, 1)")
+    kappa = throttle_kappa(momentum) if kappa is None else kappa
     _check_range("kappa", kappa, 0.0, 1.0)
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
 
@@ -222,6 +230,6 @@ def hyperparameters_of(builder: Callable[..., Controller]) -> FrozenSet[str]:
 
 def configured(builder: Callable[..., Controller], **offered: Any) -> Controller:
     """The controller built with those of the ``offered`` hyperparameters its builder takes (a
-    run offers all it has: ``constant``, ``kappa``, ``decay``, ``max_norm``, ``gamma``)."""
+    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``decay``, ``max_norm``, ``gamma``)."""
     taken = hyperparameters_of(builder)
     return builder(**{key: value for key, value in offered.items() if key in taken})

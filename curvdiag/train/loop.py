@@ -77,11 +77,12 @@ class TrainSettings:
     sharpness_every: int = 0  # measure λmax on all batches every K steps (0: never)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only final.pt
     divergence_factor: float = 1e3  # loss above this × the first loss counts as divergence
-    kappa: float = 0.5  # throttle safety factor κ
+    kappa: Optional[float] = None  # throttle: the fraction κ of the edge; None: √(1 − β) for momentum β
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
-    floor_every: int = 10  # throttle: λmax floor re-estimated at least this often ...
+    floor_every: int = 20  # throttle: λmax floor re-estimated at least this often ...
     floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
     floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
+    same_batch_curvature: bool = False  # throttle: C_t on the step's own batch (one more forward and backward)
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
@@ -103,7 +104,9 @@ def check_settings(settings: TrainSettings) -> None:
             raise BadArgument(name, getattr(settings, name), "must be at least 0")
     if not isinstance(settings.seed, int) or not -2**63 <= settings.seed < 2**64:
         raise BadArgument("seed", settings.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
-    for name in ("divergence_factor", "kappa", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
+    if settings.kappa is not None and not (isinstance(settings.kappa, (int, float)) and 0 < settings.kappa <= 1):
+        raise BadArgument("kappa", settings.kappa, "must lie in (0, 1]")
+    for name in ("divergence_factor", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
         value = getattr(settings, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise BadArgument(name, value, "must be a positive finite number")
@@ -153,10 +156,10 @@ def _settings_from(document: Any, source: str) -> TrainSettings:
         if not hasattr(defaults, name):
             continue  # a setting of another version: ignored
         default = getattr(defaults, name)
-        expected = (type(None), int, float) if name in ("lr", "max_batches") else type(default)
+        expected = (type(None), int, float) if name in ("lr", "max_batches", "kappa") else type(default)
         if expected is float:
             expected = (int, float)
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise BadInput(f"{source}: malformed setting {name}={value!r}")
         values[name] = value
     settings = TrainSettings(**values)
@@ -309,7 +312,7 @@ class Trainer:
         if self.constant is None and "constant" in controllers.hyperparameters_of(builder):
             raise BadInput(f"the {settings.controller} needs a known stability threshold; {info.name} has none",
                            hint="use an SGD or Adam-family optimizer, or the controller newton or clip")
-        self.controller = controllers.configured(builder, constant=self.constant, kappa=settings.kappa,
+        self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=settings.kappa,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
@@ -353,7 +356,9 @@ class Trainer:
                  "step": step}
         if self._loop is not None:
             controlled, tracker, floor = self._loop
+            memory = controlled.memory()
             state["loop"] = {"controller": list(controlled.state), "floor_vector": floor.vector, "floor_hvps": floor.hvps,
+                             "controller_memory": None if memory is None else [list(memory[0]), list(memory[1])],
                              "tracker": list(tracker.state()) if tracker.state() is not None else None,
                              "initial_loss": progress.initial_loss if progress else None,
                              "loss_average": progress.loss_average if progress else None,
@@ -373,6 +378,7 @@ class Trainer:
             if values is not None:
                 controlled.state = type(controlled.state)(*values)
             floor.vector, floor.hvps = saved.get("floor_vector"), int(saved.get("floor_hvps") or 0)
+            controlled.load_memory(saved.get("controller_memory"))
             if saved.get("tracker") is not None:
                 tracker.load_state(tuple(saved["tracker"]))
             if saved.get("rng") is not None:
@@ -531,7 +537,8 @@ class Trainer:
 
         lambda_floor = self._floor(progress, value, batch, size, controlled, floor)
         try:
-            controlled.step(same_batch_loss, value)
+            needs_closure = "lookahead" in self.controller.observes or self.settings.same_batch_curvature
+            controlled.step(same_batch_loss if needs_closure else None, value)
         except RuntimeError as exc:
             if "overflow" not in str(exc):
                 raise

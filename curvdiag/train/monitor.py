@@ -151,7 +151,7 @@ class Monitor:
                  tensorboard: Any = None, on_measure: Optional[Callable[[int, Measurement], None]] = None,
                  warn_ratio: float = 1.0, warn_jump: float = 1.0, actions: Sequence[str] = (),
                  tol: float = 1e-2, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
-                 hvp_method: str = "auto", train_mode: bool = True, kappa: float = 0.5,
+                 hvp_method: str = "auto", train_mode: bool = True, kappa: Optional[float] = None,
                  norms_every: Optional[int] = None, distributed: Optional[bool] = None):
         _check_count("every", every, 1)
         if norms_every is not None:
@@ -406,7 +406,7 @@ class Monitor:
             LOGGER.warning(f"step {m.step}: saved {path} (curvdiag probe RECIPE --checkpoint {path})")
         if "throttle" in self.actions and self.throttle is None:
             self.throttle = CurvatureThrottle(self.optimizer, kappa=self.kappa, constant=self.constant)
-            LOGGER.warning(f"step {m.step}: curvature throttle engaged (κ = {self.kappa:g}) for the rest of the run")
+            LOGGER.warning(f"step {m.step}: curvature throttle engaged (κ = {self.throttle.kappa:.2g}) for the rest of the run")
 
     def _state(self, step: int) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step}
