@@ -496,13 +496,16 @@ def consistency_check() -> Dict[str, str]:
 
 
 def commit() -> str:
+    """HEAD, with +dirty when a tracked file other than this benchmark's results differs from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() + ("+dirty" if subprocess.run(
-                                  ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                  capture_output=True, text=True).stdout.strip() else "")
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    changed = [line for line in changed if "benchmarks/peers_results." not in line]
+    return head + ("+dirty" if changed else "")
 
 
 def main() -> None:
@@ -534,7 +537,7 @@ def main() -> None:
         wanted = [c for c in CASES if c.name in args.cases.split(",")]
         seeds = {"init": [int(s) for s in args.seeds.split(",")],
                  "checkpoint": [int(s) for s in (args.checkpoint_seeds or args.seeds).split(",")]}
-        started = time.perf_counter()
+        started, code = time.perf_counter(), commit()
         for case in wanted:
             for key in args.starts.split(","):
                 for seed in seeds[key]:
@@ -549,12 +552,12 @@ def main() -> None:
         meta = data["meta"]
         if args.only is None:
             data["consistency"] = consistency_check()
-            meta.update({"commit": commit(), "torch": torch.__version__, "steps": args.steps,
+            meta.update({"commit": code, "torch": torch.__version__, "steps": args.steps,
                          "wall_s": round(time.perf_counter() - started)})
             for _, (module, _) in PACKAGES.items():
                 meta[module] = getattr(importlib.import_module(module), "__version__", None) or _dist_version(module)
         if args.only is None or "throttle" in methods:
-            meta["throttle_commit"] = commit()
+            meta["throttle_commit"] = code
         if args.cut:
             meta["cut"] = args.cut
         args.json.write_text(json.dumps(data, indent=1))
