@@ -17,8 +17,9 @@ public API. For a user's own loop::
         throttle.step()                              # C_t from the last step, then optimizer.step()
         print(throttle.factor, throttle.curvature)   # s_t and Ĉ_t
 
-Without a closure the directional curvature comes from consecutive mini-batch gradients (free,
-biased upwards by batch noise: see :mod:`curvdiag.probes.directional`); ``step(closure)`` with a closure
+Without a closure the directional curvature comes from consecutive mini-batch gradients at no
+cost (biased upwards by batch noise, see :mod:`curvdiag.probes.directional`; the throttle counts it
+up to twice its latest λmax floor); ``step(closure)`` with a closure
 that returns the loss *of the current batch* evaluates the gradient at the new parameters on the
 same batch (one extra forward and backward) and uses that instead.
 """

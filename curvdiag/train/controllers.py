@@ -17,14 +17,16 @@ controller is a builder returning its (init, update) pair plus one line in :data
 Throttle (seed 000): one global factor s_t ∈ (0, 1] multiplies every group's learning rate, so
 the update direction is never changed, only its length:
 
-    Ĉ_t = max(C_{t−1}, decay·Ĉ_{t−1}, floor),    s_t = min(1, κ·T / (η_t·Ĉ_t))
+    Ĉ_t = max(min(C_{t−1}, 2·floor), decay·Ĉ_{t−1}, floor_t),    s_t = min(1, κ·T / (η_t·Ĉ_t))
 
 with C_{t−1} the directional curvature of the last step (§3.4, in the optimizer's metric), T the
 stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ ≤ 1 the
 fraction of the edge, by default κ = √(1 − β) for the optimizer's momentum β
-(:func:`curvdiag.stability.throttle_kappa`: 1 for GD, the edge itself, 0.32 at β = 0.9). The max with the decayed previous value reacts at once to a rise in curvature and
-relaxes slowly; ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a
-PSD Hessian: the last step need not point along the sharpest direction).
+(:func:`curvdiag.stability.throttle_kappa`: 1 for GD, the edge itself, 0.32 at β = 0.9). The
+max with the decayed previous value reacts at once to a rise in curvature and relaxes slowly; ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a
+PSD Hessian: the last step need not point along the sharpest direction), which enters Ĉ on the step
+it is measured (floor_t; no floor on the other steps) and caps C_t at twice the latest one
+(:data:`NOISE_CAP`: above it, C_t is batch noise).
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,
@@ -119,10 +121,21 @@ def clip(max_norm: float = 1.0) -> Controller:
 
 
 # ---------------------------------------------------------------------------- throttle
+# C_t from consecutive mini-batches is ‖ΔG‖/‖Δθ‖ with ΔG = HΔθ + (ξ_{t+1} − ξ_t): the batch noise ξ does
+# not shrink with the step, so late in training, or from a trained checkpoint, C_t grows without bound
+# and the factor collapses (to 0.01–0.02 on the momentum and schedule cases from a checkpoint). A
+# directional curvature cannot exceed the spectral radius, which the floor (a 2-product power
+# estimate, from below) approximates: C_t counts up to NOISE_CAP floors. Measured
+# (benchmarks/peers_results.md): cap 2 kept every from-initialisation case within 1.5× of the tuned
+# loss and halved the from-checkpoint losses of momentum and the schedule; 1.5 lost momentum (2.0×).
+NOISE_CAP = 2.0
+
+
 class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
     factor: float  # s, the factor for this step
     steps: int
+    floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to NOISE_CAP × it
 
 
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
@@ -140,14 +153,15 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
-        smoothed = decay * state.curvature
-        if observation.curvature is not None and math.isfinite(observation.curvature):
-            smoothed = max(smoothed, abs(observation.curvature))
+        smoothed, floor = decay * state.curvature, state.floor
         if observation.floor is not None and math.isfinite(observation.floor):
+            floor = observation.floor if observation.floor > 0 else math.inf
             smoothed = max(smoothed, observation.floor)
+        if observation.curvature is not None and math.isfinite(observation.curvature):
+            smoothed = max(smoothed, min(abs(observation.curvature), NOISE_CAP * floor))
         lr = observation.lr
         factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, kappa * constant / (lr * smoothed))
-        return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1)
+        return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor)
 
     return Controller(init=lambda lr: ThrottleState(curvature=0.0, factor=1.0, steps=0), update=update,
                       observes=frozenset({"curvature", "floor"}))

@@ -67,6 +67,12 @@ from curvdiag.train.data_parallel import DataParallel
 # loses at most 50 steps.
 DEFAULT_CHECKPOINT_EVERY = 50
 
+# A loss jump re-measures the throttle's floor at most once in this many steps: mini-batch losses jump
+# by 10% often: measuring every jump cost the momentum and Adam cases 0.23–0.39 HVPs a step, one in
+# 5 steps 0.19–0.25 with the same losses, one in 10 0.17–0.19 and up to 2.7× the tuned loss
+# (benchmarks/throttle_results.md).
+FLOOR_REST = 5
+
 
 @dataclass
 class TrainSettings:
@@ -245,6 +251,7 @@ class _PowerFloor:
         self.seed = seed
         self.vector: Optional[torch.Tensor] = None
         self.hvps = 0
+        self.last_step: Optional[int] = None  # the step of the latest estimate
 
     def estimate(self, operator: Any, gradient: torch.Tensor) -> float:
         """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric."""
@@ -358,6 +365,7 @@ class Trainer:
             controlled, tracker, floor = self._loop
             memory = controlled.memory()
             state["loop"] = {"controller": list(controlled.state), "floor_vector": floor.vector, "floor_hvps": floor.hvps,
+                             "floor_step": floor.last_step,
                              "controller_memory": None if memory is None else [list(memory[0]), list(memory[1])],
                              "tracker": list(tracker.state()) if tracker.state() is not None else None,
                              "initial_loss": progress.initial_loss if progress else None,
@@ -379,6 +387,7 @@ class Trainer:
                 controlled.state = type(controlled.state)(*values)
             floor.vector, floor.hvps = saved.get("floor_vector"), int(saved.get("floor_hvps") or 0)
             controlled.load_memory(saved.get("controller_memory"))
+            floor.last_step = None if saved.get("floor_step") is None else int(saved["floor_step"])
             if saved.get("tracker") is not None:
                 tracker.load_state(tuple(saved["tracker"]))
             if saved.get("rng") is not None:
@@ -557,13 +566,16 @@ class Trainer:
                floor: _PowerFloor) -> Optional[float]:
         """For a controller that observes a floor: λmax on this batch (preconditioned for Adam) in the
         first 3 steps, every ``floor_every`` steps and whenever the loss jumps above its running
-        mean; handed to the controller. None on the other steps."""
+        mean, a jump at most once in :data:`FLOOR_REST` steps; handed to the controller. None on the
+        other steps."""
         s = self.settings
         if "floor" not in self.controller.observes:
             return None
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
-        if not (progress.step < 3 or progress.step % s.floor_every == 0 or jumped):
+        rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
+        if not (progress.step < 3 or progress.step % s.floor_every == 0 or (jumped and rested)):
             return None
+        floor.last_step = progress.step
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
         op = CurvatureOperator(self.model, [batch], self.recipe.loss, [size], train_mode=True,
