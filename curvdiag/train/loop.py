@@ -535,7 +535,7 @@ class Trainer:
                                                                   "the scheduler set")
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         theta_before = _flat(self.params).clone()
-        consecutive = tracker.update()
+        consecutive = None if controlled.measures_step else tracker.update()  # the controller measures C_t itself
         share = self.replicas.share(size, total)
 
         def same_batch_loss() -> torch.Tensor:
