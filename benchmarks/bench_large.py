@@ -538,43 +538,54 @@ def run_pyhessian(spec: Dict[str, Any], op: CurvatureOperator, ref: float, budge
 
 
 # --------------------------------------------------------------------------- 3: HVP ÷ gradient
-def run_ratio(quick: bool) -> Dict[str, Any]:
+def ratio_counts(quick: bool) -> Tuple[int, ...]:
+    return (1, 4, 16) if quick else (1, 16, 64, 256)
+
+
+def ratio_model(quick: bool) -> Tuple[int, int]:
+    """(hidden width, batch) of the HVP ÷ gradient model."""
+    return (240, 32) if quick else (960, 32)
+
+
+def run_ratio(quick: bool, count: int) -> Dict[str, Any]:
+    """One row of the HVP ÷ gradient table, in a fresh process (so the RSS the kept graph adds is
+    not memory an earlier operator freed)."""
     torch.set_num_threads(1)
-    counts = (1, 4, 16) if quick else (1, 16, 64, 256)
-    hidden, batch = (240, 32) if quick else (960, 32)
+    hidden, batch = ratio_model(quick)
     model = mlp(hidden)
-    x, y = digits(batch * max(counts), seed=2)
-    rows = []
-    for count in counts:
-        batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(count)]
-        sizes = [batch] * count
-        reps = 7 if count <= 16 else (5 if count <= 64 else 3)
-        rss0 = rss()
-        reset_peak()
-        auto = CurvatureOperator(model, batches, classification_loss, sizes)
-        auto_peak, auto_rss = peak() - rss0, rss() - rss0
-        forced = CurvatureOperator(model, batches, classification_loss, sizes, hvp_method="double-backward")
-        v = torch.randn(auto.size, generator=torch.Generator().manual_seed(3))
-        times: Dict[str, List[float]] = {"gradient": [], "auto": [], "double-backward": []}
-        for _ in range(reps):  # interleaved
-            times["gradient"].append(plain_gradient(model, batches, sizes, classification_loss))
-            for key, op in (("auto", auto), ("double-backward", forced)):
-                started = time.perf_counter()
-                op.hvp(v)
-                times[key].append(time.perf_counter() - started)
-        med = {k: statistics.median(t) for k, t in times.items()}
-        row = {"batches": count, "batch": batch, "samples": count * batch, "parameters": auto.size,
-               "method": auto.hvp_method, "graph_mib_estimated": auto.graph_bytes / MiB,
-               "setup_rss_added_mib": auto_rss, "setup_peak_added_mib": auto_peak,
-               "gradient_ms": 1e3 * med["gradient"], "hvp_ms": 1e3 * med["auto"],
-               "double_backward_ms": 1e3 * med["double-backward"], "ratio": med["auto"] / med["gradient"],
-               "double_backward_ratio": med["double-backward"] / med["gradient"], "repetitions": reps}
-        print(f"ratio: {count} batches: {auto.hvp_method} {row['ratio']:.2f}× a gradient, double backward "
-              f"{row['double_backward_ratio']:.2f}×, graph {row['graph_mib_estimated']:.1f} MiB", file=sys.stderr,
-              flush=True)
-        rows.append(row)
-        del auto, forced
-    return {"model": f"tanh MLP 64-{hidden}-{hidden}-10", "rows": rows}
+    x, y = digits(batch * max(ratio_counts(quick)), seed=2)
+    batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(count)]
+    sizes = [batch] * count
+    reps = 7 if count <= 16 else (5 if count <= 64 else 3)
+    plain_gradient(model, batches, sizes, classification_loss)  # warm: the allocator holds one gradient's memory
+    rss0 = rss()
+    reset_peak()
+    auto = CurvatureOperator(model, batches, classification_loss, sizes)
+    auto_peak, auto_rss = peak() - rss0, rss() - rss0
+    auto_trimmed = trimmed_rss() - rss0
+    forced = CurvatureOperator(model, batches, classification_loss, sizes, hvp_method="double-backward")
+    v = torch.randn(auto.size, generator=torch.Generator().manual_seed(3))
+    times: Dict[str, List[float]] = {"gradient": [], "auto": [], "double-backward": []}
+    for _ in range(reps):  # interleaved
+        times["gradient"].append(plain_gradient(model, batches, sizes, classification_loss))
+        for key, op in (("auto", auto), ("double-backward", forced)):
+            started = time.perf_counter()
+            op.hvp(v)
+            times[key].append(time.perf_counter() - started)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    row = {"batches": count, "batch": batch, "samples": count * batch, "parameters": auto.size,
+           "model": f"tanh MLP 64-{hidden}-{hidden}-10",
+           "method": auto.hvp_method, "graph_mib_estimated": auto.graph_bytes / MiB,
+           "setup_rss_added_mib": auto_rss, "setup_rss_added_trimmed_mib": auto_trimmed,
+           "setup_peak_added_mib": auto_peak,
+           "gradient_ms": 1e3 * med["gradient"], "hvp_ms": 1e3 * med["auto"],
+           "double_backward_ms": 1e3 * med["double-backward"], "ratio": med["auto"] / med["gradient"],
+           "double_backward_ratio": med["double-backward"] / med["gradient"], "repetitions": reps,
+           "times": times}
+    print(f"ratio: {count} batches: {auto.hvp_method} {row['ratio']:.2f}× a gradient, double backward "
+          f"{row['double_backward_ratio']:.2f}×, graph {row['graph_mib_estimated']:.1f} MiB est., "
+          f"{auto_rss:.0f} MiB added", file=sys.stderr, flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------- float32 reductions
@@ -632,12 +643,12 @@ def markdown(results: Dict[str, Any]) -> str:
         ratio = results["ratio"]
         out += ["", f"**HVP ÷ gradient by batch count** ({ratio['model']}, batch 32, medians of interleaved "
                     "repetitions)", "",
-                "| batches | samples | method (auto) | kept graph est. MiB | RSS added by set-up MiB | gradient ms | "
-                "HVP ms | HVP ÷ gradient | double backward ÷ gradient |",
+                "| batches | samples | method (auto) | kept graph est. MiB | RSS added by set-up MiB (trimmed) | "
+                "gradient ms | HVP ms | HVP ÷ gradient | double backward ÷ gradient |",
                 "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in ratio["rows"]:
             out.append(f"| {r['batches']} | {r['samples']} | {r['method']} | {r['graph_mib_estimated']:.1f} | "
-                       f"{r['setup_rss_added_mib']:.0f} | {r['gradient_ms']:.1f} | {r['hvp_ms']:.1f} | "
+                       f"{r['setup_rss_added_mib']:.0f} ({r['setup_rss_added_trimmed_mib']:.0f}) | {r['gradient_ms']:.1f} | {r['hvp_ms']:.1f} | "
                        f"**{r['ratio']:.2f}×** | {r['double_backward_ratio']:.2f}× |")
     peers = [r for r in results["lambda_max"] if "pyhessian" in r]
     if peers:
@@ -676,8 +687,8 @@ MODELS = ("mlp_1m", "mlp_5m", "resnet50", "gpt2")
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.child == "ratio":
-        result: Any = run_ratio(args.quick)
+    if args.child.startswith("ratio-"):
+        result: Any = run_ratio(args.quick, int(args.child.split("-")[1]))
     else:
         result = run_lambda_max(args.child, args.quick, not args.no_peers and args.child != "gpt2", args.peer_seconds)
     Path(args.child_out).write_text(json.dumps(result))
@@ -702,11 +713,12 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / ("large_results_quick.json" if args.quick else "large_results.json")
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     started, load = time.perf_counter(), os.getloadavg()
-    results: Dict[str, Any] = {"lambda_max": [], "ratio": None, "norm_bias": None}
+    results: Dict[str, Any] = {"lambda_max": [], "ratio": None, "norm_bias": None, "runs": []}
     if args.merge and out.exists():  # keep the rows of the models not rerun
         results.update({k: v for k, v in json.loads(out.read_text()).items() if k in results})
+        results["runs"] = results["runs"] or [json.loads(out.read_text()).get("environment")]
         results["lambda_max"] = [r for r in results["lambda_max"] if r["model"] not in names]
-    jobs = ([] if args.no_ratio else ["ratio"]) + names
+    jobs = ([] if args.no_ratio else [f"ratio-{c}" for c in ratio_counts(args.quick)]) + names
     for job in jobs:
         path = out.with_name(f".{job}.child.json")
         command = [sys.executable, __file__, "--child", job, "--child-out", str(path),
@@ -716,8 +728,10 @@ def main() -> None:
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         data = json.loads(path.read_text())
         path.unlink()
-        if job == "ratio":
-            results["ratio"] = data
+        if job.startswith("ratio-"):
+            if job == jobs[0]:
+                results["ratio"] = {"model": data["model"], "rows": []}
+            results["ratio"]["rows"].append(data)
         else:
             data["job_seconds"] = time.perf_counter() - job_started
             results["lambda_max"].append(data)
@@ -730,6 +744,7 @@ def main() -> None:
         "threads": 1, "dtype": "float32", "quick": args.quick, "models_run": jobs, "cpu_count": os.cpu_count(),
         "loadavg_start": load, "loadavg_end": os.getloadavg(), "total_seconds": time.perf_counter() - started,
         "pyhessian": _version("pyhessian"), "transformers": _version("transformers")}
+    results["runs"] = [r for r in results["runs"] if r] + [results["environment"]]
     table = markdown(results)
     results["table"] = table
     out.write_text(json.dumps(results, indent=1) + "\n")
