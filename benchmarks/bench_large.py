@@ -1,6 +1,6 @@
 """Large models on CPU (issue #16, item 6): λmax at 1M–124M parameters, and HVP ÷ gradient by batch count.
 
-    python benchmarks/bench_large.py            # full (~20 min on one thread): MLP 1M and 5M, ResNet-50, GPT-2 small
+    python benchmarks/bench_large.py            # full (~26 min on one thread, 11 of them GPT-2's reference run)
     python benchmarks/bench_large.py --quick    # smoke run, smaller sizes (~1 min)
     python benchmarks/bench_large.py --models mlp_1m,resnet50 --no-peers --no-ratio
 
