@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from curvdiag.curvature.linear_operator import as_operator, random_vector
+from curvdiag.curvature.linear_operator import as_operator, inner, random_vector
 from curvdiag.probes.sample_mean import mean_and_stderr
 
 
@@ -119,7 +119,7 @@ def hutchinson_trace(
 
     def draw(k: int) -> float:
         z = rademacher(op, seed, k)
-        return float(torch.dot(z, op.matvec(z)))
+        return inner(z, op.matvec(z))
 
     mean, se, n = sequential_mean(draw, samples, target_rel_stderr, min_samples, max_samples, exhausted=exhausted)
     return TraceResult(mean, se, n, time.perf_counter() - started)
