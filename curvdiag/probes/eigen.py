@@ -2,8 +2,9 @@
 
 Lanczos (seed 003, DESIGN §3.1). :class:`LanczosProcess` builds an orthonormal Krylov basis
 Q_j = [q_1, …, q_j] (rows of shape (j, n)) and the tridiagonal T_j = Q_jᵀ A Q_j (float64,
-(j, j)), with full reorthogonalisation against the whole basis, twice ("twice is enough"): without
-it converged eigenvalues reappear as ghosts. Two consumers read it:
+(j, j)), with full reorthogonalisation against the whole basis after the three-term recurrence:
+one pass, and a second when the first removed more than 1/√2 of the vector (DGKS; "twice is
+enough"). Without it converged eigenvalues reappear as ghosts. Two consumers read it:
 
 - :func:`lanczos`: the Ritz pairs (θ_i, s_i) of T_j; the residual of the Ritz vector
   y_i = Q_j s_i is r_i = ‖A y_i − θ_i y_i‖ = |β_j s_i[-1]|, and some eigenvalue of A lies within
@@ -93,9 +94,18 @@ class LanczosProcess:
         w = self.op.matvec(self._q)
         self.products += 1
         alpha = inner(w, self._q)
+        # The three-term recurrence first (w − α q_j − β_{j−1} q_{j−1}: two axpys), then one projection
+        # against the whole basis, and a second only when it removed more than 1/√2 of w's length
+        # (Daniel–Gragg–Kaufman–Stewart: then w was nearly in the basis and one pass may not suffice).
+        w = w - alpha * self._q
+        if self.size > 0:
+            w = w - self.betas[-1] * self.basis[self.size - 1]
         active = self.basis[: self.size + 1]
         for _ in range(2):
+            length = norm(w)
             w = w - active.T @ _coefficients(active, w)
+            if norm(w) > length / math.sqrt(2.0):
+                break
         self.size += 1
         self.alphas.append(alpha)
         self._w, self.beta = w, norm(w)
