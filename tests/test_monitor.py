@@ -265,12 +265,18 @@ def test_warning_saves_a_checkpoint_and_engages_the_throttle(tmp_path, caplog):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = curvdiag.Monitor(model, cross_entropy, opt, every=2, warn_ratio=1e-3, out=tmp_path,
                                actions=("checkpoint", "throttle"))
+    floors = []
     with caplog.at_level(logging.WARNING, logger="curvdiag.monitor"):
         for batch in _data():
             opt.zero_grad()
             cross_entropy(model, batch).backward()
+            if monitor.throttle is not None:
+                floors.append(monitor.throttle.floor)
             monitor.optimizer_step()
             monitor.step(batch)
+    # every measurement after engaging hands its λmax to the throttle's next step, which reads it once
+    assert floors[0] == monitor.measurements[0].lambda_max and floors[1] is None
+    assert floors[2::2] == [m.lambda_max for m in monitor.measurements[1:len(floors[2::2]) + 1]]
     crossings = [r for r in caplog.records if "crossed" in r.getMessage()]
     assert len(crossings) == 1 and "step 0" in crossings[0].getMessage()  # once, when it crosses
     checkpoint = read_checkpoint(str(tmp_path / "checkpoints" / "warning_step_1.pt"))

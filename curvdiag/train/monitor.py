@@ -49,7 +49,9 @@ crosses ``warn_ratio`` from below, or λmax rises by more than ``warn_jump`` (re
 measurements; with ``actions=("checkpoint",)`` the model, optimizer and step are saved to
 ``out/checkpoints/warning_step_N.pt`` (the format of ``curvdiag probe --checkpoint``); with
 ``"throttle"`` the curvature throttle (:class:`~curvdiag.train.adapters.CurvatureThrottle`) is engaged for
-the rest of the run: :meth:`Monitor.optimizer_step` then steps through it.
+the rest of the run: :meth:`Monitor.optimizer_step` then steps through it, and every λmax the monitor
+measures is the throttle's floor (as ``curvdiag train``'s power estimate is), which also caps its
+free C_t at twice that λmax.
 """
 
 from __future__ import annotations
@@ -394,6 +396,8 @@ class Monitor:
             LOGGER.warning(line)
         if m.warnings:
             self._act(m)
+        if self.throttle is not None:  # each λmax (in the optimizer's metric) is the engaged throttle's floor
+            self.throttle.floor = m.lambda_max
         if self.on_measure is not None:
             self.on_measure(m.step, m)
         if self.out is not None:
