@@ -131,6 +131,16 @@ def clip(max_norm: float = 1.0) -> Controller:
 NOISE_CAP = 2.0
 
 
+# A run restarted from trained weights at a higher rate: the sharpness there is the one the old rate
+# left, and the best fixed rate's first steps cross the edge and flatten it (a catapult), which a
+# throttle held below the edge cannot. Starting at the edge (κ = 1) and falling to √(1 − β) over
+# the first 50 updates took the checkpoint starts of bench_peers from 8.7 / 9.6 / 2.95 (momentum /
+# Adam / schedule) to 2.24 / 1.4 / 0.64 (GD 1.74 → 1.69, the transformer 0.39 → 0.55); from
+# initialisation, where the sharpness is still rising, the same ramp was harmful (7.8 / 15.8 / 1.89),
+# so `curvdiag train` uses it only with --checkpoint.
+CATAPULT_STEPS = 50
+
+
 class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
     factor: float  # s, the factor for this step
@@ -139,9 +149,11 @@ class ThrottleState(NamedTuple):
 
 
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
-             momentum: float = 0.0) -> Controller:
+             momentum: float = 0.0, catapult_steps: int = 0) -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
-    κ = √(1 − ``momentum``)."""
+    κ = √(1 − ``momentum``). With ``catapult_steps`` = K > 0 the fraction starts at the edge itself
+    and falls linearly to κ over the first K updates: κ_t = κ + (1 − κ)·max(0, 1 − t/K) (a run
+    restarted from trained weights, see :data:`CATAPULT_STEPS`)."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")
@@ -151,6 +163,8 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     kappa = throttle_kappa(momentum) if kappa is None else kappa
     _check_range("kappa", kappa, 0.0, 1.0)
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
+    if not isinstance(catapult_steps, int) or catapult_steps < 0:
+        raise BadArgument("catapult_steps", catapult_steps, "must be an integer ≥ 0")
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
         smoothed, floor = decay * state.curvature, state.floor
@@ -160,7 +174,10 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
         if observation.curvature is not None and math.isfinite(observation.curvature):
             smoothed = max(smoothed, min(abs(observation.curvature), NOISE_CAP * floor))
         lr = observation.lr
-        factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, kappa * constant / (lr * smoothed))
+        fraction = kappa
+        if catapult_steps:
+            fraction += (1.0 - kappa) * max(0.0, 1.0 - state.steps / catapult_steps)
+        factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, fraction * constant / (lr * smoothed))
         return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor)
 
     return Controller(init=lambda lr: ThrottleState(curvature=0.0, factor=1.0, steps=0), update=update,

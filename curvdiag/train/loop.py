@@ -33,7 +33,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -89,6 +89,7 @@ class TrainSettings:
     floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
     floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
     same_batch_curvature: bool = False  # throttle: C_t on the step's own batch (one more forward and backward)
+    catapult_steps: Optional[int] = None  # throttle: κ falls from 1 over these first steps; None: 50 with a checkpoint, else 0
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
@@ -110,6 +111,8 @@ def check_settings(settings: TrainSettings) -> None:
             raise BadArgument(name, getattr(settings, name), "must be at least 0")
     if not isinstance(settings.seed, int) or not -2**63 <= settings.seed < 2**64:
         raise BadArgument("seed", settings.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
+    if settings.catapult_steps is not None and not (isinstance(settings.catapult_steps, int) and settings.catapult_steps >= 0):
+        raise BadArgument("catapult_steps", settings.catapult_steps, "must be an integer ≥ 0")
     if settings.kappa is not None and not (isinstance(settings.kappa, (int, float)) and 0 < settings.kappa <= 1):
         raise BadArgument("kappa", settings.kappa, "must lie in (0, 1]")
     for name in ("divergence_factor", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
@@ -162,7 +165,7 @@ def _settings_from(document: Any, source: str) -> TrainSettings:
         if not hasattr(defaults, name):
             continue  # a setting of another version: ignored
         default = getattr(defaults, name)
-        expected = (type(None), int, float) if name in ("lr", "max_batches", "kappa") else type(default)
+        expected = (type(None), int, float) if name in ("lr", "max_batches", "kappa", "catapult_steps") else type(default)
         if expected is float:
             expected = (int, float)
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
@@ -288,6 +291,8 @@ class Trainer:
                  resume_state: Optional[Dict[str, Any]] = None):
         builder = controllers.builder_of(settings.controller)  # an unknown name fails before the recipe runs
         check_settings(settings)
+        if settings.catapult_steps is None:  # trained weights in a new run: the throttle may cross the edge first
+            settings = replace(settings, catapult_steps=controllers.CATAPULT_STEPS if checkpoint else 0)
         self.settings, self.out, self.checkpoint_path = settings, Path(out), checkpoint
         self._loop: Optional[Tuple[ControlledOptimizer, DirectionalCurvatureTracker, _PowerFloor]] = None
         if distributed.rank() == 0:
@@ -320,6 +325,7 @@ class Trainer:
             raise BadInput(f"the {settings.controller} needs a known stability threshold; {info.name} has none",
                            hint="use an SGD or Adam-family optimizer, or the controller newton or clip")
         self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=settings.kappa,
+                                                 catapult_steps=settings.catapult_steps,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
