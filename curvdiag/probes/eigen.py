@@ -101,14 +101,15 @@ class LanczosProcess:
         if self.size > 0:
             w = w - self.betas[-1] * self.basis[self.size - 1]
         active = self.basis[: self.size + 1]
+        length = norm(w)
         for _ in range(2):
-            length = norm(w)
             w = w - active.T @ _coefficients(active, w)
-            if norm(w) > length / math.sqrt(2.0):
+            before, length = length, norm(w)
+            if length > before / math.sqrt(2.0):
                 break
         self.size += 1
         self.alphas.append(alpha)
-        self._w, self.beta = w, norm(w)
+        self._w, self.beta = w, length
         if not (math.isfinite(alpha) and math.isfinite(self.beta)):
             raise ValueError(f"the operator returned a non-finite product at Lanczos step {self.size}")
         return self.beta

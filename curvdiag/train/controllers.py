@@ -157,8 +157,7 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")
-    _check_range("momentum", momentum, 0.0, 1.0, closed_low=True)
-    if momentum >= 1.0:
+    if not 0.0 <= momentum < 1.0:  # NaN fails too
         raise BadArgument("momentum", momentum, "must lie in [0, 1)")
     kappa = throttle_kappa(momentum) if kappa is None else kappa
     _check_range("kappa", kappa, 0.0, 1.0)
