@@ -2,9 +2,9 @@
 
 Model: MLP 64 -> 128 -> 128 -> 10 with ReLU activations (26,122 parameters), the model and
        initialisation of diverge_momentum.py.
-Data:  the first 1000 scikit-learn ``load_digits`` samples, pixels scaled to [0, 1],
+Data:  diverge_momentum.py's (imported): the first 1000 ``load_digits`` samples in [0, 1],
        as 4 consecutive mini-batches of 250 (fixed order, cycled).
-Loss:  ``F.mse_loss(model(x), onehot(y))``, mean over all entries of the batch.
+Loss:  diverge_momentum.py's: ``F.mse_loss(model(x), onehot(y))``, mean over all entries.
 Optimizer: ``torch.optim.SGD(params, lr=LR, momentum=0.9)``; LR is the schedule's peak.
 Scheduler: ``scheduler(optimizer)``, a ``LambdaLR``: linear warm-up over the first 30 steps
        (factor (k + 1)/30 at step k), then cosine from 1 to 0 over steps 30..300; after step
@@ -30,15 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from _digits import batches, digits_flat  # noqa: E402
+from diverge_momentum import WIDTH, data, loss  # noqa: E402,F401  (the same data and loss)
 
 LR = 20.0
 MOMENTUM = 0.9
 SEED = 0
-WIDTH = 128
-BATCH = 250
 WARMUP = 30
 TOTAL = 300
 
@@ -54,19 +51,6 @@ def model():
             nn.ReLU(),
             nn.Linear(WIDTH, 10),
         )
-
-
-def data():
-    """4 mini-batches of 250: x (250, 64) float32 in [0,1], y (250,) int64."""
-    x, y = digits_flat(1000)
-    return batches(x, y, BATCH)
-
-
-def loss(model, batch):
-    """MSE against one-hot targets, mean over all entries of the batch."""
-    x, y = batch
-    out = model(x)
-    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
 
 
 def optimizer(params):
