@@ -90,7 +90,7 @@ def family_of_group(group: Mapping[str, Any]) -> Optional[OptimizerFamily]:
 def throttle_kappa(momentum: float = 0.0) -> float:
     """The throttle's fraction κ of the edge, κ = √(1 − β) for momentum β (heavy ball, or Adam's β1).
 
-    Measured, not derived (benchmarks/throttle_results.md): the best fixed learning rate of a grid
+    Measured, not derived (DESIGN §3.8; benchmarks/peers_results.md): the best fixed learning rate of a grid
     sits, after its first steps, at η·λmax ≈ T (GD at the edge of stability) without momentum and
     well below it with momentum; a throttle holding η·Ĉ ≤ κT ends within 1.5× of that tuned loss
     for κ = 1.0, 0.7, 0.3, 0.2 at β = 0, 0.5, 0.9, 0.95 and fails by 10× or more one step of that

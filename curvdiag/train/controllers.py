@@ -23,10 +23,11 @@ with C_{t−1} the directional curvature of the last step (§3.4, in the optimiz
 stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ ≤ 1 the
 fraction of the edge, by default κ = √(1 − β) for the optimizer's momentum β
 (:func:`curvdiag.stability.throttle_kappa`: 1 for GD, the edge itself, 0.32 at β = 0.9). The
-max with the decayed previous value reacts at once to a rise in curvature and relaxes slowly; ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a
-PSD Hessian: the last step need not point along the sharpest direction), which enters Ĉ on the step
-it is measured (floor_t; no floor on the other steps) and caps C_t at twice the latest one
-(:data:`NOISE_CAP`: above it, C_t is batch noise).
+max with the decayed previous value reacts at once to a rise in curvature and relaxes slowly;
+``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a PSD Hessian: the
+last step need not point along the sharpest direction), which enters Ĉ on the step it is measured
+(floor_t; no floor on the other steps) and caps C_t at twice the latest one (:data:`NOISE_CAP`:
+above it, C_t is batch noise).
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,

@@ -69,8 +69,8 @@ DEFAULT_CHECKPOINT_EVERY = 50
 
 # A loss jump re-measures the throttle's floor at most once in this many steps: mini-batch losses jump
 # by 10% often: measuring every jump cost the momentum and Adam cases 0.23–0.39 HVPs a step, one in
-# 5 steps 0.19–0.25 with the same losses, one in 10 0.17–0.19 and up to 2.7× the tuned loss
-# (benchmarks/throttle_results.md).
+# 5 steps 0.19–0.25 with the same losses, one in 10 0.17–0.19 and up to 2.7× the tuned loss (the
+# bench_peers cases from initialisation, 3 seeds).
 FLOOR_REST = 5
 
 
