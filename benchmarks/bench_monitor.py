@@ -140,38 +140,88 @@ def rss_trace(batches, steps):
     return trace
 
 
-def cockpit_times(batches, steps, plain):
-    """Cockpit's "economy" and "full" configurations tracking every 10 steps, relative to plain."""
+def _cockpit(quantities):
+    """(extend, Cockpit, schedules, configuration, HessMaxEV), or the reason Cockpit is unavailable."""
     try:
         from backpack import extend
-        from cockpit import Cockpit
+        from cockpit import Cockpit, quantities as cockpit_quantities
         from cockpit.utils import schedules
         from cockpit.utils.configuration import configuration
     except Exception as exc:  # not installed, or it does not import with this torch
-        return {"skipped": f"cockpit does not import: {type(exc).__name__}: {exc}"[:300]}
+        return f"cockpit does not import: {type(exc).__name__}: {exc}"[:300]
+    return extend, Cockpit, schedules, configuration, cockpit_quantities.HessMaxEV
+
+
+def _cockpit_loop(batches, steps, quantities, on_step=None):
+    """Cockpit's own loop (its README's): the extended model and loss, individual losses, and
+    ``backward(create_graph=...)`` as it asks. ``on_step(step, cockpit, model, batch)`` runs after
+    the tracked backward and before ``opt.step()`` (untimed callers only)."""
+    extend, Cockpit, _, _, _ = _cockpit(None)
+    model = extend(make_model())
+    loss_mean = extend(torch.nn.CrossEntropyLoss())
+    loss_each = torch.nn.CrossEntropyLoss(reduction="none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cockpit = Cockpit(model.parameters(), quantities=quantities)
+    started = time.perf_counter()
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        opt.zero_grad()
+        outputs = model(x)
+        loss = loss_mean(outputs, y)
+        losses = loss_each(outputs, y)
+        with cockpit(step, info={"batch_size": len(y), "individual_losses": losses, "loss": loss, "optimizer": opt}):
+            loss.backward(create_graph=cockpit.create_graph(step))
+        if on_step is not None:
+            on_step(step, cockpit, model, (x, y))
+        opt.step()
+    return time.perf_counter() - started
+
+
+def cockpit_times(batches, steps, plain):
+    """Cockpit tracking every 10 steps, relative to plain: its "economy" and "full" configurations
+    (economy has no λmax; full adds the Hessian trace, TIC and λmax) and its λmax quantity alone
+    (``HessMaxEV``: power iteration, rtol 1e-3), the like-for-like peer of the monitor's λmax."""
+    found = _cockpit(None)
+    if isinstance(found, str):
+        return {"skipped": found}
+    _, _, schedules, configuration, HessMaxEV = found
     out = {}
-    for name in ("economy", "full"):
+    for name in ("economy", "full", "HessMaxEV"):
         try:
-            model = extend(make_model())
-            loss_mean = extend(torch.nn.CrossEntropyLoss())
-            loss_each = torch.nn.CrossEntropyLoss(reduction="none")
-            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-            cockpit = Cockpit(model.parameters(), quantities=configuration(name, track_schedule=schedules.linear(10)))
-            started = time.perf_counter()
-            for step in range(steps):
-                x, y = batches[step % len(batches)]
-                opt.zero_grad()
-                outputs = model(x)
-                loss = loss_mean(outputs, y)
-                losses = loss_each(outputs, y)
-                with cockpit(step, info={"batch_size": len(y), "individual_losses": losses, "loss": loss,
-                                         "optimizer": opt}):
-                    loss.backward(create_graph=cockpit.create_graph(step))
-                opt.step()
-            out[name] = (time.perf_counter() - started) / plain
+            quantities = ([HessMaxEV(track_schedule=schedules.linear(10))] if name == "HessMaxEV"
+                          else configuration(name, track_schedule=schedules.linear(10)))
+            out[name] = _cockpit_loop(batches, steps, quantities) / plain
         except Exception as exc:
             out[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
     return out
+
+
+def cockpit_accuracy(batches, steps, every):
+    """Cockpit's λmax (HessMaxEV every ``every`` steps) against eigsh at the same weights and batch
+    (the weights of its backward pass, before the optimizer step), untimed."""
+    found = _cockpit(None)
+    if isinstance(found, str):
+        return {"skipped": found}
+    _, _, schedules, _, HessMaxEV = found
+    rows = []
+
+    def on_step(step, cockpit, model, batch):
+        if step % every:
+            return
+        value = float(cockpit.get_output()[step]["HessMaxEV"])
+        plain_model = make_model()
+        plain_model.load_state_dict(model.state_dict())
+        exact, _ = eigsh_lambda_max(plain_model, batch)
+        rows.append({"step": step, "cockpit": value, "eigsh": exact, "relative_error": (value - exact) / exact})
+
+    try:
+        _cockpit_loop(batches, steps, [HessMaxEV(track_schedule=schedules.linear(every))], on_step)
+    except Exception as exc:
+        return {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+    errors = [abs(r["relative_error"]) for r in rows]
+    return {"measurements": len(rows), "over_1e-2": int(sum(e > 1e-2 for e in errors)), "max_relative_error": max(errors),
+            "median_relative_error": statistics.median(errors), "always_below": all(r["relative_error"] <= 0 for r in rows),
+            "rows": rows}
 
 
 def main() -> None:
@@ -216,6 +266,7 @@ def main() -> None:
         "hvps_cold_median_same_weights": statistics.median(r["cold_hvps_same_weights"] for r in rows),
         "rss_mib_by_step": rss_trace(batches, args.rss_steps),
         "cockpit_ratio_every_10": cockpit_times(batches, args.steps, plain),
+        "cockpit_lambda_max_accuracy": cockpit_accuracy(batches, args.accuracy_steps, 10),
         "measurements": rows,
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -84,12 +84,14 @@ from curvdiag.train.loop import save_state
 LOGGER = logging.getLogger("curvdiag.monitor")
 ACTIONS = ("checkpoint", "throttle")
 # Consecutive products on which Lanczos' error estimate must meet ``tol`` before a measurement
-# stops. Measured at tol 1e-2 on the benchmark's MLP (benchmarks/bench_monitor.py workload, 312
-# warm-started measurements: 3 seeds, SGD and Adam, step and held batch, against eigsh): a window
-# of 3 took 6.97 products on average (worst error 2.7e-4), 2 took 5.96 (worst 1.8e-3, none over
-# tol), 1 took 5.07 and stopped up to 19% low on a second eigenvalue at 3 of 59. The oracle (the
-# first product within tol) was a median 4, warm or cold.
-WARM_STOP_WINDOW = 2
+# stops (the probe's default is 2). Measured at tol 1e-2 on the benchmark's MLP workload
+# (benchmarks/bench_monitor.py; 540 measurements per rule: 3 seeds, SGD and Adam, step and held
+# batch, each against eigsh): a window of 3 took 7.06 products a measurement and was never off by
+# more than 5.2e-3; a window of 2 took 6.04 and stopped up to 12% low, on a lower eigenvalue, at 3
+# of 540 (a cold start, 6.74 products, at 1: 21% low; a warm start mixed with an equal random
+# vector, 6.15, at 1; window 2 at tol/10, 6.86, at none). The oracle stop (the first product within
+# tol) was a median 4, warm or cold.
+WARM_STOP_WINDOW = 3
 
 
 @dataclass
@@ -337,10 +339,10 @@ class Monitor:
             # trade places: from the old top one alone, Lanczos first converges to what is now the
             # second eigenvalue and stalls there with a small residual (4-14% low on the benchmark,
             # at 1-5 of 30-100 measurements). The sum of the old top two has weight on the new top
-            # one, and the estimate must hold on 2 consecutive products (WARM_STOP_WINDOW).
+            # one, and the estimate must hold on 3 consecutive products (WARM_STOP_WINDOW); min 4.
             result = lanczos(target, tol=self.tol, max_matvecs=self.max_hvps, seed=self.seed,
                              start=self._vector if warm else None, want_vectors=2,
-                             min_iterations=2 if warm else 8, stability_window=WARM_STOP_WINDOW)
+                             min_iterations=4 if warm else 8, stability_window=WARM_STOP_WINDOW)
             self._vector = result.eigenvectors.sum(dim=0).detach().clone()
             trace = None
             if self.trace_every and step % self.trace_every == 0:
