@@ -1,9 +1,10 @@
 """λmax by Lanczos and power iteration against analytic spectra and dense Hessians."""
 
+import numpy as np
 import pytest
 import torch
 
-from curvdiag.probes.eigen import lanczos
+from curvdiag.probes.eigen import LanczosProcess, lanczos
 from curvdiag.curvature.linear_operator import DenseOperator
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max
@@ -56,7 +57,35 @@ def test_lanczos_restarts_within_a_small_basis_budget_and_still_converges():
     bytes_per_vector = A.shape[0] * 8
     result = lanczos(DenseOperator(A), tol=1e-6, max_matvecs=2000, basis_budget_bytes=12 * bytes_per_vector)
     assert result.restarts > 0 and result.converged
-    assert result.eigenvalues[0] == pytest.approx(7.001, rel=1e-8)
+    assert result.eigenvalues[0] == pytest.approx(7.001, rel=1e-6)  # the tol asked
+
+
+def test_thick_restart_keeps_the_krylov_information():
+    """A thick restart keeps half the Ritz pairs: the projected matrix stays Qᵀ A Q (an arrowhead
+    block, then tridiagonal) over an orthonormal basis, and the products stay near the unrestarted
+    run's, where restarting from one vector (the sum of the top Ritz vectors) took twice as many."""
+    A = quadratic_spectrum(CROWDED, seed=3)
+    n = A.shape[0]
+    unrestarted = lanczos(DenseOperator(A), tol=1e-8, max_matvecs=2000)
+    restarted = lanczos(DenseOperator(A), tol=1e-8, max_matvecs=2000, basis_budget_bytes=10 * n * 8)
+    assert unrestarted.restarts == 0 and restarted.restarts > 0 and restarted.converged
+    assert restarted.eigenvalues[0] == pytest.approx(7.001, rel=1e-8)
+    assert restarted.matvecs <= 1.5 * unrestarted.matvecs
+
+    process = LanczosProcess(DenseOperator(A), torch.ones(n, dtype=torch.float64) / n ** 0.5, 8)
+    for _ in range(8):
+        process.step()
+        if process.size < 8:
+            process.advance()
+    ritz, vectors = np.linalg.eigh(process.tridiagonal_array())
+    process.thick_restart(vectors[:, -4:], ritz[-4:])
+    process.step()
+    process.advance()
+    process.step()
+    Q = process.basis[: process.size]
+    assert torch.allclose(Q @ Q.T, torch.eye(process.size, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Q @ A @ Q.T, process.tridiagonal(), atol=1e-10)
+    assert np.allclose(np.diag(process.tridiagonal_array())[:4], ritz[-4:])
 
 
 def test_lambda_max_of_a_tiny_mlp_matches_the_dense_hessian():
