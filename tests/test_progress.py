@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import RECIPES
 from curvdiag.cli.app import app
-from curvdiag.cli.progress import LineProgress, ProbeProgress, RichProgress, progress_for
+from curvdiag.cli.progress import LineProgress, ProbeProgress, RichProgress, StepLines, progress_for
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.loading.target import load_target
 from curvdiag.probes import runner
@@ -65,6 +65,32 @@ def test_plain_lines_for_start_finish_and_a_heartbeat_every_interval():
         "[probe   14.0 s] hessian_trace: finished in 0.5 s, 12.5 of 40 gradient-equivalents (precision), "
         "relative s.e. 0.0093",
     ]
+
+
+def test_train_step_lines_start_every_interval_and_at_the_last_step():
+    clock, stream = FakeClock(), io.StringIO()
+    lines = StepLines(stream, started=99.5, label="train [throttle]", total=300, completed=100, interval=10.0, clock=clock)
+    for step, now in ((101, 101.0), (150, 109.9), (212, 110.0), (250, 115.0), (300, 116.2)):
+        clock.now = now
+        lines.update(step, f"loss {1 / step:.4g}")
+    assert stream.getvalue().splitlines() == [
+        "[train    0.5 s] train [throttle]: started at step 100 of 300",
+        "[train   10.5 s] train [throttle]: step 212/300 · loss 0.004717",
+        "[train   16.7 s] train [throttle]: step 300/300 · loss 0.003333",
+    ]
+
+
+def test_train_off_a_terminal_prints_step_lines_on_stderr(tmp_path):
+    """``curvdiag train`` with stderr in a pipe (a log, CI) says when each run starts and ends."""
+    result = CliRunner().invoke(app, ["train", TINY, "--steps", "5", "--controller", "throttle", "--compare",
+                                      "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[train ")]
+    assert [line.split("] ", 1)[1] for line in lines if "started" in line] == [
+        "train [none]: started at step 0 of 5", "train [throttle]: started at step 0 of 5"]  # the baseline first
+    assert sum(": step 5/5 · loss " in line for line in lines) == 2
+    quiet = CliRunner().invoke(app, ["train", TINY, "--steps", "5", "--quiet", "--out", str(tmp_path / "quiet")])
+    assert quiet.exit_code == 0 and "[train " not in quiet.stderr
 
 
 def test_the_heartbeat_thread_prints_while_nothing_else_does():

@@ -1,6 +1,6 @@
-"""What ``curvdiag probe`` shows while it runs, on stderr: a live rich line on a terminal, plain
-lines elsewhere (a log file, CI, ``nohup``, a cluster job), nothing with ``--quiet`` or on ranks
-other than 0.
+"""What ``curvdiag probe`` and ``curvdiag train`` show while they run, on stderr: a live rich line
+on a terminal, plain lines elsewhere (a log file, CI, ``nohup``, a cluster job), nothing with
+``--quiet`` or on ranks other than 0.
 
 Plain lines, each stamped with the seconds since the command started::
 
@@ -13,6 +13,13 @@ least every ``interval`` seconds (10 by default) while nothing else was printed,
 the run is alive even while one slow product or the set-up runs. The cost on a finished line is
 the probe's :class:`~curvdiag.results.probe_results.ProbeCost` (gradient-equivalents) where the
 runner supplies one, else its Hessian-vector products.
+
+``curvdiag train`` off a terminal (:class:`StepLines`): a line when a run starts, then the step
+reached at most every ``interval`` seconds, and the last step::
+
+    [train   0.4 s] train [throttle]: started at step 0 of 300
+    [train  10.4 s] train [throttle]: step 212/300 · loss 0.3127 · lr 0.3 · throttle 0.81
+    [train  14.6 s] train [throttle]: step 300/300 · loss 0.2214 · lr 0.3 · throttle 0.77
 """
 
 from __future__ import annotations
@@ -165,19 +172,44 @@ class RichProgress(ProbeProgress):
         self._progress.stop()
 
 
+class StepLines:
+    """Plain lines for a run of ``total`` steps on ``stream`` (see the module's docstring): a step
+    line when :meth:`update` comes ``interval`` seconds or more after the last line, or reaches
+    ``total``."""
+
+    def __init__(self, stream: IO[str], started: float, label: str, total: int, completed: int = 0,
+                 interval: float = HEARTBEAT_SECONDS, clock=time.monotonic):
+        self.stream, self.started, self.label, self.total = stream, started, label, total
+        self.interval, self.clock = interval, clock
+        self._last_line = clock()
+        self._write(f"started at step {completed} of {total}")
+
+    def _write(self, text: str) -> None:
+        now = self._last_line = self.clock()
+        try:
+            self.stream.write(f"[train {now - self.started:6.1f} s] {self.label}: {text}\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not end the run
+            pass
+
+    def update(self, completed: int, info: str) -> None:
+        if completed >= self.total or self.clock() - self._last_line >= self.interval:
+            self._write(f"step {completed}/{self.total}" + (f" · {info}" if info else ""))
+
+
 def progress_for(quiet: bool, started: float, stream: Optional[IO[str]] = None) -> ProbeProgress:
     """Nothing when ``quiet``; the rich line when ``stream`` (stderr) is a terminal; plain lines otherwise."""
     if quiet:
         return ProbeProgress()
     stream = stream if stream is not None else sys.stderr
-    if _is_terminal(stream):
+    if is_terminal(stream):
         from rich.console import Console
 
         return RichProgress(Console(file=stream))
     return LineProgress(stream, started)
 
 
-def _is_terminal(stream: IO[str]) -> bool:
+def is_terminal(stream: IO[str]) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):

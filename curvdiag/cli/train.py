@@ -7,6 +7,8 @@ controller (``--compare`` adds the baseline, ``--resume`` continues a stopped ru
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
@@ -103,24 +105,36 @@ def resumed_run(run_dir: Path, steps: Optional[int]) -> PlannedRun:
     return PlannedRun(settings.controller, Path(run_dir), point.recipe, point.checkpoint, settings, point.state)
 
 
-def replay(run: PlannedRun, console: Any, quiet: bool) -> Any:
-    """Train one planned run with a progress bar; its :class:`~curvdiag.train.loop.RunSummary`."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+def replay(run: PlannedRun, quiet: bool, started: float) -> Any:
+    """Train one planned run, showing its progress on stderr (:mod:`curvdiag.cli.progress`: a bar on a
+    terminal, a step line every 10 s elsewhere); its :class:`~curvdiag.train.loop.RunSummary`."""
+    from curvdiag.cli.progress import StepLines, is_terminal
     from curvdiag.train.loop import Trainer
 
     trainer = Trainer(run.recipe, run.checkpoint, run.run_dir, run.settings, resume_state=run.resume_state)
+    append = run.resume_state is not None
+    label, total = f"train [{run.controller}]", run.settings.steps
+    if quiet:
+        return trainer.run(append=append)
+    if not is_terminal(sys.stderr):
+        lines = StepLines(sys.stderr, started, label, total, completed=trainer.start_step)
+        return trainer.run(on_step=lambda record: lines.update(record["step"] + 1, _step_info(record)), append=append)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=quiet) as progress:
-        task = progress.add_task(f"train [{run.controller}]", total=run.settings.steps, completed=trainer.start_step,
-                                 info="")
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True),
+                  transient=True) as progress:
+        task = progress.add_task(label, total=total, completed=trainer.start_step, info="")
 
         def on_step(record: dict) -> None:
-            progress.update(task, completed=record["step"] + 1,
-                            info=f"loss {record['loss']:.4g} · lr {record['lr']:.3g} · throttle {record['throttle']:.3g}")
+            progress.update(task, completed=record["step"] + 1, info=_step_info(record))
 
-        return trainer.run(on_step=on_step, append=run.resume_state is not None)
+        return trainer.run(on_step=on_step, append=append)
+
+
+def _step_info(record: dict) -> str:
+    return f"loss {record['loss']:.4g} · lr {record['lr']:.3g} · throttle {record['throttle']:.3g}"
 
 
 def run_train(request: TrainRequest) -> None:
@@ -142,13 +156,14 @@ def _replay_all(request: TrainRequest) -> None:
     from curvdiag.curvature import distributed
     from curvdiag.report.runs import render_comparison
 
+    started = time.monotonic()
     runs = [resumed_run(request.resume, request.steps)] if request.resume is not None else new_runs(request)
     quiet = request.quiet or distributed.rank() != 0
     console = Console(quiet=quiet)
     warn = Console(stderr=True, quiet=distributed.rank() != 0, markup=False, highlight=False, soft_wrap=True)
     summaries = []
     for run in runs:
-        summary = replay(run, console, quiet)
+        summary = replay(run, quiet, started)
         summaries.append((run.controller, run.run_dir, summary))
         for failed in summary.save_failures:
             warn.print(f"warning: a checkpoint could not be saved (retried at the next one): {failed}")
