@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from curvdiag.curvature.operator import CurvatureOperator, default_memory
+from curvdiag.curvature.operator import CurvatureOperator, _byte_span, _spanned_bytes, default_memory
 from curvdiag.errors import BadArgument
 
 
@@ -57,6 +57,26 @@ def test_the_estimate_scales_by_samples_not_batches():
     model, batches = _setup(num_batches=2)
     small = CurvatureOperator(model, batches, _mse, [4, 12]).graph_bytes
     assert small == 4 * CurvatureOperator(model, batches[:1], _mse, [4]).graph_bytes
+
+
+def test_a_batch_sliced_from_one_data_tensor_counts_its_rows_not_the_data_set():
+    """Batches that are row slices of one big data tensor (a TensorDataset, digits in memory) keep
+    only their own rows alive in the graph: the estimate is that of the same batches copied (up to
+    the columns a slice spans between its rows)."""
+    model, _ = _setup()
+    data = torch.randn(4096, 7, dtype=torch.float64)
+    sliced = [(data[i:i + 4, :6], data[i:i + 4, 6:]) for i in range(0, 64 * 4, 4)]
+    copied = [(x.clone(), y.clone()) for x, y in sliced]
+    estimate = CurvatureOperator(model, copied, _mse, [4] * 64).graph_bytes
+    assert estimate <= CurvatureOperator(model, sliced, _mse, [4] * 64).graph_bytes <= 1.1 * estimate
+    assert estimate < 64 * data.numel() * data.element_size() / 100  # counted whole, 64 × 229 KiB
+
+
+def test_byte_spans_merge_overlapping_views():
+    base = torch.zeros(100, dtype=torch.float32)
+    assert _byte_span(base[10:20]) == (40, 80)
+    assert _byte_span(base.view(10, 10)[:, 2]) == (8, 8 + (9 * 10 + 1) * 4)  # a strided column spans its rows
+    assert _spanned_bytes([(0, 40), (20, 80), (100, 120), (110, 115)]) == 100
 
 
 def test_parameters_are_not_counted():
