@@ -370,3 +370,32 @@ def test_the_readme_monitor_example_runs(tmp_path, capsys):
     assert [line.split()[0] for line in printed] == ["0", "10", "20", "30", "40"]
     run = read_run(tmp_path)
     assert run.summary.steps_completed == 50 and len(run.series("lambda_max")[0]) == 5
+
+
+def test_cost_splits_the_loops_own_time_from_the_monitors(caplog):
+    """``Monitor.cost()``: the wall time between ``step`` calls (here at least a 2-ms sleep a step)
+    is the loop's, the time inside them the monitor's; slowdown = their sum over the loop's."""
+    import time
+
+    model = _bn_dropout_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = _data()
+    monitor = curvdiag.Monitor(model, cross_entropy, opt, every=10)
+    assert monitor.cost().slowdown is None
+    started = time.perf_counter()
+    for step in range(30):
+        opt.zero_grad()
+        cross_entropy(model, data[step % len(data)]).backward()
+        opt.step()
+        time.sleep(0.002)
+        monitor.step(data[step % len(data)])
+    elapsed = time.perf_counter() - started
+    cost = monitor.cost()
+    assert (cost.steps, cost.measurements) == (30, 3)
+    assert cost.hvps == sum(m.hvps for m in monitor.measurements) and cost.hvps_per_measurement == cost.hvps / 3
+    assert cost.loop_seconds >= 29 * 0.002 and cost.monitor_seconds >= sum(m.seconds for m in monitor.measurements)
+    assert cost.loop_seconds + cost.monitor_seconds <= elapsed
+    assert cost.slowdown == pytest.approx((cost.loop_seconds + cost.monitor_seconds) / cost.loop_seconds)
+    with caplog.at_level(logging.INFO, logger="curvdiag.monitor"):
+        monitor.close()
+    assert "3 measurements in 30 steps" in caplog.text and "× the loop alone" in caplog.text

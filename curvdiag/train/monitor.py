@@ -125,6 +125,31 @@ class Measurement:
         return {name: float(value) for name, value in values.items() if value is not None}
 
 
+@dataclass(frozen=True)
+class MonitorCost:
+    """What watching has cost so far (:meth:`Monitor.cost`), measured in the user's process.
+
+    ``loop_seconds`` is the wall time the loop spent between ``monitor.step`` calls (its own
+    forward, backward, optimizer step, data loading), ``monitor_seconds`` the time inside them;
+    ``slowdown`` = (loop + monitor) / loop, the factor the benchmark's "wall time / plain loop"
+    measures (None before the second step)."""
+
+    steps: int
+    measurements: int
+    hvps: int  # every product, λmax and trace
+    hvps_per_measurement: Optional[float]
+    monitor_seconds: float
+    loop_seconds: float
+    slowdown: Optional[float]
+
+    def __str__(self) -> str:
+        text = f"{self.measurements} measurements in {self.steps} steps, {self.hvps} products"
+        if self.slowdown is not None:
+            text += (f"; {self.monitor_seconds:.3g} s watching against {self.loop_seconds:.3g} s of training"
+                     f" ({self.slowdown:.2f}× the loop alone)")
+        return text
+
+
 class Monitor:
     """Watch λmax, the edge-of-stability ratio and C_t while the user's own loop trains.
 
@@ -218,6 +243,8 @@ class Monitor:
         self._last_update_norm: Optional[float] = None
         self._losses: List[float] = []
         self._times: List[float] = []
+        self._loop_seconds = 0.0  # between step() calls: the user's own work
+        self._left_at: Optional[float] = None  # when the last step() returned
         self._initial_loss: Optional[float] = None
         self._closed = False
 
@@ -240,6 +267,8 @@ class Monitor:
         if self._closed:
             raise BadInput("this monitor is closed", hint="create a new Monitor for a new run")
         started = time.perf_counter()
+        if self._left_at is not None:
+            self._loop_seconds += started - self._left_at
         step = self.steps
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         factor = self.throttle.factor if self.throttle is not None else 1.0
@@ -260,6 +289,8 @@ class Monitor:
         self.steps += 1
         if measurement is not None:
             self._announce(measurement)
+            self._times[-1] = time.perf_counter() - started  # with the hook, run.json and any checkpoint
+        self._left_at = time.perf_counter()
         return measurement
 
     def _step_norms(self, step: int) -> tuple:
@@ -424,6 +455,15 @@ class Monitor:
     def _state(self, step: int) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step}
 
+    def cost(self) -> MonitorCost:
+        """Products, measurements and wall time spent watching against the loop's own time."""
+        measured = len(self.measurements)
+        watched = sum(self._times)
+        return MonitorCost(steps=self.steps, measurements=measured, hvps=self.hvps,
+                           hvps_per_measurement=self.hvps / measured if measured else None,
+                           monitor_seconds=watched, loop_seconds=self._loop_seconds,
+                           slowdown=(self._loop_seconds + watched) / self._loop_seconds if self._loop_seconds > 0 else None)
+
     def summary(self) -> RunSummary:
         """run.json of the steps logged so far."""
         times = self._times
@@ -444,6 +484,7 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        LOGGER.info(f"monitor closed: {self.cost()}")
         if self.out is not None:
             self._metrics.close()
             write_run_summary(self.out, self.summary())
