@@ -64,7 +64,7 @@ def test_easy_spectra_stop_within_two_products_of_the_oracle(kind, tol):
         assert result.hvps <= oracle(op, 1.0, tol, seed) + 2, seed
 
 
-@pytest.mark.parametrize("kind,tols", [("crowded", [1e-3, 1e-4, 1e-6]), ("ratio_0.994", [1e-2, 1e-6])])
+@pytest.mark.parametrize("kind,tols", [("crowded", [1e-2, 1e-3, 1e-4, 1e-6]), ("ratio_0.994", [1e-2, 1e-6])])
 def test_crowded_tops_reach_the_tolerance(kind, tols):
     # The stop may be later than oracle + 2 here (the gap must first be resolved). Not tested, as it
     # fails: λ2/λ1 = 0.994 at tol 1e-3–1e-4, where an unresolved pair stopped up to 1.6·tol off on
@@ -120,3 +120,16 @@ def test_sample_checkpoints_against_eigsh(recipe, checkpoint):
     assert result.converged
     assert -1e-10 <= (lam - result.value) / lam <= tol
     assert result.hvps <= oracle(op, lam, tol, seed=0, products=40) + 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_loose_tol_does_not_stop_on_a_lower_member_of_a_crowded_top(seed):
+    """tanh_edge.pt's top (6.763, 6.712, 6.670, …) at tol 1e-2: from these seeds' start vectors the
+    estimate met 1e-2 after 5 products on a lower eigenvalue, 3.3% (seed 2) and 1.25% (seed 1) low.
+    No stop is looser than LOOSEST_STOP (1e-3): the answer is then within tol."""
+    root = Path(__file__).resolve().parent.parent / "sample_models"
+    target = load_target(str(root / "tanh_mlp.py"), str(root / "checkpoints" / "tanh_edge.pt"))
+    op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
+    exact = lambda_max(op, tol=1e-7, max_hvps=200).value
+    loose = lambda_max(op, tol=1e-2, seed=seed)
+    assert 0.0 <= (exact - loose.value) / exact <= 1e-2, (loose.value, exact, loose.hvps)

@@ -83,15 +83,15 @@ from curvdiag.train.loop import save_state
 
 LOGGER = logging.getLogger("curvdiag.monitor")
 ACTIONS = ("checkpoint", "throttle")
-# Consecutive products on which Lanczos' error estimate must meet ``tol`` before a measurement
-# stops (the probe's default is 2). Measured at tol 1e-2 on the benchmark's MLP workload
-# (benchmarks/bench_monitor.py; 540 measurements per rule: 3 seeds, SGD and Adam, step and held
-# batch, each against eigsh): a window of 3 took 7.06 products a measurement and was never off by
-# more than 5.2e-3; a window of 2 took 6.04 and stopped up to 12% low, on a lower eigenvalue, at 3
-# of 540 (a cold start, 6.74 products, at 1: 21% low; a warm start mixed with an equal random
-# vector, 6.15, at 1; window 2 at tol/10, 6.86, at none). The oracle stop (the first product within
-# tol) was a median 4, warm or cold.
-WARM_STOP_WINDOW = 3
+# Consecutive products on which Lanczos' error estimate must meet the tolerance before a warm-started
+# measurement stops. Measured at tol 1e-2 on the benchmark's MLP workload (benchmarks/bench_monitor.py;
+# 540 measurements per rule: 3 seeds, SGD and Adam, step and held batch, each against eigsh): with the
+# estimate asked down to tol, a window of 3 took 7.06 products a measurement (worst error 5.2e-3) and
+# a window of 2 took 6.04 but stopped up to 12% low, on a lower eigenvalue, at 3 of 540. Since Lanczos
+# stops no looser than 1e-3 (eigen.LOOSEST_STOP), a window of 2 takes 6.86 (worst 3.2e-3, none over
+# tol) and 3 takes 7.86 (worst 8e-5). The oracle stop (the first product within tol) was a median 4,
+# warm or cold.
+WARM_STOP_WINDOW = 2
 
 
 @dataclass
@@ -370,7 +370,7 @@ class Monitor:
             # trade places: from the old top one alone, Lanczos first converges to what is now the
             # second eigenvalue and stalls there with a small residual (4-14% low on the benchmark,
             # at 1-5 of 30-100 measurements). The sum of the old top two has weight on the new top
-            # one, and the estimate must hold on 3 consecutive products (WARM_STOP_WINDOW); min 4.
+            # one, and the estimate must hold on 2 consecutive products (WARM_STOP_WINDOW); min 4.
             result = lanczos(target, tol=self.tol, max_matvecs=self.max_hvps, seed=self.seed,
                              start=self._vector if warm else None, want_vectors=2,
                              min_iterations=4 if warm else 8, stability_window=WARM_STOP_WINDOW)
