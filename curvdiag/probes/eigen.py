@@ -103,25 +103,28 @@ class LanczosProcess:
     def step(self) -> float:
         """One product; appends α_j = q_jᵀ A q_j and returns β_j (the new residual's norm)."""
         j = self.size
-        self.basis[j] = self._q
-        w = self.op.matvec(self._q)
+        q = self._q
+        self.basis[j] = q
+        w = self.op.matvec(q)
         self.products += 1
-        alpha = inner(w, self._q)
+        alpha = inner(w, q)
         # The recurrence first (w − α q_j − Σ_i T_ji q_i over the known couplings: β_{j−1} q_{j−1}, or
         # after a thick restart the kept Ritz vectors), then one projection against the whole basis,
         # and a second only when it removed more than 1/√2 of w's length (Daniel–Gragg–Kaufman–
-        # Stewart: then w was nearly in the basis and one pass may not suffice).
-        w = w - alpha * self._q
+        # Stewart: then w was nearly in the basis and one pass may not suffice). One new vector (the
+        # operator's product is left as it is), then in place: every pass over n entries counts at
+        # 10M parameters and up.
+        w = torch.add(w, q, alpha=-alpha)
         coupled = np.flatnonzero(self.projected[j, :j])
         if coupled.size == 1:
-            w = w - float(self.projected[j, coupled[0]]) * self.basis[int(coupled[0])]
+            w.add_(self.basis[int(coupled[0])], alpha=-float(self.projected[j, coupled[0]]))
         elif coupled.size > 1:
             weights = torch.from_numpy(self.projected[j, :j].copy()).to(device=w.device, dtype=w.dtype)
-            w = w - weights @ self.basis[:j]
+            w.addmv_(self.basis[:j].T, weights, alpha=-1.0)
         active = self.basis[: j + 1]
         length = norm(w)
         for _ in range(2):
-            w = w - active.T @ _coefficients(active, w)
+            w.addmv_(active.T, _coefficients(active, w), alpha=-1.0)
             before, length = length, norm(w)
             if length > before / math.sqrt(2.0):
                 break
@@ -138,7 +141,7 @@ class LanczosProcess:
         j = self.size
         self.projected[j, j - 1] = self.projected[j - 1, j] = self.beta
         self.betas.append(self.beta)
-        self._q = self._w / self.beta
+        self._q = self._w.div_(self.beta)
 
     def thick_restart(self, coefficients: np.ndarray, values: np.ndarray) -> None:
         """Keep k Ritz pairs and go on from the residual (Wu & Simon's thick restart).
