@@ -1,6 +1,6 @@
 """λmax to 1e-4 against PyHessian, curvlinops + eigsh and hessian-eigenthings v1, per model (issue #16).
 
-    python benchmarks/bench_lambda_peers.py            # 4 models, 3 interleaved repetitions (~10 min, one core)
+    python benchmarks/bench_lambda_peers.py            # 4 models, 3 interleaved rounds (~5 min on one core)
     python benchmarks/bench_lambda_peers.py --quick    # 1 repetition, shorter caps (a smoke run)
 
 Models (float32, one torch thread):
