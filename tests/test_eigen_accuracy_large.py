@@ -5,7 +5,7 @@ torch's float32 ``Tensor.norm`` and ``torch.dot`` on CPU come out ~1e-4 low at 5
 
 import torch
 
-from curvdiag.curvature.linear_operator import inner, norm
+from curvdiag.curvature.linear_operator import _batched_inner, inner, norm
 from curvdiag.probes.eigen import lanczos, power_iteration
 
 N = 5_000_000
@@ -28,6 +28,12 @@ def test_float32_inner_products_are_accurate_at_millions_of_entries():
     exact = float(x.double().pow(2).sum())
     assert abs(inner(x, x) / exact - 1) < 1e-6
     assert abs(norm(x) / exact ** 0.5 - 1) < 1e-6
+    assert abs(_batched_inner(x, x) / exact - 1) < 1e-6  # the accelerators' path, run here on the CPU
+    y = torch.randn(N + 123, generator=torch.Generator().manual_seed(2))  # not a whole number of chunks
+    z = torch.randn(N + 123, generator=torch.Generator().manual_seed(3))
+    cross = float(y.double() @ z.double())
+    scale = float(y.double().norm() * z.double().norm())
+    assert abs(inner(y, z) - cross) < 1e-7 * scale and abs(_batched_inner(y, z) - cross) < 1e-7 * scale
 
 
 def test_lanczos_and_power_iteration_reach_the_top_eigenvalue_of_a_large_float32_operator():

@@ -75,8 +75,20 @@ def inner(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.device.type == "cpu":  # a Python loop of BLAS dots: no temporary, no device round-trips
         return math.fsum(float(torch.dot(a[s:s + _INNER_CHUNK], b[s:s + _INNER_CHUNK]))
                          for s in range(0, n, _INNER_CHUNK))
-    head = n - n % _INNER_CHUNK  # on an accelerator: one batched product and one transfer
-    partial = torch.bmm(a[:head].view(-1, 1, _INNER_CHUNK), b[:head].view(-1, _INNER_CHUNK, 1)).view(-1)
+    return _batched_inner(a, b)
+
+
+# Entries per dot of :func:`_batched_inner`: a batched product accumulates each dot in one float32
+# running sum (on this CPU: ‖x‖² of 5M entries 1.2e-6 off in chunks of 16,384, 1.5e-8 in 1,024).
+_BATCHED_CHUNK = 1 << 10
+
+
+def _batched_inner(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`inner` on an accelerator: the chunks' dots as one batched product (m, 1, C) @ (m, C, 1),
+    summed in float64 on the device, one transfer."""
+    n = a.shape[0]
+    head = n - n % _BATCHED_CHUNK
+    partial = torch.bmm(a[:head].view(-1, 1, _BATCHED_CHUNK), b[:head].view(-1, _BATCHED_CHUNK, 1)).view(-1)
     total = partial.sum(dtype=torch.float64)
     if head < n:
         total = total + torch.dot(a[head:], b[head:]).double()

@@ -166,7 +166,7 @@ class LanczosProcess:
         self.projected[np.arange(k), np.arange(k)] = values
         self.projected[k, :k] = self.projected[:k, k] = couplings
         self.size = k
-        self._q = self._w / self.beta
+        self._q = self._w.div_(self.beta)
 
     def tridiagonal(self) -> torch.Tensor:
         """T_j = Q_jᵀ A Q_j, float64 of shape (j, j): α on the diagonal, β_1 … β_{j−1} beside it
