@@ -1,4 +1,5 @@
-"""Shared, deterministic data helpers for the bundled curvdiag sample models.
+"""Shared, deterministic data helpers (and the divergence recipes' model and loss) for the bundled
+curvdiag sample models.
 
 All samples use scikit-learn's bundled ``load_digits`` (1797 8x8 grey-scale
 images, 10 classes, shipped inside scikit-learn: nothing is downloaded).
@@ -8,6 +9,8 @@ samples in the file's fixed order -- no shuffling, no randomness.
 from functools import lru_cache
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 N_TRAIN = 1000
 
@@ -44,3 +47,24 @@ def batches(x, y, batch_size):
     """Split ``(x, y)`` into a list of consecutive ``(x, y)`` batches (fixed order)."""
     n = x.shape[0]
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def relu_mlp(seed, width=128):
+    """Fresh MLP 64-width-width-10 with ReLU (26,122 parameters at width 128), initialised from
+    ``seed`` without touching the global RNG: the model of every ``diverge_*.py`` recipe."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(64, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
+
+
+def onehot_mse(model, batch):
+    """MSE of ``model(x)`` (n, 10) against one-hot targets of y (n,), mean over all n x 10 entries."""
+    x, y = batch
+    out = model(x)
+    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))

@@ -27,41 +27,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from _digits import batches, digits_flat  # noqa: E402
+from _digits import relu_mlp  # noqa: E402
+from diverge_momentum import WIDTH, data, loss  # noqa: E402,F401  (the same data and loss)
 
 LR = 0.1
 SEED = 0
-WIDTH = 128
-BATCH = 250
 
 
 def model():
-    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed 0)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return nn.Sequential(
-            nn.Linear(64, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, 10),
-        )
-
-
-def data():
-    """4 mini-batches of 250: x (250, 64) float32 in [0,1], y (250,) int64."""
-    x, y = digits_flat(1000)
-    return batches(x, y, BATCH)
-
-
-def loss(model, batch):
-    """MSE against one-hot targets, mean over all entries of the batch."""
-    x, y = batch
-    out = model(x)
-    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
+    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed SEED)."""
+    return relu_mlp(SEED, WIDTH)
 
 
 def optimizer(params):

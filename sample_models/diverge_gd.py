@@ -24,10 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from _digits import digits_flat  # noqa: E402
+from _digits import digits_flat, onehot_mse, relu_mlp  # noqa: E402
 
 LR = 10.0
 SEED = 0
@@ -35,16 +33,8 @@ WIDTH = 128
 
 
 def model():
-    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed 0)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return nn.Sequential(
-            nn.Linear(64, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, 10),
-        )
+    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed SEED)."""
+    return relu_mlp(SEED, WIDTH)
 
 
 def data():
@@ -55,9 +45,7 @@ def data():
 
 def loss(model, batch):
     """MSE against one-hot targets, mean over all 1000 x 10 entries."""
-    x, y = batch
-    out = model(x)
-    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
+    return onehot_mse(model, batch)
 
 
 def optimizer(params):

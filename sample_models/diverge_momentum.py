@@ -25,10 +25,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from _digits import batches, digits_flat  # noqa: E402
+from _digits import batches, digits_flat, onehot_mse, relu_mlp  # noqa: E402
 
 LR = 10.0
 MOMENTUM = 0.9
@@ -38,16 +36,8 @@ BATCH = 250
 
 
 def model():
-    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed 0)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return nn.Sequential(
-            nn.Linear(64, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, 10),
-        )
+    """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed SEED)."""
+    return relu_mlp(SEED, WIDTH)
 
 
 def data():
@@ -58,9 +48,7 @@ def data():
 
 def loss(model, batch):
     """MSE against one-hot targets, mean over all entries of the batch."""
-    x, y = batch
-    out = model(x)
-    return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
+    return onehot_mse(model, batch)
 
 
 def optimizer(params):

@@ -29,8 +29,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
+from _digits import relu_mlp  # noqa: E402
 from diverge_momentum import WIDTH, data, loss  # noqa: E402,F401  (the same data and loss)
 
 LR = 20.0
@@ -42,15 +42,7 @@ TOTAL = 300
 
 def model():
     """Fresh MLP 64-128-128-10 (ReLU), deterministically initialised (seed SEED)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return nn.Sequential(
-            nn.Linear(64, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, WIDTH),
-            nn.ReLU(),
-            nn.Linear(WIDTH, 10),
-        )
+    return relu_mlp(SEED, WIDTH)
 
 
 def optimizer(params):
