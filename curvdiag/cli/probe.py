@@ -219,7 +219,7 @@ def probe(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (overrides the checkpoint's optimizer state and the recipe).")] = None,
     optimizer: Annotated[Optional[OptimizerFamily], typer.Option(parser=OptimizerFamily.parse, help="Optimizer family (overrides the checkpoint and recipe).")] = None,
     method: Annotated[EigenMethod, typer.Option(parser=EigenMethod.parse, help="How λmax is computed.")] = EigenMethod.lanczos,
-    tol: Annotated[float, typer.Option(help="Relative error tolerance for λmax (Lanczos: the Ritz error estimate r²/gap, or the residual r while the gap is unresolved).")] = 1e-4,
+    tol: Annotated[float, typer.Option(help="Relative error tolerance for λmax (Lanczos: the Ritz error estimate r²/gap, or the residual r while the gap is unresolved; Lanczos stops no looser than 1e-3).")] = 1e-4,
     top_k: Annotated[int, typer.Option(help="How many of the largest eigenvalues to converge.")] = 1,
     samples: Annotated[Optional[int], typer.Option(help="Hutchinson probes for the trace and diagonal (default: until 1% s.e. of the trace, 10% of the diagonal's layer means, or the budget).")] = None,
     glass_lambda: Annotated[float, typer.Option(help="Length scale λ of the glass and power-law perturbations (absolute, per entry).")] = 1e-3,
