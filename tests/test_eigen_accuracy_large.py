@@ -47,3 +47,12 @@ def test_lanczos_and_power_iteration_reach_the_top_eigenvalue_of_a_large_float32
         assert abs(power.eigenvalues[0] / 2.0 - 1) < 1e-5, power.eigenvalues[0]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_inner_products_of_mixed_precision_and_strided_vectors():
+    a = torch.randn(300_000, generator=torch.Generator().manual_seed(4))
+    strided = a[::3]
+    exact = float(strided.double().pow(2).sum())
+    assert abs(inner(strided, strided) / exact - 1) < 1e-6
+    wide = torch.randn(100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert abs(inner(strided, wide) - float(strided.double() @ wide)) < 1e-9 * float(strided.double().norm() * wide.norm())
