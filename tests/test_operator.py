@@ -69,6 +69,21 @@ def test_affine_layernorm_and_fused_attention_fall_back_to_the_exact_math_kernel
     torch.testing.assert_close(op.hvp(v), H @ v, rtol=1e-9, atol=1e-12)
 
 
+def test_math_attention_asked_up_front_gives_the_fallbacks_products_without_trying_the_fused_kernel(monkeypatch):
+    """attention="math" (what a monitor or a throttle passes once the first operator fell back)
+    builds straight on the math kernel: the same products, no failed try, no start-up check."""
+    model, batches = TinyAttention().double(), sequence_batches()
+    fallen = CurvatureOperator(model, batches, mse, [5])
+    tries = []
+    monkeypatch.setattr(CurvatureOperator, "_try_exact", lambda self, probe: tries.append(1))
+    direct = CurvatureOperator(model, batches, mse, [5], hvp_method=fallen.hvp_method, attention="math")
+    assert tries == [] and direct.fallback == "math-attention" and "math attention" in direct.describe_method()
+    v = _vector(direct.num_params)
+    torch.testing.assert_close(direct.hvp(v), fallen.hvp(v), rtol=0, atol=0)
+    with pytest.raises(BadArgument, match="attention"):
+        CurvatureOperator(model, batches, mse, [5], attention="flash")
+
+
 def test_kernel_without_double_backward_falls_back_to_finite_differences():
     model, batches = FusedKernelMLP().double(), regression_batches()
     op = CurvatureOperator(model, batches, mse, [7, 3], fd_step=1e-4)

@@ -449,3 +449,48 @@ def test_the_readme_controller_example_is_a_working_controller():
     assert factors == [1.0, 0.5, 0.5, 0.25]
     with pytest.raises(BadArgument, match="every"):
         namespace["halving"](every=0)
+
+
+def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(tmp_path, monkeypatch):
+    """The throttle's floor chooses the product method once; later floors (every floor_every steps)
+    and later λmax measurements reuse it instead of estimating the kept graph's bytes (a forward and
+    backward) and checking double backward (one product) again. The run is the same either way."""
+    from curvdiag.curvature.operator import CurvatureOperator
+
+    def run(out, reuse):
+        calls = {"estimate": 0, "check": 0}
+        estimate, check = CurvatureOperator._estimate_graph_bytes, CurvatureOperator._try_exact
+
+        def counted_estimate(self):
+            calls["estimate"] += 1
+            return estimate(self)
+
+        def counted_check(self, probe):
+            calls["check"] += 1
+            return check(self, probe)
+
+        monkeypatch.setattr(CurvatureOperator, "_estimate_graph_bytes", counted_estimate)
+        monkeypatch.setattr(CurvatureOperator, "_try_exact", counted_check)
+        trainer = Trainer(TINY, None, out, TrainSettings(steps=45, controller="throttle", sharpness_every=20))
+        if not reuse:  # forget the method before every operator: the behaviour before the reuse
+            original = trainer._operator
+
+            def forgetting(purpose, batches, sizes):
+                trainer._hvp_methods.clear()
+                return original(purpose, batches, sizes)
+
+            trainer._operator = forgetting
+        trainer.run()
+        monkeypatch.undo()
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return calls, lines
+
+    calls, lines = run(tmp_path / "reuse", True)
+    floors = sum("lambda_floor" in line for line in lines)
+    measured = sum("lambda_max" in line for line in lines)
+    assert floors >= 5 and measured == 3
+    assert calls == {"estimate": 2, "check": 2}  # one floor, one λmax over all batches (at the start)
+    calls_before, lines_before = run(tmp_path / "forget", False)
+    assert calls_before["estimate"] == floors + measured + 1  # + λmax at the start
+    strip = lambda line: {k: v for k, v in line.items() if k != "seconds"}  # noqa: E731
+    assert [strip(line) for line in lines] == [strip(line) for line in lines_before]

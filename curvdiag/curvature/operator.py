@@ -103,6 +103,9 @@ class CurvatureOperator:
         distributed: sum over the ranks of the initialised process group (``batches`` is this
             rank's shard; see :mod:`curvdiag.curvature.distributed`). Every rank must construct the operator
             and call the same products in the same order.
+        attention: "auto" (the fused kernel, and math attention only when a product finds it lacks
+            double backward) or "math" (math attention from the start, ``fallback="math-attention"``:
+            an operator built again for a model already found to need it skips the failed try).
     """
 
     def __init__(
@@ -117,9 +120,12 @@ class CurvatureOperator:
         memory: Optional[int] = None,
         fd_step: float = 3e-3,
         distributed: bool = False,
+        attention: str = "auto",
     ):
         if hvp_method not in HVP_METHODS:
             raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
+        if attention not in ("auto", "math"):
+            raise BadArgument("attention", attention, "unknown", hint="choose auto or math")
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
             raise BadArgument("memory", memory, "must be a positive whole number of bytes")
         from curvdiag.curvature import distributed as dist
@@ -153,6 +159,8 @@ class CurvatureOperator:
         self.fallback_reason: Optional[str] = None
         self.finite_difference: Optional[FiniteDifferenceInfo] = None
         self._attention_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        if attention == "math":
+            self._attention_context, self.fallback = _math_attention, "math-attention"
         self._kept_gradient: Optional[List[torch.Tensor]] = None
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)

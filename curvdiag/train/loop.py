@@ -309,6 +309,7 @@ class Trainer:
         optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: optimizer(params)")
         self.start_step, self.resumed = 0, bool(resume_state and resume_state.get("resume"))
         self._start_lambda: Optional[float] = None  # λmax at the starting weights (run.json)
+        self._hvp_methods: Dict[str, Tuple[str, str]] = {}  # (product method, attention) per purpose (_operator)
         self._resume_extras: Dict[str, Any] = dict(resume_state.get("extras") or {}) if self.resumed else {}
         source = resume_state or (read_checkpoint(checkpoint).__dict__ if checkpoint else None)
         if source is not None:
@@ -584,8 +585,7 @@ class Trainer:
         floor.last_step = progress.step
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
-        op = CurvatureOperator(self.model, [batch], self.recipe.loss, [size], train_mode=True,
-                               distributed=self.replicas.world_size > 1)
+        op = self._operator("floor", [batch], [size])
         gradient = op.flatten(grads)
         if preconditioner is None:
             controlled.floor = floor.estimate(op, gradient)
@@ -679,11 +679,23 @@ class Trainer:
                 return None
         return self._sharpness(self.optimizer.param_groups[0]["lr"])["lambda_max"]
 
+    def _operator(self, purpose: str, batches: List[Any], sizes: List[int]) -> CurvatureOperator:
+        """The curvature operator at the current weights, for ``purpose`` ("floor": the step's batch,
+        "sharpness": all batches). The first one of each purpose chooses the product method ("auto":
+        the kept graph's bytes estimated by a forward and backward, a check product, and on a fused
+        attention kernel without double backward the same again with math attention); later ones
+        reuse the choice and skip those passes, which cost a floor as much as its two products."""
+        method, attention = self._hvp_methods.get(purpose, ("auto", "auto"))
+        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True, hvp_method=method,
+                               distributed=self.replicas.world_size > 1, attention=attention)
+        if method == "auto" and op.fallback in (None, "math-attention"):
+            self._hvp_methods[purpose] = (op.hvp_method, "math" if op.fallback else "auto")
+        return op
+
     def _sharpness(self, lr: float) -> Dict[str, Any]:
         """λmax on all batches with the probe code; the EoS ratio lr·λ/T."""
         batches, sizes = self.replicas.sharpness_batches()
-        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
-                               distributed=self.replicas.world_size > 1)
+        op = self._operator("sharpness", batches, sizes)
         pre = optimizer_preconditioner(self.optimizer, self.params) if self.info.is_adaptive else None
         if pre is not None:
             result = preconditioned_lambda_max(op, op.flatten(pre), tol=1e-3, max_hvps=200)

@@ -219,6 +219,7 @@ class Monitor:
         self.every, self.trace_every, self.tol, self.max_hvps = every, trace_every, tol, max_hvps
         self.norms_every = every if norms_every is None else norms_every
         self.trace_samples, self.seed, self.hvp_method, self.train_mode = trace_samples, seed, hvp_method, train_mode
+        self._attention = "auto"  # "math" once the first measurement found the fused kernel lacks double backward
         self.held_batches = list(held_batches) if held_batches is not None else None
         self.batch_size = batch_size or _samples_in
         self.on_measure, self.warn_ratio, self.warn_jump = on_measure, warn_ratio, warn_jump
@@ -353,9 +354,12 @@ class Monitor:
     def _operator(self, batch: Any) -> CurvatureOperator:
         batches = self.held_batches if self.held_batches is not None else [batch]
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
-                               train_mode=self.train_mode, hvp_method=self.hvp_method, distributed=self.distributed)
-        if self.hvp_method == "auto" and op.fallback is None:
-            self.hvp_method = op.hvp_method  # measured once: later operators skip the start-up check
+                               train_mode=self.train_mode, hvp_method=self.hvp_method, distributed=self.distributed,
+                               attention=self._attention)
+        if self.hvp_method == "auto" and op.fallback in (None, "math-attention"):
+            # Measured once: later operators skip the memory estimate, the start-up check and, on a
+            # fused attention kernel without double backward, the failed try before math attention.
+            self.hvp_method, self._attention = op.hvp_method, "math" if op.fallback else "auto"
         return op
 
     def _measure(self, step: int, batch: Any, lr: float, curvature: Optional[float]) -> Measurement:
