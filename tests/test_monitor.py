@@ -399,3 +399,36 @@ def test_cost_splits_the_loops_own_time_from_the_monitors(caplog):
     with caplog.at_level(logging.INFO, logger="curvdiag.monitor"):
         monitor.close()
     assert "3 measurements in 30 steps" in caplog.text and "× the loop alone" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["attention", "no-double-backward"])
+def test_a_fallback_is_found_once_and_later_measurements_reuse_it(kind, monkeypatch):
+    """The first measurement tries the kernels (fused attention, then math attention; or double
+    backward, then finite differences); later ones build straight on what it found and give the
+    same λmax as a fresh operator of that kind."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from models import FusedKernelMLP, TinyAttention, mse, regression_batches, sequence_batches
+
+    if kind == "attention":
+        model, data, sizes, expected = TinyAttention().double(), sequence_batches(), [5], ("kept-graph", "math")
+    else:
+        model, data, sizes, expected = FusedKernelMLP().double(), regression_batches(), [7, 3], ("finite-difference", "auto")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    tries = []
+    original = CurvatureOperator._try_exact
+    monkeypatch.setattr(CurvatureOperator, "_try_exact", lambda self, probe: tries.append(1) or original(self, probe))
+    monitor = curvdiag.Monitor(model, mse, opt, every=1, held_batches=data, batch_size=lambda b: b[0].shape[0],
+                               tol=1e-6)
+    for step in range(3):
+        opt.zero_grad()
+        sum(mse(model, b) * n for b, n in zip(data, sizes)).backward()
+        opt.step()
+        monitor.step(data[0])
+        if step == 0:
+            assert (monitor.hvp_method, monitor._attention) == expected and len(tries) == 2
+    assert len(tries) == 2  # none after the first measurement
+    monkeypatch.undo()
+    fresh = CurvatureOperator(model, data, mse, sizes, train_mode=True)
+    assert monitor.measurements[-1].lambda_max == pytest.approx(lambda_max(fresh, tol=1e-8).value, rel=1e-5)

@@ -252,7 +252,7 @@ def lanczos(
         min_iterations: products made before any stop (a floor; the estimate decides).
         stability_window: consecutive products on which every estimate must meet ``tol``.
         seed: seed of the random start vector (ignored when ``start`` is given).
-        basis_budget_bytes: memory for the Krylov basis before an explicit restart.
+        basis_budget_bytes: memory for the Krylov basis before a thick restart.
         want_vectors: return the top-k Ritz vectors (True), or the top m (an int m ≥ 1; fewer when
             the basis is smaller), e.g. to warm-start a later run from several of them.
     """

@@ -688,8 +688,8 @@ class Trainer:
         method, attention = self._hvp_methods.get(purpose, ("auto", "auto"))
         op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True, hvp_method=method,
                                distributed=self.replicas.world_size > 1, attention=attention)
-        if method == "auto" and op.fallback in (None, "math-attention"):
-            self._hvp_methods[purpose] = (op.hvp_method, "math" if op.fallback else "auto")
+        if method == "auto":
+            self._hvp_methods[purpose] = (op.hvp_method, "math" if op.fallback == "math-attention" else "auto")
         return op
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:

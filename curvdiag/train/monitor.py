@@ -356,10 +356,10 @@ class Monitor:
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
                                train_mode=self.train_mode, hvp_method=self.hvp_method, distributed=self.distributed,
                                attention=self._attention)
-        if self.hvp_method == "auto" and op.fallback in (None, "math-attention"):
-            # Measured once: later operators skip the memory estimate, the start-up check and, on a
-            # fused attention kernel without double backward, the failed try before math attention.
-            self.hvp_method, self._attention = op.hvp_method, "math" if op.fallback else "auto"
+        if self.hvp_method == "auto":
+            # Measured once: later operators skip the memory estimate, the start-up check and the
+            # failed tries of a kernel without double backward (math attention, finite differences).
+            self.hvp_method, self._attention = op.hvp_method, "math" if op.fallback == "math-attention" else "auto"
         return op
 
     def _measure(self, step: int, batch: Any, lr: float, curvature: Optional[float]) -> Measurement:
