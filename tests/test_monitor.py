@@ -427,7 +427,7 @@ def test_a_fallback_is_found_once_and_later_measurements_reuse_it(kind, monkeypa
         opt.step()
         monitor.step(data[0])
         if step == 0:
-            assert (monitor.hvp_method, monitor._attention) == expected and len(tries) == 2
+            assert (monitor.hvp_method, monitor._build_options["attention"]) == expected and len(tries) == 2
     assert len(tries) == 2  # none after the first measurement
     monkeypatch.undo()
     fresh = CurvatureOperator(model, data, mse, sizes, train_mode=True)

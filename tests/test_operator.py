@@ -76,7 +76,8 @@ def test_math_attention_asked_up_front_gives_the_fallbacks_products_without_tryi
     fallen = CurvatureOperator(model, batches, mse, [5])
     tries = []
     monkeypatch.setattr(CurvatureOperator, "_try_exact", lambda self, probe: tries.append(1))
-    direct = CurvatureOperator(model, batches, mse, [5], hvp_method=fallen.hvp_method, attention="math")
+    assert fallen.build_options() == {"hvp_method": "kept-graph", "attention": "math"}
+    direct = CurvatureOperator(model, batches, mse, [5], **fallen.build_options())
     assert tries == [] and direct.fallback == "math-attention" and "math attention" in direct.describe_method()
     v = _vector(direct.num_params)
     torch.testing.assert_close(direct.hvp(v), fallen.hvp(v), rtol=0, atol=0)

@@ -476,7 +476,7 @@ def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(t
             original = trainer._operator
 
             def forgetting(purpose, batches, sizes):
-                trainer._hvp_methods.clear()
+                trainer._build_options.clear()
                 return original(purpose, batches, sizes)
 
             trainer._operator = forgetting

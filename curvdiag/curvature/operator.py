@@ -544,6 +544,13 @@ class CurvatureOperator:
         _, minus = self._local_gradient_at(theta - step * direction)
         return self.sum_over_ranks(plus - minus) * (norm / (2.0 * step))
 
+    def build_options(self) -> Dict[str, str]:
+        """``hvp_method`` and ``attention`` that build another operator on the same model the way
+        this one ended up (after ``auto`` and any fallback): the memory estimate, the start-up check
+        and the failed kernel tries are then skipped. What a caller building operators repeatedly
+        (the monitor, the throttle's floor) passes after its first one."""
+        return {"hvp_method": self.hvp_method, "attention": "math" if self.fallback == "math-attention" else "auto"}
+
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""
         text = self.hvp_method

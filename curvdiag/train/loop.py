@@ -309,7 +309,7 @@ class Trainer:
         optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: optimizer(params)")
         self.start_step, self.resumed = 0, bool(resume_state and resume_state.get("resume"))
         self._start_lambda: Optional[float] = None  # λmax at the starting weights (run.json)
-        self._hvp_methods: Dict[str, Tuple[str, str]] = {}  # (product method, attention) per purpose (_operator)
+        self._build_options: Dict[str, Dict[str, str]] = {}  # per purpose, how its first operator ended up (_operator)
         self._resume_extras: Dict[str, Any] = dict(resume_state.get("extras") or {}) if self.resumed else {}
         source = resume_state or (read_checkpoint(checkpoint).__dict__ if checkpoint else None)
         if source is not None:
@@ -682,14 +682,13 @@ class Trainer:
     def _operator(self, purpose: str, batches: List[Any], sizes: List[int]) -> CurvatureOperator:
         """The curvature operator at the current weights, for ``purpose`` ("floor": the step's batch,
         "sharpness": all batches). The first one of each purpose chooses the product method ("auto":
-        the kept graph's bytes estimated by a forward and backward, a check product, and on a fused
-        attention kernel without double backward the same again with math attention); later ones
-        reuse the choice and skip those passes, which cost a floor as much as its two products."""
-        method, attention = self._hvp_methods.get(purpose, ("auto", "auto"))
-        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True, hvp_method=method,
-                               distributed=self.replicas.world_size > 1, attention=attention)
-        if method == "auto":
-            self._hvp_methods[purpose] = (op.hvp_method, "math" if op.fallback == "math-attention" else "auto")
+        the kept graph's bytes estimated by a forward and backward, a check product, and on a kernel
+        without double backward the tries of the fallbacks); later ones are built as it ended up
+        (:meth:`CurvatureOperator.build_options`) and skip those passes, which cost a floor as much
+        as its two products."""
+        op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
+                               distributed=self.replicas.world_size > 1, **self._build_options.get(purpose, {}))
+        self._build_options.setdefault(purpose, op.build_options())
         return op
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:

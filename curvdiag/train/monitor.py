@@ -219,7 +219,7 @@ class Monitor:
         self.every, self.trace_every, self.tol, self.max_hvps = every, trace_every, tol, max_hvps
         self.norms_every = every if norms_every is None else norms_every
         self.trace_samples, self.seed, self.hvp_method, self.train_mode = trace_samples, seed, hvp_method, train_mode
-        self._attention = "auto"  # "math" once the first measurement found the fused kernel lacks double backward
+        self._build_options: Optional[Dict[str, str]] = None  # how the first measurement's operator ended up
         self.held_batches = list(held_batches) if held_batches is not None else None
         self.batch_size = batch_size or _samples_in
         self.on_measure, self.warn_ratio, self.warn_jump = on_measure, warn_ratio, warn_jump
@@ -353,13 +353,14 @@ class Monitor:
     # ------------------------------------------------------------------ measuring
     def _operator(self, batch: Any) -> CurvatureOperator:
         batches = self.held_batches if self.held_batches is not None else [batch]
+        # Measured once: later operators are built as the first one ended up and skip the memory
+        # estimate, the start-up check and the failed tries of a kernel without double backward.
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
-                               train_mode=self.train_mode, hvp_method=self.hvp_method, distributed=self.distributed,
-                               attention=self._attention)
-        if self.hvp_method == "auto":
-            # Measured once: later operators skip the memory estimate, the start-up check and the
-            # failed tries of a kernel without double backward (math attention, finite differences).
-            self.hvp_method, self._attention = op.hvp_method, "math" if op.fallback == "math-attention" else "auto"
+                               train_mode=self.train_mode, distributed=self.distributed,
+                               **(self._build_options or {"hvp_method": self.hvp_method}))
+        if self._build_options is None:
+            self._build_options = op.build_options()
+            self.hvp_method = op.hvp_method
         return op
 
     def _measure(self, step: int, batch: Any, lr: float, curvature: Optional[float]) -> Measurement:
