@@ -33,6 +33,16 @@ PREFIX = "probe"  # a plain line starts "[probe <seconds> s]", so a log can be g
 HEARTBEAT_SECONDS = 10.0
 
 
+def write_stamped(stream: IO[str], prefix: str, seconds: float, text: str) -> None:
+    """One plain progress line, ``[prefix  12.3 s] text``, flushed; a closed or broken stream is
+    ignored (it must not end the run)."""
+    try:
+        stream.write(f"[{prefix} {seconds:6.1f} s] {text}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
 class ProbeProgress:
     """The interface the command reports to; this base shows nothing (``--quiet``, ranks > 0)."""
 
@@ -94,13 +104,8 @@ class LineProgress(ProbeProgress):
 
     def _write(self, text: str) -> None:
         with self._lock:
-            now = self.clock()
-            self._last_line = now
-            try:
-                self.stream.write(f"[{PREFIX} {now - self.started:6.1f} s] {text}\n")
-                self.stream.flush()
-            except (OSError, ValueError):  # a closed or broken stderr must not end the run
-                pass
+            self._last_line = self.clock()
+            write_stamped(self.stream, PREFIX, self._last_line - self.started, text)
 
     def stage(self, description: str) -> None:
         # Recorded for the heartbeat, not printed: a run that fails while loading shows its one
@@ -185,12 +190,8 @@ class StepLines:
         self._write(f"started at step {completed} of {total}")
 
     def _write(self, text: str) -> None:
-        now = self._last_line = self.clock()
-        try:
-            self.stream.write(f"[train {now - self.started:6.1f} s] {self.label}: {text}\n")
-            self.stream.flush()
-        except (OSError, ValueError):  # a closed or broken stderr must not end the run
-            pass
+        self._last_line = self.clock()
+        write_stamped(self.stream, "train", self._last_line - self.started, f"{self.label}: {text}")
 
     def update(self, completed: int, info: str) -> None:
         if completed >= self.total or self.clock() - self._last_line >= self.interval:
