@@ -56,9 +56,9 @@ def as_operator(a: Any) -> Any:
     return a
 
 
-# Entries per partial sum of :func:`inner`: each chunk's float32 dot is within ~1e-7 of exact, and
-# the partial sums add up in float64.
-_INNER_CHUNK = 1 << 16
+# Entries per float32 partial sum of a long reduction (:func:`inner`, Lanczos' projections): each
+# chunk's float32 dot is within ~1e-7 of exact, and the partial sums add up in float64.
+PARTIAL_SUM_ENTRIES = 1 << 16
 
 
 def inner(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,11 +75,11 @@ def inner(a: torch.Tensor, b: torch.Tensor) -> float:
     if not (a.is_contiguous() and b.is_contiguous()):  # a strided BLAS dot sums sequentially: 2e-6 off at 65k
         a, b = a.contiguous(), b.contiguous()
     n = a.shape[0]
-    if n <= _INNER_CHUNK:
+    if n <= PARTIAL_SUM_ENTRIES:
         return float(torch.dot(a, b))
     if a.device.type == "cpu":  # a Python loop of BLAS dots: no temporary, no device round-trips
-        return math.fsum(float(torch.dot(a[s:s + _INNER_CHUNK], b[s:s + _INNER_CHUNK]))
-                         for s in range(0, n, _INNER_CHUNK))
+        return math.fsum(float(torch.dot(a[s:s + PARTIAL_SUM_ENTRIES], b[s:s + PARTIAL_SUM_ENTRIES]))
+                         for s in range(0, n, PARTIAL_SUM_ENTRIES))
     return _batched_inner(a, b)
 
 

@@ -49,7 +49,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from curvdiag.curvature.linear_operator import as_operator, inner, norm, random_vector
+from curvdiag.curvature.linear_operator import PARTIAL_SUM_ENTRIES, as_operator, inner, norm, random_vector
 
 
 # The loosest error estimate a stop accepts, whatever ``tol`` asks: at tol 1e-2 Lanczos stopped on
@@ -60,11 +60,11 @@ from curvdiag.curvature.linear_operator import as_operator, inner, norm, random_
 # 1e-3 grows the space until it usually has: tanh_edge then stops within 2.9e-4.
 LOOSEST_STOP = 1e-3
 
-# Entries per partial sum of the projections Q w: one float32 matrix-vector product over 5M entries
-# is off by ~3e-5·‖q‖‖w‖ on this CPU (the error of one long accumulation), enough to leave the basis
-# 1e-4 from orthonormal and Lanczos' λmax 1.5e-4 low at 5M entries with an error estimate of 6e-9;
-# summed per chunk of 65,536 entries in float64, the error is ~4e-8.
-_CHUNK = 1 << 16
+# The projections Q w sum in float64 per PARTIAL_SUM_ENTRIES columns, as inner() does: one float32
+# matrix-vector product over 5M entries is off by ~3e-5·‖q‖‖w‖ on this CPU (the error of one long
+# accumulation), enough to leave the basis 1e-4 from orthonormal and Lanczos' λmax 1.5e-4 low at 5M
+# entries with an error estimate of 6e-9; per chunk of 65,536 entries, the error is ~4e-8.
+_CHUNK = PARTIAL_SUM_ENTRIES
 
 
 def _coefficients(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
