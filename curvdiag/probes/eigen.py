@@ -92,8 +92,6 @@ class LanczosProcess:
         self.op = op
         self.basis = torch.empty((capacity, op.size), device=op.device, dtype=op.dtype)
         self.projected = np.zeros((capacity, capacity), dtype=np.float64)  # Q_jᵀ A Q_j in its top-left j×j
-        self.alphas: List[float] = []
-        self.betas: List[float] = []
         self.size = 0
         self.products = 0
         self._q = q
@@ -130,7 +128,6 @@ class LanczosProcess:
                 break
         self.size += 1
         self.projected[j, j] = alpha
-        self.alphas.append(alpha)
         self._w, self.beta = w, length
         if not (math.isfinite(alpha) and math.isfinite(self.beta)):
             raise ValueError(f"the operator returned a non-finite product at Lanczos step {self.size}")
@@ -140,7 +137,6 @@ class LanczosProcess:
         """q_{j+1} = w / β_j (call only when β_j > 0 and there is room)."""
         j = self.size
         self.projected[j, j - 1] = self.projected[j - 1, j] = self.beta
-        self.betas.append(self.beta)
         self._q = self._w.div_(self.beta)
 
     def thick_restart(self, coefficients: np.ndarray, values: np.ndarray) -> None:
@@ -321,7 +317,7 @@ def gauss_quadrature(operator: Any, q: torch.Tensor, steps: int) -> Tuple[torch.
     scale, broke_down = 0.0, False
     for j in range(steps):
         beta = process.step()
-        scale = max(scale, abs(process.alphas[-1]), beta)
+        scale = max(scale, abs(float(process.projected[j, j])), beta)
         if j == steps - 1:
             break
         if beta <= 1e-10 * max(scale, 1e-30):
