@@ -308,6 +308,43 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert backwards.exit_code == 2 and "already completed 12 steps" in backwards.output
 
 
+def test_train_device_is_checked_recorded_and_kept_on_resume(tmp_path):
+    runner = CliRunner()
+    refused = [("tpu", "unsupported device")] + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")])
+    for device, why in refused:
+        bad = runner.invoke(app, ["train", TINY, "--device", device, "--out", str(tmp_path / device)])
+        assert bad.exit_code == 2 and why in bad.output and "Traceback" not in bad.output, bad.output
+        assert not (tmp_path / device).exists()  # refused before the run directory is made
+    run_dir = tmp_path / "run"
+    done = runner.invoke(app, ["train", TINY, "--steps", "4", "--device", "cpu", "--out", str(run_dir), "-q"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["settings"]["device"] == "cpu"
+    if torch.cuda.is_available():
+        return
+    # A resume trains where the stopped run did unless --device says otherwise.
+    summary["settings"]["device"] = "cuda"
+    (run_dir / "run.json").write_text(json.dumps(summary))
+    kept = runner.invoke(app, ["train", "--resume", str(run_dir), "--steps", "6", "-q"])
+    assert kept.exit_code == 2 and "CUDA is not available" in kept.output, kept.output
+    moved = runner.invoke(app, ["train", "--resume", str(run_dir), "--steps", "6", "--device", "cpu", "-q"])
+    assert moved.exit_code == 0, moved.output
+    assert json.loads((run_dir / "run.json").read_text())["steps_completed"] == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_on_cuda_follows_the_cpu_run_and_resumes_exactly(tmp_path):
+    _run(tmp_path, "cpu", controller="throttle")
+    _run(tmp_path, "gpu", controller="throttle", device="cuda")
+    assert _losses(tmp_path / "gpu") == pytest.approx(_losses(tmp_path / "cpu"), rel=1e-3)
+    _run(tmp_path, "stopped", controller="throttle", device="cuda", steps=6)
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "12", "-q"])
+    assert result.exit_code == 0, result.output
+    assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "gpu"), rel=1e-6)
+    final = torch.load(tmp_path / "gpu" / "final.pt", map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in final["model"].values())
+
+
 def test_ctrl_c_leaves_a_readable_log_and_checkpoint(tmp_path):
     trainer = Trainer(TINY, None, tmp_path / "int", TrainSettings(steps=20))
 

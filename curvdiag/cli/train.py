@@ -44,6 +44,7 @@ class TrainRequest:
     resume: Optional[Path]
     quiet: bool
     threads: Optional[int] = None  # None: the default (curvdiag.curvature.threads)
+    device: Optional[str] = None  # None: cpu, or with --resume the stopped run's device
 
 
 @dataclass(frozen=True)
@@ -83,22 +84,23 @@ def new_runs(request: TrainRequest) -> List[PlannedRun]:
         settings = TrainSettings(steps=DEFAULT_STEPS if request.steps is None else request.steps, lr=request.lr,
                                  controller=name, seed=request.seed, sharpness_every=request.sharpness_every,
                                  checkpoint_every=request.checkpoint_every, kappa=request.kappa,
-                                 max_batches=request.max_batches)
+                                 max_batches=request.max_batches, device=request.device or "cpu")
         run_dir = base / ("baseline" if name == "none" else name) if request.compare else base
         runs.append(PlannedRun(name, run_dir, request.recipe, str(request.checkpoint) if request.checkpoint else None,
                                settings))
     return runs
 
 
-def resumed_run(run_dir: Path, steps: Optional[int]) -> PlannedRun:
+def resumed_run(run_dir: Path, steps: Optional[int], device: Optional[str] = None) -> PlannedRun:
     """The stopped run in ``run_dir``, continued from its newest complete checkpoint to ``steps``
-    (default: its own); from the start when it has none. Runs the recipe that run.json (or the
-    checkpoint) names: a run directory is trusted like a recipe."""
+    (default: its own) on ``device`` (default: its own); from the start when it has none. Runs the
+    recipe that run.json (or the checkpoint) names: a run directory is trusted like a recipe."""
     from curvdiag.train.loop import resume_point
 
     point = resume_point(run_dir)
     settings = point.settings
     settings.steps = steps if steps is not None else settings.steps
+    settings.device = device or settings.device  # checkpoints are read onto the CPU: any device resumes them
     if settings.steps < point.step:
         raise BadInput(f"--steps {settings.steps}: the run in {run_dir} already completed "
                        f"{point.step} steps", hint="give a larger --steps to continue it")
@@ -157,7 +159,7 @@ def _replay_all(request: TrainRequest) -> None:
     from curvdiag.report.runs import render_comparison
 
     started = time.monotonic()
-    runs = [resumed_run(request.resume, request.steps)] if request.resume is not None else new_runs(request)
+    runs = [resumed_run(request.resume, request.steps, request.device)] if request.resume is not None else new_runs(request)
     quiet = request.quiet or distributed.rank() != 0
     console = Console(quiet=quiet)
     warn = Console(stderr=True, quiet=distributed.rank() != 0, markup=False, highlight=False, soft_wrap=True)
@@ -172,6 +174,21 @@ def _replay_all(request: TrainRequest) -> None:
                           markup=False, highlight=False)
             raise typer.Exit(code=130)
     render_comparison(summaries, console)
+
+
+def _stored_device(run_dir: Optional[Path]) -> str:
+    """The device a stopped run trained on (its run.json), which its resume keeps by default; cpu
+    for a new run, or when run.json is missing or unreadable (the resume then says why)."""
+    if run_dir is None:
+        return "cpu"
+    from curvdiag.errors import CurvdiagError
+    from curvdiag.results.run_dir import read_run
+
+    try:
+        device = read_run(run_dir).summary.settings.get("device", "cpu")
+    except (CurvdiagError, OSError, AttributeError):  # the resume itself says what is wrong with the run
+        return "cpu"
+    return device if isinstance(device, str) else "cpu"
 
 
 def train(
@@ -190,6 +207,7 @@ def train(
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this directory.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (under --nproc, cuda is each rank's own GPU, with nccl); default cpu, or with --resume the stopped run's.")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -200,6 +218,6 @@ def train(
     request = TrainRequest(
         recipe=recipe, checkpoint=checkpoint, steps=steps, lr=lr, controller=controller, compare=compare,
         sharpness_every=sharpness_every, checkpoint_every=checkpoint_every, kappa=kappa, seed=seed,
-        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads)
-    with across_processes(ctx, nproc, debug, "cpu", dist_timeout):
+        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device)
+    with across_processes(ctx, nproc, debug, device or _stored_device(resume), dist_timeout):
         run_train(request)

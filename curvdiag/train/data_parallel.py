@@ -3,6 +3,8 @@
 Every rank holds the whole model and takes a share of each step's batch; the replicas must stay
 identical, so every number a controller uses is the global one:
 
+- **device**: the model and every batch (this rank's share, moved after the split) on ``device``;
+  the collectives' own tensors too, since nccl reduces GPU tensors only.
 - **data**: the recipe's ``data(rank, world_size)`` stream when it defines one; otherwise each
   step's batch is split along its leading dimension (``torch.tensor_split``), so N ranks take the
   very step one process would take.
@@ -28,6 +30,7 @@ from curvdiag.curvature import distributed
 from curvdiag.errors import BadInput
 from curvdiag.loading import shards
 from curvdiag.loading.recipe import Recipe
+from curvdiag.loading.target import move_batch
 
 
 class _TransparentDDP(torch.nn.parallel.DistributedDataParallel):
@@ -44,9 +47,10 @@ class _TransparentDDP(torch.nn.parallel.DistributedDataParallel):
 class DataParallel:
     """The replicas of one replay; ``world_size == 1`` is the single-process identity."""
 
-    def __init__(self, model: torch.nn.Module, recipe: Recipe, max_batches: Optional[int] = None):
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, max_batches: Optional[int] = None,
+                 device: torch.device = torch.device("cpu")):
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        self.recipe, self.max_batches = recipe, max_batches
+        self.recipe, self.max_batches, self.device = recipe, max_batches, device
         self.model = model
         self.module: torch.nn.Module = model  # what the recipe's loss sees for the step's backward
         self.recipe_shards = self.world_size > 1 and shards.recipe_shards_data(recipe)
@@ -70,7 +74,7 @@ class DataParallel:
         with preserved_state(self.model, train_mode=True):  # BatchNorm statistics stay as they are
             loss = self.recipe.loss(self.model, batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        unused = torch.tensor([float(any(g is None for g in grads))], dtype=torch.float64)
+        unused = torch.tensor([float(any(g is None for g in grads))], dtype=torch.float64, device=self.device)
         return float(distributed.all_reduce_sum(unused)[0]) > 0
 
     # ------------------------------------------------------------------ data
@@ -84,6 +88,7 @@ class DataParallel:
             if self.world_size > 1 and not self.recipe_shards:
                 batch = shards.split_batch(batch, self.world_size)[self.rank]
             size = self.recipe.batch_size(batch)
+            batch = self._on_device(batch)
             if size < 1:
                 raise BadInput(f"a batch has fewer samples than the {self.world_size} ranks: rank {self.rank} got none",
                                hint="use batches of at least as many samples as processes, or fewer processes")
@@ -105,14 +110,19 @@ class DataParallel:
     def sharpness_batches(self) -> Tuple[List[Any], List[int]]:
         """This rank's shard of all batches (for λmax under the probe's sharding rules) and sizes."""
         batches = shards.shard(self.recipe, self.rank, self.world_size, self.max_batches)
-        return batches, [self.recipe.batch_size(b) for b in batches]
+        return [self._on_device(b) for b in batches], [self.recipe.batch_size(b) for b in batches]
+
+    def _on_device(self, batch: Any) -> Any:
+        """``batch`` with its tensors on the device; on the CPU the recipe's own object, untouched."""
+        return batch if self.device.type == "cpu" else move_batch(batch, self.device, None)
 
     # ------------------------------------------------------------------ reductions
     def global_loss(self, local_loss: float, size: int) -> Tuple[float, int]:
         """(L = Σ n_r L_r / N, N) from this rank's mean loss and sample count; one collective."""
         if self.world_size == 1:
             return local_loss, size
-        both = distributed.all_reduce_sum(torch.tensor([float(size), size * local_loss], dtype=torch.float64))
+        both = distributed.all_reduce_sum(torch.tensor([float(size), size * local_loss], dtype=torch.float64,
+                                                       device=self.device))  # nccl reduces GPU tensors only
         total = float(both[0])
         return float(both[1]) / total, int(round(total))
 

@@ -51,6 +51,7 @@ from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
 from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_checkpoint
 from curvdiag.loading.recipe import load_recipe
+from curvdiag.loading.target import resolve_device
 from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.probes.eigen import power_iteration
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max, preconditioned_operator
@@ -93,6 +94,7 @@ class TrainSettings:
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
+    device: str = "cpu"  # cpu, cuda or cuda:N (under torchrun, cuda is each rank's own GPU)
 
 
 # Where the run directory cannot be made for a reason the user controls (exit 2, not 1).
@@ -298,8 +300,10 @@ class Trainer:
         if distributed.rank() == 0:
             prepare_run_directory(self.out)
         torch.manual_seed(settings.seed)
+        self.device = resolve_device(distributed.device_for(settings.device))
         self.recipe = load_recipe(recipe_spec)
         self.model = self.recipe.model()
+        self.model.to(self.device)  # before optimizer(params): its state lives where the parameters do
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise BadInput(f"recipe {self.recipe.name}: the model has no trainable parameters")
@@ -329,7 +333,7 @@ class Trainer:
                                                  catapult_steps=settings.catapult_steps,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
-        self.replicas = DataParallel(self.model, self.recipe, settings.max_batches)
+        self.replicas = DataParallel(self.model, self.recipe, settings.max_batches, self.device)
 
     def _load(self, source: Dict[str, Any]) -> None:
         checkpoint = Checkpoint(source.get("path", "resume"), source["model_state"], source.get("optimizer_state"), source.get("step"))
@@ -377,7 +381,8 @@ class Trainer:
                              "tracker": list(tracker.state()) if tracker.state() is not None else None,
                              "initial_loss": progress.initial_loss if progress else None,
                              "loss_average": progress.loss_average if progress else None,
-                             "rng": torch.get_rng_state()}
+                             "rng": torch.get_rng_state(),
+                             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         if self.scheduler is not None:
             state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
         return state
@@ -399,6 +404,8 @@ class Trainer:
                 tracker.load_state(tuple(saved["tracker"]))
             if saved.get("rng") is not None:
                 torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout masks drawn on the GPU
+                torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise BadInput(f"the resumed checkpoint's loop state is malformed ({exc})",
                            hint="resume from another checkpoint of the run") from exc
