@@ -415,7 +415,11 @@ def test_cli_compare_writes_one_directory_per_controller(tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("baseline", "throttle", "clip"):
         assert (tmp_path / name / "run.json").is_file()
+        assert f"{name}: {tmp_path / name}" in result.output.replace("\n", "")  # where each run's log is
     assert "side by side" in result.output
+    table = [line for line in result.output.splitlines() if line[:1] in "┏┃┡│└"]
+    assert table and all(len(line) <= 80 for line in table), result.output  # fits 80 columns, whole words:
+    assert "…" not in result.output and "│ baseline │" in result.output and "│ throttle │" in result.output
 
 
 def test_cli_train_bad_inputs(tmp_path):

@@ -20,17 +20,21 @@ def _g(value: Optional[float], digits: int = 4, scale: float = 1.0) -> str:
 
 
 def render_comparison(runs: List[Tuple[str, Path, RunSummary]], console: Console) -> None:
-    """A side-by-side table: final and best loss, diverged, steps, mean throttle, time per step."""
+    """A side-by-side table, one row per run (named by its controller; "baseline" for ``none``
+    beside others): final and best loss, steps done and whether it diverged, mean throttle, time
+    per step, extra HVPs. Then each run's directory, below: with the paths out of the table and
+    no cell word longer than 8 characters, it fits 80 columns without rich cutting words ("contr…")."""
     table = Table(title="training replay" if len(runs) == 1 else "side by side (same start, data order and seed)",
                   title_justify="left", header_style="bold")
-    for column in ("controller", "final loss", "best loss", "diverged", "steps", "mean throttle", "ms / step",
-                   "extra HVPs / step", "run directory"):
-        table.add_column(column, justify="left" if column in ("controller", "run directory") else "right")
-    for name, where, s in runs:
+    for column in ("run", "final loss", "best loss", "steps", "mean throttle", "ms / step", "extra HVPs / step"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    names = ["baseline" if name == "none" and len(runs) > 1 else name for name, _, _ in runs]
+    for name, (_, _, s) in zip(names, runs):
         table.add_row(
-            "none (baseline)" if name == "none" and len(runs) > 1 else Text(name),
-            _g(s.final_loss), _g(s.best_loss), "[red]yes[/]" if s.diverged else "no",
-            str(s.steps_completed), _g(s.mean_throttle, 3), _g(s.seconds_per_step, 3, scale=1000),
-            _g(s.extra_hvps_per_step, 2), Text(str(where)),  # a user's path is text, never markup
+            Text(name), _g(s.final_loss), _g(s.best_loss),
+            f"[red]{s.steps_completed} diverged[/]" if s.diverged else str(s.steps_completed), _g(s.mean_throttle, 3),
+            _g(s.seconds_per_step, 3, scale=1000), _g(s.extra_hvps_per_step, 2),
         )
     console.print(table)
+    for name, (_, where, _) in zip(names, runs):  # a user's path is text, never markup
+        console.print(Text(f"{name}: {where}"), soft_wrap=True)
