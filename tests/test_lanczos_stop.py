@@ -95,6 +95,10 @@ def test_the_estimate_tracks_the_error_within_a_factor_of_two():
                                     torch.tensor([0.01, 0.01], dtype=torch.float64), 1)
     assert float(unresolved[0]) == pytest.approx(0.01)
     assert float(resolved[0]) == pytest.approx(0.01 ** 2 / (0.1 - 0.01))
+    # At tol ≤ 1e-4 lanczos settles for r_j ≤ 2d/3 (SETTLED_TIGHT): the same neighbour is then trusted.
+    tight = ritz_error_estimates(torch.tensor([0.9, 1.0], dtype=torch.float64),
+                                 torch.tensor([0.05, 0.01], dtype=torch.float64), 1, settled=2 / 3)
+    assert float(tight[0]) == pytest.approx(0.01 ** 2 / (0.1 - 0.05))
 
 
 def test_top_k_each_within_tol():
