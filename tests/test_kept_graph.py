@@ -166,3 +166,46 @@ def test_memory_flag_forces_double_backward_and_refuses_a_non_size():
     bad = runner.invoke(app, ["probe", tiny, "--memory", "lots"])
     assert bad.exit_code == 2 and "--memory" in bad.output and "Traceback" not in bad.output
     assert len(bad.output.strip().splitlines()) <= 2, bad.output
+
+
+def test_lambda_max_reuses_the_start_up_check_product_only_when_it_is_the_same_product():
+    """The auto operator's check multiplies Lanczos' seed-0 start vector: lambda_max(seed=0) makes one
+    product fewer, with the same answer; another seed, or weights written in place since, make all."""
+    from curvdiag.curvature.operator import CurvatureOperator
+    from curvdiag.probes.sharpness import lambda_max
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    batch = (torch.randn(20, 6), torch.randint(0, 3, (20,)))
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+
+    def measured(seed, write_first=False):
+        op = CurvatureOperator(model, [batch], loss)
+        if write_first:
+            with torch.no_grad():
+                model[0].weight.mul_(1.0)  # same values, new version: the check's product may be stale
+        made = []
+        inner_hvp = op._local_hvp
+        op._local_hvp = lambda v: made.append(1) or inner_hvp(v)
+        result = lambda_max(op, tol=1e-6, seed=seed)
+        assert op.check_reused == (len(made) == result.hvps - 1)
+        return result, len(made)
+
+    reused, made = measured(0)
+    assert made == reused.hvps - 1 and reused.hvps > 1
+    other, made_other = measured(1)
+    assert made_other == other.hvps
+    written, made_written = measured(0, write_first=True)
+    assert made_written == written.hvps
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def flat_loss(flat):
+        pieces = torch.split(flat, [s.numel() for s in shapes])
+        weights = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
+        return loss(lambda x: torch.func.functional_call(model, weights, (x,)), batch)
+
+    exact = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(flat_loss, theta))[-1])
+    for result in (reused, other, written):
+        assert result.value == pytest.approx(exact, rel=1e-5)

@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from curvdiag.curvature.linear_operator import norm, random_vector
 from curvdiag.errors import BadArgument, BadInput, NotCovered
 from curvdiag.model_state import preserved_state
 
@@ -162,6 +163,10 @@ class CurvatureOperator:
         if attention == "math":
             self._attention_context, self.fallback = _math_attention, "math-attention"
         self._kept_gradient: Optional[List[torch.Tensor]] = None
+        # The start-up check's product, (vector, this rank's product, parameter versions), until the
+        # first product: when that asks for the same vector at the same weights it is not made again.
+        self._check_product: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
+        self.check_reused = False  # the first product was the start-up check's (no product made for it)
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
         self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)
@@ -307,7 +312,7 @@ class CurvatureOperator:
         local, failure = None, None
         try:
             local = self._local_prepare()
-            self._local_hvp(probe)
+            self._check_product = (probe, self._local_hvp(probe), self._parameter_versions())
         except Exception as exc:
             if not _lacks_double_backward(exc):
                 raise
@@ -319,8 +324,11 @@ class CurvatureOperator:
         return local, failure
 
     def _prepare_with_fallback(self) -> None:
-        """Build, then check one product; on a missing double backward fall back (DESIGN §3)."""
-        probe = torch.ones(self.num_params, device=self.device, dtype=self.dtype)
+        """Build, then check one product; on a missing double backward fall back (DESIGN §3). The
+        check multiplies the unit vector Lanczos starts from at seed 0 (``lambda_max``'s default),
+        so that λmax's first product is the check's, kept rather than made twice."""
+        probe = random_vector(self.num_params, 0, self.device, self.dtype)
+        probe /= norm(probe)
         local, failure = self._try_exact(probe)
         if failure is None:
             self._finish_prepare(*local)
@@ -334,6 +342,7 @@ class CurvatureOperator:
             self._finish_prepare(*local)
             return
         self._attention_context = contextlib.nullcontext
+        self._check_product = None
         self.hvp_method = "finite-difference"
         self.fallback = "finite-difference"
         self._prepare()
@@ -478,7 +487,11 @@ class CurvatureOperator:
         v = v.to(device=self.device, dtype=self.dtype)
         self.hvp_count += 1
         self.spent += self.hvp_price
-        if self.hvp_method == "finite-difference":
+        checked, self._check_product = self._check_product, None
+        if checked is not None and checked[2] == self._parameter_versions() and torch.equal(v, checked[0]):
+            product = self.sum_over_ranks(checked[1])  # every rank asks the same vector: the same collective
+            self.check_reused = True
+        elif self.hvp_method == "finite-difference":
             product = self._finite_difference_hvp(v, self.fd_step)
         else:
             product = self._exact_hvp(v)
@@ -527,6 +540,10 @@ class CurvatureOperator:
         finally:
             for p, o in zip(self.params, originals):
                 p.data = o
+
+    def _parameter_versions(self) -> int:
+        """Σ of the parameters' version counters: it moves with every in-place write."""
+        return sum(p._version for p in self.params)
 
     def parameters_written(self) -> None:
         """Call after writing the parameters in place (even to restore them): that bumps their
