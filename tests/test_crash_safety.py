@@ -73,7 +73,7 @@ def _run_until_halted_then_signal(args, halt, signum, tmp_path):
 # for the floor in a few steps); fsync:K the K-th fsync (run.json at the start: 1–2; each checkpoint:
 # the log, step_N.pt.tmp, the directory, run.json.tmp, the directory).
 KILL_PLANS = {
-    "sigkill_mid_step_repeatedly": [("loss:9", signal.SIGKILL), ("loss:5", signal.SIGKILL), ("loss:12", signal.SIGKILL)],
+    "sigkill_mid_step_repeatedly": [("loss:9", signal.SIGKILL), ("loss:5", signal.SIGKILL), ("loss:8", signal.SIGKILL)],
     "sigkill_inside_checkpoint_writes": [("fsync:4", signal.SIGKILL), ("fsync:6", signal.SIGKILL),
                                           ("fsync:2", signal.SIGKILL)],
     "sigint_then_sigkill_then_sigterm": [("loss:8", signal.SIGINT), ("loss:10", signal.SIGKILL),

@@ -209,3 +209,24 @@ def test_lambda_max_reuses_the_start_up_check_product_only_when_it_is_the_same_p
     exact = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(flat_loss, theta))[-1])
     for result in (reused, other, written):
         assert result.value == pytest.approx(exact, rel=1e-5)
+
+
+def test_the_kept_graph_takes_over_the_memory_estimates_first_batch():
+    """auto builds the first batch's graph once (the estimate's, weighted as the build weights it):
+    one loss call per batch at set-up, and the same products as an operator built without it."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    batches = [(torch.randn(n, 5), torch.randn(n, 2)) for n in (9, 4, 6)]  # unequal: weights ≠ 1
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    auto = CurvatureOperator(model, batches, loss, [9, 4, 6])
+    assert auto.hvp_method == "kept-graph" and len(calls) == 3 and auto.gradient_seconds > 0
+    plain = CurvatureOperator(model, batches, loss, [9, 4, 6], hvp_method="kept-graph")
+    v = torch.randn(auto.size, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(auto.hvp(v), plain.hvp(v), rtol=1e-6, atol=1e-7)
+    assert auto.loss() == pytest.approx(plain.loss(), rel=1e-7)
+    assert torch.allclose(auto.gradient(), plain.gradient(), rtol=1e-6, atol=1e-8)

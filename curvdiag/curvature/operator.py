@@ -167,6 +167,9 @@ class CurvatureOperator:
         # first product: when that asks for the same vector at the same weights it is not made again.
         self._check_product: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
         self.check_reused = False  # the first product was the start-up check's (no product made for it)
+        # The memory estimate's first-batch graph (loss, create_graph gradient, seconds), which the
+        # kept graph's build takes over instead of making it again (auto only; freed if it does not fit).
+        self._estimated_first: Optional[Tuple[float, List[torch.Tensor], float]] = None
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
         self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)
@@ -178,7 +181,10 @@ class CurvatureOperator:
                 misses = self.sum_over_ranks(torch.tensor([0.0 if fits else 1.0], device=self.device))
                 fits = float(misses[0]) == 0.0
             self.hvp_method = "kept-graph" if fits else "double-backward"
+            if not fits:
+                self._estimated_first = None
             self._prepare_with_fallback()
+            self._estimated_first = None
         else:
             self.hvp_method = hvp_method
             self._prepare()
@@ -205,7 +211,8 @@ class CurvatureOperator:
         counts its own rows, not the whole data set, which the graph does not add (counted whole,
         128-row batches of a 1,797-row tensor came out 14× too large). The parameters' own storages
         are excluded, as they are held anyway. Costs one batch's forward and backward; 0 without
-        batches. A kernel without double backward counts 0: the product check then falls back."""
+        batches. A kernel without double backward counts 0: the product check then falls back.
+        The first batch's graph is kept (weighted as the build weights it) for the build to take over."""
         if not self.batches:
             return 0
         owned = {p.untyped_storage().data_ptr() for p in self.params}
@@ -223,11 +230,12 @@ class CurvatureOperator:
                 spans.setdefault(key, []).append(span)
             return tensor
 
+        started, weight = time.perf_counter(), self.weights[0]
         try:
             with self.probing(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = _depending_on_parameters(self.batch_loss(self.batches[0]))
-                graph = self.parameter_gradients(loss, create_graph=True)
-            del graph, loss
+                graph = self.parameter_gradients(loss * weight if weight != 1.0 else loss, create_graph=True)
+            self._estimated_first = (float(loss.detach()), graph, time.perf_counter() - started)
         except Exception as exc:
             if not _lacks_double_backward(exc):
                 raise
@@ -289,13 +297,16 @@ class CurvatureOperator:
         """This rank's loss and gradient (not yet summed over ranks), keeping the graph if asked;
         its wall time is what one gradient-equivalent takes here."""
         started = time.perf_counter()
+        # A first batch taken over from the memory estimate counts with the seconds it took there.
+        taken_over = self._estimated_first[2] if self._estimated_first is not None and self.hvp_method == "kept-graph" else 0.0
         try:
             if self.hvp_method == "kept-graph":
                 return self._build_kept_graph()
             self._kept_gradient = None
+            self._estimated_first = None
             return self._local_loss_and_gradient()
         finally:
-            self.gradient_seconds = time.perf_counter() - started
+            self.gradient_seconds = time.perf_counter() - started + taken_over
 
     def _finish_prepare(self, loss: float, gradient: torch.Tensor) -> None:
         self._loss, self._gradient = self._reduce_loss_and_gradient(loss, gradient)
@@ -396,7 +407,13 @@ class CurvatureOperator:
         """Keep this rank's gradient graph; return its (loss, flat gradient), not summed over ranks."""
         total_loss = 0.0
         gradient: Optional[List[torch.Tensor]] = None
-        for weight, batch in self.for_each_batch():
+        first, self._estimated_first = self._estimated_first, None
+        for index, (weight, batch) in enumerate(self.for_each_batch()):
+            if index == 0 and first is not None:  # the memory estimate built this batch's graph already
+                loss_value, grads, _ = first
+                total_loss += weight * loss_value
+                gradient = grads
+                continue
             loss = _depending_on_parameters(self.batch_loss(batch))
             # Weight the scalar loss, not the gradient tensors: no extra node per parameter in
             # the graph that every product goes back through.
