@@ -19,15 +19,18 @@ How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
   each product is one backward through it: 1.55× a gradient on CPU, 2.0–2.4× on an H100.
   Holds the activations of all batches, so ``auto`` uses it when they fit in ``memory`` bytes:
   the graph's saved tensors of this rank's first batch (distinct storages, parameters excluded,
-  measured with ``saved_tensors_hooks`` on a first-and-backward pass with ``create_graph=True``)
-  times the rank's samples over that batch's samples. Under several ranks it is kept only when
-  it fits on every rank (one collective).
+  measured with ``saved_tensors_hooks`` on a forward-and-backward pass with ``create_graph=True``)
+  times the rank's samples over that batch's samples; when it fits, that first batch's graph is
+  the kept graph's (no second pass). Under several ranks it is kept only when it fits on every
+  rank (one collective).
 - ``double-backward``: per batch, a fresh gradient graph and one backward; memory of one batch.
 - ``finite-difference``: (G(θ + h v̂) − G(θ − h v̂)) / 2h · ‖v‖ with unit v̂, for kernels that
   have no double backward (fused attention) when the exact ``math`` attention kernel fails too.
 With ``auto`` the first product is checked at start-up: a missing double backward in a fused
 attention kernel retries with PyTorch's math attention backend (``fallback="math-attention"``),
-then finite differences (``fallback="finite-difference"``).
+then finite differences (``fallback="finite-difference"``). The check multiplies the unit vector
+Lanczos starts from at seed 0; its product is kept until the first product, which reuses it when
+it asks the same vector at unchanged weights (``check_reused``): λmax pays nothing for the check.
 
 Under several processes (``distributed=True``, DESIGN §2.5) each rank holds its shard of the
 batches; the weights are n_b / N with N the sample count over all ranks, and the loss with the

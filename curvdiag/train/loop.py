@@ -689,10 +689,10 @@ class Trainer:
     def _operator(self, purpose: str, batches: List[Any], sizes: List[int]) -> CurvatureOperator:
         """The curvature operator at the current weights, for ``purpose`` ("floor": the step's batch,
         "sharpness": all batches). The first one of each purpose chooses the product method ("auto":
-        the kept graph's bytes estimated by a forward and backward, a check product, and on a kernel
-        without double backward the tries of the fallbacks); later ones are built as it ended up
-        (:meth:`CurvatureOperator.build_options`) and skip those passes, which cost a floor as much
-        as its two products."""
+        the kept graph's bytes counted while its first batch is built, a check product, and on a
+        kernel without double backward the tries of the fallbacks); later ones are built as it ended
+        up (:meth:`CurvatureOperator.build_options`) and skip the check and the tries, which cost a
+        floor as much as its two products."""
         op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
                                distributed=self.replicas.world_size > 1, **self._build_options.get(purpose, {}))
         self._build_options.setdefault(purpose, op.build_options())
