@@ -495,7 +495,8 @@ def test_the_readme_controller_example_is_a_working_controller():
 def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(tmp_path, monkeypatch):
     """The throttle's floor chooses the product method once; later floors (every floor_every steps)
     and later λmax measurements reuse it instead of estimating the kept graph's bytes (a forward and
-    backward) and checking double backward (one product) again. The run is the same either way."""
+    backward) and checking double backward (one product) again, and later floors take the step's
+    own gradient graph (no dropout in TINY). The run is the same either way, to the bit."""
     from curvdiag.curvature.operator import CurvatureOperator
 
     def run(out, reuse):
@@ -516,7 +517,7 @@ def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(t
         if not reuse:  # forget the method before every operator: the behaviour before the reuse
             original = trainer._operator
 
-            def forgetting(purpose, batches, sizes):
+            def forgetting(purpose, batches, sizes, **kw):
                 trainer._build_options.clear()
                 return original(purpose, batches, sizes)
 
@@ -535,3 +536,36 @@ def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(t
     assert calls_before["estimate"] == floors + measured + 1  # + λmax at the start
     strip = lambda line: {k: v for k, v in line.items() if k != "seconds"}  # noqa: E731
     assert [strip(line) for line in lines] == [strip(line) for line in lines_before]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_dropout(tmp_path, monkeypatch, dropout):
+    """After the first floor has chosen the kept graph, a step that measures the floor keeps its own
+    backward's graph for the floor's operator (one forward and backward fewer), to the same numbers
+    as an operator that builds its graph itself. A forward that drew dropout masks is another
+    Hessian (the operator keeps dropout off): then the operator builds its own."""
+    recipe = tmp_path / "mlp.py"
+    recipe.write_text(Path(TINY).read_text().replace(
+        "torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),",
+        f"torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Dropout({dropout}),"))
+    from curvdiag.loading.recipe import Recipe
+
+    def run(out, allow):
+        calls = []
+        original_loss = Recipe.loss
+        monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
+        if not allow:
+            monkeypatch.setattr(Trainer, "_floor_graph_reusable", lambda self, drew_random: False)
+        Trainer(str(recipe), None, out, TrainSettings(steps=41, controller="throttle", floor_jump=1e9)).run()
+        monkeypatch.undo()
+        return len(calls), [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                            for line in (out / "metrics.jsonl").open()]
+
+    calls, lines = run(tmp_path / "reused", True)
+    calls_built, lines_built = run(tmp_path / "built", False)
+    floors = [line["step"] for line in lines if "lambda_floor" in line]
+    assert floors == [0, 1, 2, 20, 40]
+    taken_over = 4 if dropout == 0.0 else 0  # floors at 1, 2, 20 and 40: the first (step 0) chooses the method
+    assert calls == calls_built - taken_over
+    if dropout == 0.0:
+        assert lines == lines_built  # the same run, to the bit

@@ -110,6 +110,10 @@ class CurvatureOperator:
         attention: "auto" (the fused kernel, and math attention only when a product finds it lacks
             double backward) or "math" (math attention from the start, ``fallback="math-attention"``:
             an operator built again for a model already found to need it skips the failed try).
+        first_batch_graph: (L_1, ∇L_1 with ``create_graph``) of the first batch at these weights,
+            built by the caller (a training step's own backward), which ``kept-graph`` takes over
+            instead of building it again. Only where that forward is the operator's: the same mode,
+            no dropout drawn (a training step's graph under dropout is another Hessian).
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class CurvatureOperator:
         fd_step: float = 3e-3,
         distributed: bool = False,
         attention: str = "auto",
+        first_batch_graph: Optional[Tuple[float, Sequence[Optional[torch.Tensor]]]] = None,
     ):
         if hvp_method not in HVP_METHODS:
             raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
@@ -173,6 +178,12 @@ class CurvatureOperator:
         # The memory estimate's first-batch graph (loss, create_graph gradient, seconds), which the
         # kept graph's build takes over instead of making it again (auto only; freed if it does not fit).
         self._estimated_first: Optional[Tuple[float, List[torch.Tensor], float]] = None
+        if first_batch_graph is not None:
+            if hvp_method != "kept-graph" or not self.batches or self.weights[0] != 1.0:
+                raise BadArgument("first_batch_graph", "given", "needs hvp_method='kept-graph' and a first batch of weight 1")
+            loss_value, grads = first_batch_graph
+            self._estimated_first = (float(loss_value),
+                                     [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)], 0.0)
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
         self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)

@@ -511,7 +511,9 @@ class Trainer:
                            hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        rng_before = self._rng_states()
         local_loss = self.recipe.loss(self.replicas.module, batch)
+        drew_random = any(not torch.equal(a, b) for a, b in zip(rng_before, self._rng_states()))
         if not local_loss.requires_grad:
             raise BadInput(f"recipe {self.recipe.name}: loss(model, batch) does not depend on the trainable parameters "
                            "(no autograd graph)", hint="is the loss computed under torch.no_grad() or detached?")
@@ -521,7 +523,7 @@ class Trainer:
             progress.diverged = True
             return {"step": progress.step, "loss": value if math.isfinite(value) else None, "diverged": True}
         progress.last_good, progress.clean = before, None
-        record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor)
+        record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor, drew_random)
         if s.sharpness_every and progress.step % s.sharpness_every == 0:
             record.update(self._sharpness(record["lr"]))
         if self.scheduler is not None:
@@ -531,11 +533,20 @@ class Trainer:
 
     def _update(self, progress: _Progress, batch: Any, size: int, total: int, local_loss: torch.Tensor, value: float,
                 controlled: ControlledOptimizer, tracker: DirectionalCurvatureTracker,
-                floor: _PowerFloor) -> Dict[str, Any]:
-        """Backward, then the controller's step on the same batch; the step's record."""
+                floor: _PowerFloor, drew_random: bool = True) -> Dict[str, Any]:
+        """Backward, then the controller's step on the same batch; the step's record. On a step that
+        measures the floor, the backward keeps its graph for the floor's operator when that graph is
+        the operator's (:meth:`_floor_graph_reusable`): one forward and backward fewer per floor."""
         distributed = self.replicas.world_size > 1
+        floor_graph = None
         try:
-            (local_loss * self.replicas.backward_scale(size, total) if distributed else local_loss).backward()
+            if self._floor_due(progress, value, floor) and self._floor_graph_reusable(drew_random):
+                grads = torch.autograd.grad(local_loss, self.params, create_graph=True, allow_unused=True)
+                for p, g in zip(self.params, grads):  # .grad as backward() leaves it (a copy: the graph keeps g)
+                    p.grad = None if g is None else g.detach().clone()
+                floor_graph = (value, grads)
+            else:
+                (local_loss * self.replicas.backward_scale(size, total) if distributed else local_loss).backward()
         except CurvdiagError:
             raise
         except Exception as exc:  # the user's loss or model (a custom backward), unless a collective failed
@@ -558,7 +569,8 @@ class Trainer:
                 local = self.recipe.loss(self.model, batch)
                 return local * share if distributed else local
 
-        lambda_floor = self._floor(progress, value, batch, size, controlled, floor)
+        lambda_floor = self._floor(progress, value, batch, size, controlled, floor, floor_graph)
+        del floor_graph  # the graph goes with the floor's operator
         try:
             needs_closure = "lookahead" in self.controller.observes or self.settings.same_batch_curvature
             controlled.step(same_batch_loss if needs_closure else None, value)
@@ -576,23 +588,42 @@ class Trainer:
             record["lambda_floor"] = lambda_floor
         return record
 
-    def _floor(self, progress: _Progress, value: float, batch: Any, size: int, controlled: ControlledOptimizer,
-               floor: _PowerFloor) -> Optional[float]:
-        """For a controller that observes a floor: λmax on this batch (preconditioned for Adam) in the
-        first 3 steps, every ``floor_every`` steps and whenever the loss jumps above its running
-        mean, a jump at most once in :data:`FLOOR_REST` steps; handed to the controller. None on the
-        other steps."""
+    def _floor_due(self, progress: _Progress, value: float, floor: _PowerFloor) -> bool:
+        """Whether this step measures the floor: for a controller that observes one, in the first 3
+        steps, every ``floor_every`` steps and whenever the loss jumps above its running mean, a
+        jump at most once in :data:`FLOOR_REST` steps."""
         s = self.settings
         if "floor" not in self.controller.observes:
-            return None
+            return False
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
         rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
-        if not (progress.step < 3 or progress.step % s.floor_every == 0 or (jumped and rested)):
+        return progress.step < 3 or progress.step % s.floor_every == 0 or (jumped and rested)
+
+    def _floor_graph_reusable(self, drew_random: bool) -> bool:
+        """Whether the step's own gradient graph is the floor operator's: one process (DDP's backward
+        hooks need backward()), a kept graph already chosen with the fused attention kernel (the
+        operator's forward is then the step's), and a forward that drew nothing from the RNG (no
+        dropout: the operator keeps dropout off). The first floor still chooses the method."""
+        options = self._build_options.get("floor")
+        return (self.replicas.world_size == 1 and not drew_random and options is not None
+                and options.get("hvp_method") == "kept-graph" and options.get("attention") == "auto")
+
+    def _rng_states(self) -> Tuple[torch.Tensor, ...]:
+        """The RNG states a forward may draw dropout masks from (the CPU's, and the device's)."""
+        if self.device.type == "cuda":
+            return torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        return (torch.get_rng_state(),)
+
+    def _floor(self, progress: _Progress, value: float, batch: Any, size: int, controlled: ControlledOptimizer,
+               floor: _PowerFloor, graph: Optional[Tuple[float, Any]] = None) -> Optional[float]:
+        """λmax on this batch (preconditioned for Adam) when :meth:`_floor_due`, handed to the
+        controller; None on the other steps. ``graph``: the step's own (loss, create_graph gradient)."""
+        if not self._floor_due(progress, value, floor):
             return None
         floor.last_step = progress.step
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
-        op = self._operator("floor", [batch], [size])
+        op = self._operator("floor", [batch], [size], first_batch_graph=graph)
         gradient = op.flatten(grads)
         if preconditioner is None:
             controlled.floor = floor.estimate(op, gradient)
@@ -686,7 +717,8 @@ class Trainer:
                 return None
         return self._sharpness(self.optimizer.param_groups[0]["lr"])["lambda_max"]
 
-    def _operator(self, purpose: str, batches: List[Any], sizes: List[int]) -> CurvatureOperator:
+    def _operator(self, purpose: str, batches: List[Any], sizes: List[int],
+                  first_batch_graph: Optional[Tuple[float, Any]] = None) -> CurvatureOperator:
         """The curvature operator at the current weights, for ``purpose`` ("floor": the step's batch,
         "sharpness": all batches). The first one of each purpose chooses the product method ("auto":
         the kept graph's bytes counted while its first batch is built, a check product, and on a
@@ -694,7 +726,8 @@ class Trainer:
         up (:meth:`CurvatureOperator.build_options`) and skip the check and the tries, which cost a
         floor as much as its two products."""
         op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
-                               distributed=self.replicas.world_size > 1, **self._build_options.get(purpose, {}))
+                               distributed=self.replicas.world_size > 1, first_batch_graph=first_batch_graph,
+                               **self._build_options.get(purpose, {}))
         self._build_options.setdefault(purpose, op.build_options())
         return op
 
