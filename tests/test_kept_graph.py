@@ -191,8 +191,17 @@ def test_lambda_max_reuses_the_start_up_check_product_only_when_it_is_the_same_p
         assert op.check_reused == (len(made) == result.hvps - 1)
         return result, len(made)
 
-    reused, made = measured(0)
+    import curvdiag.probes.eigen as eigen
+
+    drawn = []
+    original_draw = eigen.random_vector
+    eigen.random_vector = lambda *a, **k: drawn.append(1) or original_draw(*a, **k)
+    try:
+        reused, made = measured(0)
+    finally:
+        eigen.random_vector = original_draw
     assert made == reused.hvps - 1 and reused.hvps > 1
+    assert not drawn  # the start vector too was the check's, not drawn again
     other, made_other = measured(1)
     assert made_other == other.hvps
     written, made_written = measured(0, write_first=True)

@@ -76,7 +76,10 @@ def lambda_max(
     counting = _Counting(as_operator(operator))
     started = time.perf_counter()
     if method == "lanczos":
-        r = lanczos(counting, top_k=top_k, tol=tol, max_matvecs=max_hvps, seed=seed, want_vectors=want_vectors)
+        seeded = getattr(operator, "seeded_start", None)  # a CurvatureOperator's check drew seed 0's already
+        start = seeded(seed) if callable(seeded) else None
+        r = lanczos(counting, top_k=top_k, tol=tol, max_matvecs=max_hvps, seed=seed, start=start,
+                    want_vectors=want_vectors)
         lam_min = r.lambda_min if r.lambda_min_residual <= tol * abs(r.lambda_min) else None
         result = SharpnessResult(
             value=r.eigenvalues[0], eigenvalues=r.eigenvalues, residuals=r.residuals, lambda_min=lam_min,
