@@ -56,3 +56,42 @@ def test_a_probe_leaves_pending_graphs_grads_weights_and_buffers_alone(name, tra
     expected = torch.autograd.grad(loss(reference, batches[1]), list(reference.parameters()))
     for p, before, g in zip(model.parameters(), grad_values, expected):
         torch.testing.assert_close(p.grad, before + g, rtol=1e-12, atol=1e-12)
+
+
+def test_snapshot_is_a_deepcopy_of_a_state_that_later_steps_cannot_reach(tmp_path):
+    """The training loop's per-step copy of model, optimizer and scheduler state: the same values
+    and structure as copy.deepcopy (tied weights sharing one tensor, the state dict's _metadata),
+    independent of the live tensors, and no larger on disk."""
+    import copy
+
+    from curvdiag.model_state import snapshot
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(7, 4)
+    head = torch.nn.Linear(4, 7, bias=False)
+    head.weight = embed.weight  # tied
+    model = torch.nn.Sequential(embed, torch.nn.Flatten(), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 7), head)
+    model[3] = torch.nn.Linear(12, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 3)
+    x = torch.randint(0, 7, (5, 3))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    for state in (model.state_dict(), optimizer.state_dict(), scheduler.state_dict()):
+        fast, slow = snapshot(state), copy.deepcopy(state)
+        assert type(fast) is type(slow) and getattr(fast, "_metadata", None) == getattr(slow, "_metadata", None)
+        torch.save(fast, tmp_path / "fast.pt")
+        torch.save(slow, tmp_path / "slow.pt")
+        assert (tmp_path / "fast.pt").stat().st_size <= (tmp_path / "slow.pt").stat().st_size
+        assert torch.load(tmp_path / "fast.pt", weights_only=True).__repr__() == slow.__repr__()
+    saved = snapshot(model.state_dict())
+    assert saved["0.weight"].data_ptr() == saved["4.weight"].data_ptr()  # tied: one tensor, as deepcopy
+    before = {k: v.clone() for k, v in saved.items()}
+    optimizer.zero_grad()
+    model(x).sum().backward()
+    optimizer.step()  # in place on the live tensors
+    assert all(torch.equal(saved[k], before[k]) for k in saved)
+    assert not torch.equal(model.state_dict()["3.weight"], saved["3.weight"])

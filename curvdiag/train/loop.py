@@ -26,7 +26,6 @@ to that checkpoint's step. A periodic save that fails (disk full) is recorded in
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import io
 import math
@@ -46,7 +45,7 @@ from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, Ru
                                       describe_os_error, logged_steps, read_run, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.operator import CurvatureOperator
-from curvdiag.model_state import preserved_state
+from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
 from curvdiag.loading.checkpoint import Checkpoint, load_model_state, read_checkpoint
@@ -370,7 +369,7 @@ class Trainer:
     # ------------------------------------------------------------------ files
     def _state(self, step: int, progress: Optional["_Progress"] = None) -> Dict[str, Any]:
         """Everything step ``step`` depends on (what a checkpoint holds)."""
-        state = {"model": copy.deepcopy(self.model.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        state = {"model": snapshot(self.model.state_dict()), "optimizer": snapshot(self.optimizer.state_dict()),
                  "step": step}
         if self._loop is not None:
             controlled, tracker, floor = self._loop
@@ -384,7 +383,7 @@ class Trainer:
                              "rng": torch.get_rng_state(),
                              "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         if self.scheduler is not None:
-            state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+            state["scheduler"] = snapshot(self.scheduler.state_dict())
         return state
 
     def _restore_loop(self, progress: "_Progress") -> None:
