@@ -182,10 +182,10 @@ def _stored_device(run_dir: Optional[Path]) -> str:
     if run_dir is None:
         return "cpu"
     from curvdiag.errors import CurvdiagError
-    from curvdiag.results.run_dir import read_run
+    from curvdiag.results.run_dir import read_run_summary
 
     try:
-        device = read_run(run_dir).summary.settings.get("device", "cpu")
+        device = read_run_summary(run_dir).settings.get("device", "cpu")
     except (CurvdiagError, OSError, AttributeError):  # the resume itself says what is wrong with the run
         return "cpu"
     return device if isinstance(device, str) else "cpu"

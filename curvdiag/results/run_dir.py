@@ -259,15 +259,21 @@ def _read_records(path: Path) -> Tuple[List[StepRecord], int]:
     return records, unreadable
 
 
-def read_run(run_dir: Path, name: Optional[str] = None) -> RunLog:
-    """A run directory → :class:`RunLog`; BadInput when it is not one."""
+def read_run_summary(run_dir: Path) -> RunSummary:
+    """A run directory's run.json alone (its log unread); BadInput when it is not one."""
     path = Path(run_dir)
     if not (path / SUMMARY_FILE).is_file():
         raise BadInput(f"{run_dir}: not a curvdiag run directory (no run.json)")
     document = read_json(path / SUMMARY_FILE)
     if not isinstance(document, dict):
         raise BadInput(f"{path / SUMMARY_FILE}: not a curvdiag run summary (expected a JSON object)")
-    summary = decode_record(RunSummary, document, str(path / SUMMARY_FILE))
+    return decode_record(RunSummary, document, str(path / SUMMARY_FILE))
+
+
+def read_run(run_dir: Path, name: Optional[str] = None) -> RunLog:
+    """A run directory → :class:`RunLog`; BadInput when it is not one."""
+    path = Path(run_dir)
+    summary = read_run_summary(path)
     records, unreadable = _read_records(path / METRICS_FILE)
     return RunLog(name=name or path.name, path=path, summary=summary, records=records, unreadable_lines=unreadable)
 

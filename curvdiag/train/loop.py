@@ -42,7 +42,7 @@ from curvdiag._version import __version__
 from curvdiag.curvature.distributed import as_communication_error
 from curvdiag.curvature import distributed
 from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, RunDirectoryError, RunSummary,
-                                      describe_os_error, logged_steps, read_run, truncate_metrics, with_ignored_errors,
+                                      describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.model_state import preserved_state, snapshot
@@ -206,7 +206,7 @@ def resume_point(run_dir: Path) -> ResumePoint:
         raise BadInput(f"{run_dir}: not a curvdiag run directory (no such directory)")
     for leftover in [*run_dir.glob("*.tmp"), *run_dir.glob("checkpoints/*.tmp")]:
         with_ignored_errors(leftover.unlink)
-    summary = read_run(run_dir).summary if (run_dir / SUMMARY_FILE).is_file() else None
+    summary = read_run_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else None
     logged = len(logged_steps(run_dir))
     candidates = sorted(run_dir.glob("checkpoints/step_*.pt"), key=_step_of_name, reverse=True)
     chosen = None
@@ -711,7 +711,7 @@ class Trainer:
             return None
         if self.resumed:
             try:
-                return read_run(self.out).summary.lambda_max_at_start
+                return read_run_summary(self.out).lambda_max_at_start
             except CurvdiagError:
                 return None
         return self._sharpness(self.optimizer.param_groups[0]["lr"])["lambda_max"]
