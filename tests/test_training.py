@@ -555,7 +555,7 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
         original_loss = Recipe.loss
         monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
         if not allow:
-            monkeypatch.setattr(Trainer, "_floor_graph_reusable", lambda self, drew_random: False)
+            monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self: False)
         Trainer(str(recipe), None, out, TrainSettings(steps=41, controller="throttle", floor_jump=1e9)).run()
         monkeypatch.undo()
         return len(calls), [{k: v for k, v in json.loads(line).items() if k != "seconds"}

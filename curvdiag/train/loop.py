@@ -510,9 +510,10 @@ class Trainer:
                            hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        rng_before = self._rng_states()
+        rng_before = self._rng_states() if self._floor_graph_may_be_reused() else None
         local_loss = self.recipe.loss(self.replicas.module, batch)
-        drew_random = any(not torch.equal(a, b) for a, b in zip(rng_before, self._rng_states()))
+        # The step's graph is the floor operator's only if the forward drew no dropout masks.
+        graph_reusable = rng_before is not None and all(torch.equal(a, b) for a, b in zip(rng_before, self._rng_states()))
         if not local_loss.requires_grad:
             raise BadInput(f"recipe {self.recipe.name}: loss(model, batch) does not depend on the trainable parameters "
                            "(no autograd graph)", hint="is the loss computed under torch.no_grad() or detached?")
@@ -522,7 +523,7 @@ class Trainer:
             progress.diverged = True
             return {"step": progress.step, "loss": value if math.isfinite(value) else None, "diverged": True}
         progress.last_good, progress.clean = before, None
-        record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor, drew_random)
+        record = self._update(progress, batch, size, total, local_loss, value, controlled, tracker, floor, graph_reusable)
         if s.sharpness_every and progress.step % s.sharpness_every == 0:
             record.update(self._sharpness(record["lr"]))
         if self.scheduler is not None:
@@ -532,14 +533,15 @@ class Trainer:
 
     def _update(self, progress: _Progress, batch: Any, size: int, total: int, local_loss: torch.Tensor, value: float,
                 controlled: ControlledOptimizer, tracker: DirectionalCurvatureTracker,
-                floor: _PowerFloor, drew_random: bool = True) -> Dict[str, Any]:
+                floor: _PowerFloor, graph_reusable: bool = False) -> Dict[str, Any]:
         """Backward, then the controller's step on the same batch; the step's record. On a step that
         measures the floor, the backward keeps its graph for the floor's operator when that graph is
-        the operator's (:meth:`_floor_graph_reusable`): one forward and backward fewer per floor."""
+        the operator's (:meth:`_floor_graph_may_be_reused`, and no dropout drawn): one forward and
+        backward fewer per floor."""
         distributed = self.replicas.world_size > 1
-        floor_graph = None
+        floor_due, floor_graph = self._floor_due(progress, value, floor), None
         try:
-            if self._floor_due(progress, value, floor) and self._floor_graph_reusable(drew_random):
+            if floor_due and graph_reusable:
                 grads = torch.autograd.grad(local_loss, self.params, create_graph=True, allow_unused=True)
                 for p, g in zip(self.params, grads):  # .grad as backward() leaves it (a copy: the graph keeps g)
                     p.grad = None if g is None else g.detach().clone()
@@ -568,7 +570,7 @@ class Trainer:
                 local = self.recipe.loss(self.model, batch)
                 return local * share if distributed else local
 
-        lambda_floor = self._floor(progress, value, batch, size, controlled, floor, floor_graph)
+        lambda_floor = self._floor(progress, batch, size, controlled, floor, floor_graph) if floor_due else None
         del floor_graph  # the graph goes with the floor's operator
         try:
             needs_closure = "lookahead" in self.controller.observes or self.settings.same_batch_curvature
@@ -598,13 +600,14 @@ class Trainer:
         rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
         return progress.step < 3 or progress.step % s.floor_every == 0 or (jumped and rested)
 
-    def _floor_graph_reusable(self, drew_random: bool) -> bool:
-        """Whether the step's own gradient graph is the floor operator's: one process (DDP's backward
-        hooks need backward()), a kept graph already chosen with the fused attention kernel (the
-        operator's forward is then the step's), and a forward that drew nothing from the RNG (no
-        dropout: the operator keeps dropout off). The first floor still chooses the method."""
+    def _floor_graph_may_be_reused(self) -> bool:
+        """Whether a step's own gradient graph can be the floor operator's: one process (DDP's
+        backward hooks need backward()) and a kept graph already chosen with the fused attention
+        kernel (the operator's forward is then the step's; the first floor still chooses). The step
+        then also checks that its forward drew nothing from the RNG (no dropout: the operator keeps
+        dropout off); only then is the RNG state read, twice a step."""
         options = self._build_options.get("floor")
-        return (self.replicas.world_size == 1 and not drew_random and options is not None
+        return (self.replicas.world_size == 1 and options is not None
                 and options.get("hvp_method") == "kept-graph" and options.get("attention") == "auto")
 
     def _rng_states(self) -> Tuple[torch.Tensor, ...]:
@@ -613,12 +616,10 @@ class Trainer:
             return torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
         return (torch.get_rng_state(),)
 
-    def _floor(self, progress: _Progress, value: float, batch: Any, size: int, controlled: ControlledOptimizer,
-               floor: _PowerFloor, graph: Optional[Tuple[float, Any]] = None) -> Optional[float]:
-        """λmax on this batch (preconditioned for Adam) when :meth:`_floor_due`, handed to the
-        controller; None on the other steps. ``graph``: the step's own (loss, create_graph gradient)."""
-        if not self._floor_due(progress, value, floor):
-            return None
+    def _floor(self, progress: _Progress, batch: Any, size: int, controlled: ControlledOptimizer,
+               floor: _PowerFloor, graph: Optional[Tuple[float, Any]] = None) -> float:
+        """λmax on this batch (preconditioned for Adam), handed to the controller, on a step that
+        :meth:`_floor_due`. ``graph``: the step's own (loss, create_graph gradient), or None."""
         floor.last_step = progress.step
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
