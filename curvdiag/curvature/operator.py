@@ -177,7 +177,7 @@ class CurvatureOperator:
         self._check_start: Optional[torch.Tensor] = None  # the check's vector before normalising (seed 0)
         self.check_reused = False  # the first product was the start-up check's (no product made for it)
         # The memory estimate's first-batch graph (loss, create_graph gradient, seconds), which the
-        # kept graph's build takes over instead of making it again (auto only; freed if it does not fit).
+        # kept graph's build takes over instead of making it again (_local_prepare drops it otherwise).
         self._estimated_first: Optional[Tuple[float, List[torch.Tensor], float]] = None
         if first_batch_graph is not None:
             if hvp_method != "kept-graph" or not self.batches or self.weights[0] != 1.0:
@@ -196,10 +196,9 @@ class CurvatureOperator:
                 misses = self.sum_over_ranks(torch.tensor([0.0 if fits else 1.0], device=self.device))
                 fits = float(misses[0]) == 0.0
             self.hvp_method = "kept-graph" if fits else "double-backward"
-            if not fits:
+            if not fits:  # free the graph that does not fit before the check draws its vector
                 self._estimated_first = None
-            self._prepare_with_fallback()
-            self._estimated_first = None
+            self._prepare_with_fallback()  # its _local_prepare takes the estimate's graph over
         else:
             self.hvp_method = hvp_method
             self._prepare()
