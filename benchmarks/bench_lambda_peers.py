@@ -417,20 +417,28 @@ def curvlinops_loss(w: Workload) -> float:
         return float(H.gradient_and_loss()[1])
 
 
-def sweep_curvlinops(w: Workload, ref: float, cap: float) -> Dict[str, Any]:
-    settings = []
-    for tol in CURVLINOPS_TOLS:
+def run_until_reached(settings: List[Dict[str, Any]], trials: List[Tuple[Dict[str, Any], Callable[[], Dict[str, Any]]]],
+                      ref: float, cap: float, row: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+    """Run the (setting's fields, run) trials cheapest first, one row each in ``settings``, until
+    one reaches TOL or runs past ``cap`` seconds; ``row`` picks what a finished run's row records."""
+    for fields, run in trials:
         try:
             with COUNTER.watching(cap):
-                r = run_curvlinops(w, tol)
+                r = run()
         except PeerTimeout:
-            settings.append({"setting": f"tol={tol:g}", "tol": tol, "reached": False, "note": f"over {cap:.0f} s"})
-            break
+            settings.append({**fields, "reached": False, "note": f"over {cap:.0f} s"})
+            return
         err = relative_error(ref, r["value"])
-        settings.append({"setting": f"tol={tol:g}", "tol": tol, "hvps": r["hvps"], "setup_hvps": r["setup_hvps"],
-                         "value": r["value"], "error": err, "reached": abs(err) <= TOL, "seconds": r["seconds"]})
+        settings.append({**fields, **row(r), "value": r["value"], "error": err, "reached": abs(err) <= TOL})
         if abs(err) <= TOL:
-            break
+            return
+
+
+def sweep_curvlinops(w: Workload, ref: float, cap: float) -> Dict[str, Any]:
+    settings: List[Dict[str, Any]] = []
+    run_until_reached(settings, [({"setting": f"tol={tol:g}", "tol": tol}, lambda tol=tol: run_curvlinops(w, tol))
+                                 for tol in CURVLINOPS_TOLS], ref, cap,
+                      lambda r: {"hvps": r["hvps"], "setup_hvps": r["setup_hvps"], "seconds": r["seconds"]})
     return {"settings": settings}
 
 
@@ -518,18 +526,9 @@ def sweep_eig_lanczos(w: Workload, ref: float, cap: float) -> Dict[str, Any]:
     else:
         settings.append({"setting": f"max_iter≤{EIG_REORTH_STEPS}", "reached": False, "note": f"over {cap:.0f} s"})
         return {"settings": settings}
-    for m in EIG_LONG_STEPS:
-        try:
-            with COUNTER.watching(cap):
-                r = run_eig_lanczos(w, m)
-        except PeerTimeout:
-            settings.append({"setting": f"max_iter={m}", "steps": m, "reached": False, "note": f"over {cap:.0f} s"})
-            break
-        err = relative_error(ref, r["value"])
-        settings.append({"setting": f"max_iter={m}", "steps": m, "hvps": r["hvps"], "value": r["value"], "error": err,
-                         "reached": abs(err) <= TOL, "note": "no reorthogonalisation past 50 steps (its default)"})
-        if abs(err) <= TOL:
-            break
+    run_until_reached(settings, [({"setting": f"max_iter={m}", "steps": m}, lambda m=m: run_eig_lanczos(w, m))
+                                 for m in EIG_LONG_STEPS], ref, cap,
+                      lambda r: {"hvps": r["hvps"], "note": "no reorthogonalisation past 50 steps (its default)"})
     return {"settings": settings}
 
 
