@@ -103,13 +103,14 @@ def test_a_floor_enters_the_smoothed_curvature_once_and_then_decays():
     assert seen[1] == pytest.approx(500.0) and seen[2] == pytest.approx(250.0)  # the C_t of a linear model is far below
 
 
-def test_the_catapult_ramp_starts_at_the_edge_and_falls_to_kappa(tmp_path):
+def test_the_catapult_ramp_starts_across_the_edge_and_falls_to_kappa(tmp_path):
     throttle = controllers.throttle(constant=2.0, kappa=0.25, decay=1.0, catapult_steps=4)
     state, factors = throttle.init(1.0), []
     for _ in range(6):
         state = throttle.update(state, Observation(lr=1.0, curvature=20.0))
         factors.append(state.factor)
-    fractions = [0.25 + 0.75 * max(0.0, 1 - t / 4) for t in range(6)]  # κ_t = κ + (1 − κ)(1 − t/K)
+    fractions = [0.25 * (1 + 2 * max(0.0, 1 - t / 4)) for t in range(6)]  # κ_t = κ(1 + 2(1 − t/K)): 3κ → κ
+    assert controllers.CATAPULT_START == 3.0
     assert factors == pytest.approx([f * 2.0 / 20.0 for f in fractions])
     with pytest.raises(BadArgument, match="catapult_steps"):
         controllers.throttle(constant=2.0, catapult_steps=-1)

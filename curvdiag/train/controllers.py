@@ -134,11 +134,19 @@ NOISE_CAP = 2.0
 
 # A run restarted from trained weights at a higher rate: the sharpness there is the one the old rate
 # left, and the best fixed rate's first steps cross the edge and flatten it (a catapult), which a
-# throttle held below the edge cannot. Starting at the edge (κ = 1) and falling to √(1 − β) over
-# the first 50 updates took the checkpoint starts of bench_peers from 8.7 / 9.6 / 2.95 (momentum /
-# Adam / schedule) to 2.24 / 1.4 / 0.64 (GD 1.74 → 1.69, the transformer 0.39 → 0.55); from
-# initialisation, where the sharpness is still rising, the same ramp was harmful (7.8 / 15.8 / 1.89),
-# so `curvdiag train` uses it only with --checkpoint.
+# throttle held at or below the edge cannot: under full-batch GD it then only creeps down the
+# sharpness at the edge (diverge_gd from its checkpoint: λmax 2.24 → 0.52 and the rate 0.9 → 3.8 over
+# 300 steps, where the tuned fixed rates 3–5 start at η·λmax/T = 3.4–5.6 and train at 3–5 from the
+# first steps). So the fraction starts at CATAPULT_START·κ and falls to κ over the first
+# CATAPULT_STEPS updates. Measured on bench_peers' checkpoint starts, 10 seeds each (final loss ÷ the
+# tuned fixed lr, median / worst): GD 1.65 / 2.22 with the ramp from 1 → 0.97 / 1.19 from 3
+# (2: 1.28 worst of 3 seeds; 4: 1.01); momentum 1.98 / 9.7 → 1.18 / 4.0, Adam 0.54 / 1.31 →
+# 0.32 / 1.66, schedule 0.64 / 0.88 → 0.62 / 0.97 (for β = 0.9 the start 3κ = 0.95 is the former
+# 1.0, so those moves are the runs' chaos, not the rule). The same start for every optimizer instead
+# (2 or 3, i.e. 6–9κ at β = 0.9) took momentum to 9–212× and Adam to 61–279×. From initialisation,
+# where the sharpness is still rising, any ramp was harmful (GD, 3κ: one seed of 10 at 289×; momentum/Adam/schedule from 1: 7.8 /
+# 15.8 / 1.89), so `curvdiag train` uses it only with --checkpoint.
+CATAPULT_START = 3.0
 CATAPULT_STEPS = 50
 
 
@@ -176,7 +184,7 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
         lr = observation.lr
         fraction = kappa
         if catapult_steps:
-            fraction += (1.0 - kappa) * max(0.0, 1.0 - state.steps / catapult_steps)
+            fraction *= 1.0 + (CATAPULT_START - 1.0) * max(0.0, 1.0 - state.steps / catapult_steps)
         factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, fraction * constant / (lr * smoothed))
         return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor)
 

@@ -89,7 +89,7 @@ class TrainSettings:
     floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
     floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
     same_batch_curvature: bool = False  # throttle: C_t on the step's own batch (one more forward and backward)
-    catapult_steps: Optional[int] = None  # throttle: κ falls from 1 over these first steps; None: 50 with a checkpoint, else 0
+    catapult_steps: Optional[int] = None  # throttle: the fraction falls from 3κ to κ over these first steps; None: 50 with a checkpoint, else 0
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
