@@ -1,10 +1,13 @@
 """The default throttle's final loss ÷ the best fixed lr of a 3-point grid, seeds 0..9, from
-initialisation (300 steps, one thread): the spread that 3 seeds hide. The runs are chaotic, so the
-distribution is the result, not one seed's number.
+initialisation and from bench_peers' mid-training checkpoint (300 steps, one thread): the spread
+that bench_peers' 3 seeds hide. The runs are chaotic, so the distribution is the result, not one
+seed's number.
 
-Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched
-(about 1–2 minutes each; prints one line per seed, then median, maximum and the count above 1.5).
-Seed copies of the recipes and the loss on all of data() are bench_controllers.py's.
+Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched [init|checkpoint]
+(about 20–40 s per case and start; prints one line per seed, then median, maximum and the count
+above 1.5). The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
+loss on all of data() are bench_peers.py's; each 3-point grid is the neighbourhood of the best lr
+that bench_peers' 7-point grid chose on seeds 0–2 (it stayed inside it on seeds 3–9 too).
 """
 import json
 import statistics
@@ -16,38 +19,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_controllers import full_data_loss, recipe_with_seed  # noqa: E402  (puts the project on sys.path)
-from curvdiag.train.loop import Trainer, TrainSettings  # noqa: E402
+import bench_peers  # noqa: E402  (puts the project on sys.path)
 
 torch.set_num_threads(1)
-CASES = {"gd": ("diverge_gd.py", [3, 5, 8]), "mom": ("diverge_momentum.py", [1, 2, 3]),
-         "adam": ("diverge_adam.py", [0.005, 0.01, 0.02]), "sched": ("diverge_schedule.py", [2, 3, 5])}
+CASES = {"gd": "GD", "mom": "momentum", "adam": "Adam", "sched": "schedule"}
+GRIDS = {("GD", "init"): [3, 5, 8], ("GD", "checkpoint"): [2, 3, 5],
+         ("momentum", "init"): [1, 2, 3], ("momentum", "checkpoint"): [2, 3, 5],
+         ("Adam", "init"): [0.005, 0.01, 0.02], ("Adam", "checkpoint"): [0.01, 0.02, 0.05],
+         ("schedule", "init"): [2, 3, 5], ("schedule", "checkpoint"): [2, 3, 5]}
 
 
-def final_loss(path: str, lr, controller: str):
-    """The loss on all of data() after 300 steps, None when the run diverged."""
-    with tempfile.TemporaryDirectory() as out:
-        summary = Trainer(path, None, Path(out), TrainSettings(steps=300, lr=lr, controller=controller,
-                                                               checkpoint_every=0)).run()
-        if summary.diverged:
-            return None
-        return full_data_loss(path, torch.load(Path(out) / "final.pt", weights_only=True))
+def ratio(case: "bench_peers.Case", start_name: str, seed: int):
+    """Throttle's final loss ÷ the grid's best, None when the throttle diverged."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        recipe = bench_peers.recipe_with_seed(case.recipe, seed, tmp)
+        checkpoint = bench_peers.make_checkpoint(recipe, case, tmp) if start_name == "checkpoint" else None
+        start = bench_peers.Start(recipe, checkpoint)
+        finals = [bench_peers.plain_run(start, 300, bench_peers.recipe_optimizer(start), lr=lr)[0]["final"]
+                  for lr in GRIDS[(case.name, start_name)]]
+        best = min(f for f in finals if f is not None)
+        throttled = bench_peers.trainer_run(start, "throttle", 300, case.lr, tmp / "throttle")["final"]
+        return None if throttled is None else throttled / best
 
 
 def main() -> None:
     name = sys.argv[1]
-    recipe, grid = CASES[name]
-    ratios = []
-    with tempfile.TemporaryDirectory() as tmp:
+    starts = sys.argv[2:] or ["init", "checkpoint"]
+    case = next(c for c in bench_peers.CASES if c.name == CASES[name])
+    for start_name in starts:
+        ratios = []
         for seed in range(10):
-            path = recipe_with_seed(recipe, seed, Path(tmp))
-            best = min((final_loss(path, lr, "none") or float("inf")) for lr in grid)
-            throttled = final_loss(path, None, "throttle")
-            ratios.append(None if throttled is None else throttled / best)
-            print(name, seed, ratios[-1], flush=True)
-    ok = [x for x in ratios if x is not None]
-    print(name, "median", statistics.median(ok), "max", max(ok), "n>1.5", sum(x > 1.5 for x in ok),
-          "diverged", ratios.count(None), json.dumps(ratios))
+            ratios.append(ratio(case, start_name, seed))
+            print(name, start_name, seed, ratios[-1], flush=True)
+        ok = [x for x in ratios if x is not None]
+        print(name, start_name, "median", round(statistics.median(ok), 3), "max", round(max(ok), 3),
+              "n>1.5", sum(x > 1.5 for x in ok), "diverged", ratios.count(None),
+              json.dumps([None if x is None else round(x, 3) for x in ratios]), flush=True)
 
 
 if __name__ == "__main__":
