@@ -5,11 +5,15 @@ seed's number.
 
 Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched [init|checkpoint]
 (about 20–40 s per case and start; prints one line per seed, then median, maximum and the count
-above 1.5). The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
+above 1.5). With ``lrs`` instead of a start (``... gd lrs``), the throttle runs at every lr of
+bench_peers' 7-point grid, seeds 0–2, both starts, and each worst ratio is printed beside the fixed
+lr's own, against the grid's best in ``benchmarks/peers_results.json``: what a user who does not tune
+gets at whatever lr they pick. The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
 loss on all of data() are bench_peers.py's; each 3-point grid is the neighbourhood of the best lr
 that bench_peers' 7-point grid chose on seeds 0–2 (it stayed inside it on seeds 3–9 too).
 """
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -43,10 +47,33 @@ def ratio(case: "bench_peers.Case", start_name: str, seed: int):
         return None if throttled is None else throttled / best
 
 
+def throttle_at_every_lr(case: "bench_peers.Case") -> None:
+    """Worst over seeds 0–2 of (final loss at lr ÷ the grid's best), throttled and fixed, per start and lr."""
+    cells = json.loads((bench_peers.ROOT / "benchmarks" / "peers_results.json").read_text())["cases"][case.name]
+    for start_name in ("init", "checkpoint"):
+        for lr in case.grid:
+            throttled, fixed = [], []
+            for seed in range(3):
+                cell = cells[start_name][str(seed)]
+                with tempfile.TemporaryDirectory() as tmp_name:
+                    tmp = Path(tmp_name)
+                    recipe = bench_peers.recipe_with_seed(case.recipe, seed, tmp)
+                    checkpoint = bench_peers.make_checkpoint(recipe, case, tmp) if start_name == "checkpoint" else None
+                    final = bench_peers.trainer_run(bench_peers.Start(recipe, checkpoint), "throttle", 300, lr,
+                                                    tmp / "throttle")["final"]
+                throttled.append(math.inf if final is None else final / cell["best_final"])
+                own = cell["grid"][str(lr)]["final"]
+                fixed.append(math.inf if own is None else own / cell["best_final"])
+            print(case.name, start_name, f"lr {lr:g}", "throttle worst", f"{max(throttled):.3g}",
+                  "fixed worst", f"{max(fixed):.3g}", flush=True)
+
+
 def main() -> None:
     name = sys.argv[1]
-    starts = sys.argv[2:] or ["init", "checkpoint"]
     case = next(c for c in bench_peers.CASES if c.name == CASES[name])
+    if sys.argv[2:] == ["lrs"]:
+        return throttle_at_every_lr(case)
+    starts = sys.argv[2:] or ["init", "checkpoint"]
     for start_name in starts:
         ratios = []
         for seed in range(10):
