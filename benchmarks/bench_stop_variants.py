@@ -88,7 +88,8 @@ def extrapolated(ritz, residuals, history):
 
 RULES: Dict[str, Tuple[Callable, int]] = {
     "gate 1/4, window 2": (shipped, 2), "window 1": (shipped, 1), "gate 1/2": (gated(0.5), 2),
-    "gate 2/3": (gated(2 / 3), 2), "gate 1 (none)": (gated(1.0), 2), "extrapolated": (extrapolated, 2),
+    "gate 2/3": (gated(2 / 3), 2), "gate 2/3, window 1": (gated(2 / 3), 1), "gate 1 (none)": (gated(1.0), 2),
+    "extrapolated": (extrapolated, 2),
 }
 
 

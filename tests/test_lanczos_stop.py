@@ -13,7 +13,7 @@ import torch
 
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.loading.target import load_target
-from curvdiag.probes.eigen import lanczos, ritz_error_estimates
+from curvdiag.probes.eigen import lanczos, ritz_error_estimates, stop_window
 from curvdiag.probes.sharpness import lambda_max
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +124,27 @@ def test_sample_checkpoints_against_eigsh(recipe, checkpoint):
     assert result.converged
     assert -1e-10 <= (lam - result.value) / lam <= tol
     assert result.hvps <= oracle(op, lam, tol, seed=0, products=40) + 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_crowded_tanh_edge_checkpoint_stops_within_two_products_of_the_oracle(seed):
+    # λ2/λ1 = 0.9925: the hard checkpoint. The reference is a long float64 run (tol 1e-12, same start).
+    target = load_target(str(ROOT / "sample_models" / "tanh_mlp.py"),
+                         str(ROOT / "sample_models" / "checkpoints" / "tanh_edge.pt"), dtype="float64")
+    op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes)
+    lam = lambda_max(op, tol=1e-12, seed=seed, max_hvps=80).value
+    result = lambda_max(op, tol=1e-4, seed=seed)
+    assert result.converged
+    assert -1e-12 <= (lam - result.value) / lam <= 1e-4
+    assert result.hvps <= oracle(op, lam, 1e-4, seed=seed, products=40) + 2
+
+
+def test_one_product_meets_a_tight_tol_above_the_rounding_two_otherwise():
+    assert stop_window(1e-4, 1, torch.float32) == 1 and stop_window(1e-5, 1, torch.float32) == 1
+    assert stop_window(1e-6, 1, torch.float32) == 2  # near float32 rounding the Ritz values jitter by ~tol
+    assert stop_window(1e-10, 1, torch.float64) == 1
+    assert stop_window(1e-3, 1, torch.float64) == 2  # a loose estimate can be met on a lower eigenvalue
+    assert stop_window(1e-4, 3, torch.float64) == 2  # top-k: measured for λmax alone
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -14,10 +14,10 @@ enough"). Without it converged eigenvalues reappear as ghosts. Two consumers rea
   :func:`ritz_error_estimates` takes δ_i from the Ritz values — the distance to the nearest
   other Ritz value θ_j less its residual r_j, trusted only when θ_j is settled (r_j ≤ d/4, or
   ≤ 2d/3 at tol ≤ 1e-4: :data:`SETTLED`) and the gap exceeds r_i — and falls back to r_i otherwise. The run stops when every top-k
-  estimate is ≤ tol·|θ_i| on ``stability_window`` consecutive products (two by default): a
-  small Krylov space can look converged on an eigenvalue below a not-yet-seen larger one, and
-  the product after that usually moves θ (a Ritz gap that is not the true gap shows up as a
-  jump). The estimate is not a bound while the Ritz gap exceeds the true one (up to 1.4× under
+  estimate is ≤ tol·|θ_i| on ``stability_window`` consecutive products (two by default, one for
+  λmax alone at tol ≤ 1e-4: :func:`stop_window`): a small Krylov space can look converged on an
+  eigenvalue below a not-yet-seen larger one, and the product after that usually moves θ (a Ritz
+  gap that is not the true gap shows up as a jump). The estimate is not a bound while the Ritz gap exceeds the true one (up to 1.4× under
   the error measured on analytic spectra). Measured against an oracle (the first product whose
   top Ritz value is within tol of λmax, benchmarks/bench_lanczos_stop.py): at tol 1e-4, oracle
   + 1–2 products on bn_cnn, tiny_transformer, adam_mlp and tanh_early, + 2–4 on the crowded
@@ -70,6 +70,24 @@ LOOSEST_STOP = 1e-3
 SETTLED = 0.25
 SETTLED_TIGHT = 2 / 3
 TIGHT_STOP = 1e-4
+
+# How many consecutive products must meet tol (``stability_window`` None). Two guard against a small
+# Krylov space that looks converged on a lower eigenvalue, which only a loose estimate lets through:
+# one product at tol 1e-3 stopped tanh_edge 33·tol off. For the top eigenvalue alone at tol ≤ 1e-4
+# the estimate (with the SETTLED_TIGHT gate) is already so small that one product is enough:
+# replayed on every spectrum and checkpoint of benchmarks/bench_stop_variants.py it stopped within
+# 0.46·tol at 1e-4 and 0.64·tol at 1e-5 (the unresolved 0.994 pair: 1.13·tol, two products 1.09·tol),
+# one product earlier, which puts every checkpoint within oracle + 2 at tol 1e-4 (tanh_edge +2..+4 →
+# +1..+2, the 1.86M MLP +2..+3 → +1..+2). Near the product's rounding the Ritz values jitter by about
+# tol and one product is not enough (bn_cnn in float32 at 1e-6: 1.12·tol, two products 0.73·tol):
+# one product only while tol ≥ ONE_PRODUCT_EPS × the dtype's machine epsilon (float32: 7.6e-6).
+ONE_PRODUCT_EPS = 64
+
+
+def stop_window(stop_tol: float, top_k: int, dtype: torch.dtype) -> int:
+    """Consecutive products on which the estimates must meet ``stop_tol`` (see :data:`ONE_PRODUCT_EPS`)."""
+    tight = ONE_PRODUCT_EPS * torch.finfo(dtype).eps <= stop_tol <= TIGHT_STOP
+    return 1 if top_k == 1 and tight else 2
 
 # The projections Q w sum in float64 per PARTIAL_SUM_ENTRIES columns, as inner() does: one float32
 # matrix-vector product over 5M entries is off by ~3e-5·‖q‖‖w‖ on this CPU (the error of one long
@@ -242,7 +260,7 @@ def lanczos(
     tol: float = 1e-4,
     max_matvecs: int = 300,
     min_iterations: int = 3,
-    stability_window: int = 2,
+    stability_window: Optional[int] = None,
     seed: int = 0,
     start: Optional[torch.Tensor] = None,
     basis_budget_bytes: int = 2 << 30,
@@ -257,7 +275,8 @@ def lanczos(
             :func:`ritz_error_estimates`; a looser tol than :data:`LOOSEST_STOP` stops at that.
         max_matvecs: budget of operator products.
         min_iterations: products made before any stop (a floor; the estimate decides).
-        stability_window: consecutive products on which every estimate must meet ``tol``.
+        stability_window: consecutive products on which every estimate must meet ``tol``; None: one
+            for the top eigenvalue alone at 64·eps ≤ tol ≤ 1e-4, else two (:func:`stop_window`).
         seed: seed of the random start vector (ignored when ``start`` is given).
         basis_budget_bytes: memory for the Krylov basis before a thick restart.
         want_vectors: return the top-k Ritz vectors (True), or the top m (an int m ≥ 1; fewer when
@@ -270,6 +289,7 @@ def lanczos(
     capacity = max(top_k + 2, min(n, max_matvecs + 1, basis_budget_bytes // max(bytes_per_vector, 1)))
     process = LanczosProcess(op, q / norm(q), capacity)
     stop_tol = min(tol, LOOSEST_STOP)
+    window = stop_window(stop_tol, top_k, op.dtype) if stability_window is None else stability_window
     history: List[float] = []
     matvecs = restarts = met = 0
     converged = False
@@ -285,7 +305,7 @@ def lanczos(
         top = ritz[::-1][:k]
         met = met + 1 if size >= top_k and bool((estimates <= stop_tol * np.abs(top)).all()) else 0
         invariant = beta <= 1e-10 * max(abs(float(ritz[0])), abs(float(ritz[-1])), 1e-30)
-        if (invariant and size >= min(top_k, n)) or (met >= stability_window and matvecs >= min(min_iterations, n)):
+        if (invariant and size >= min(top_k, n)) or (met >= window and matvecs >= min(min_iterations, n)):
             converged = True
             break
         if matvecs >= max_matvecs or size >= n:
