@@ -19,9 +19,9 @@ enough"). Without it converged eigenvalues reappear as ghosts. Two consumers rea
   eigenvalue below a not-yet-seen larger one, and the product after that usually moves θ (a Ritz
   gap that is not the true gap shows up as a jump). The estimate is not a bound while the Ritz gap exceeds the true one (up to 1.4× under
   the error measured on analytic spectra). Measured against an oracle (the first product whose
-  top Ritz value is within tol of λmax, benchmarks/bench_lanczos_stop.py): at tol 1e-4, oracle
-  + 1–2 products on bn_cnn, tiny_transformer, adam_mlp and tanh_early, + 2–4 on the crowded
-  tanh_edge (main's residual rule: + 3–5). No a posteriori test sees an eigenvalue that the Krylov space
+  top Ritz value is within tol of λmax, benchmarks/bench_stop_variants.py): at tol 1e-4, oracle
+  + 0–1 products on bn_cnn, tiny_transformer and adam_mlp, + 1 on tanh_early, + 1–2 on the
+  crowded tanh_edge and a 1.86M-parameter MLP (the residual rule before: + 3–5). No a posteriori test sees an eigenvalue that the Krylov space
   has not yet separated from θ_1: an unresolved pair λ2/λ1 = 0.994 stopped up to 1.6·tol off at
   tol 1e-3–1e-4 (a few seeds in ten), and a crowded top at tol 1e-2 stopped on a lower member of
   the cluster (tanh_edge 3.3e-2 off), hence no stop looser than :data:`LOOSEST_STOP`; the residual
