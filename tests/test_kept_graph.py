@@ -239,3 +239,51 @@ def test_the_kept_graph_takes_over_the_memory_estimates_first_batch():
     assert torch.allclose(auto.hvp(v), plain.hvp(v), rtol=1e-6, atol=1e-7)
     assert auto.loss() == pytest.approx(plain.loss(), rel=1e-7)
     assert torch.allclose(auto.gradient(), plain.gradient(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("recipe,checkpoint", [("tanh_mlp", "tanh_edge.pt"), ("bn_cnn", "bn_cnn.pt"),
+                                               ("tiny_transformer", "tiny_transformer.pt")])
+def test_a_kept_graph_product_does_at_most_twice_the_arithmetic_of_a_gradient(recipe, checkpoint):
+    # Reverse over the kept gradient graph costs 2× a gradient's matrix products on a dense layer (6
+    # against 3: dW = δᵀx, δx = δW and y = xWᵀ each differentiated in both operands), the floor of an
+    # exact product (Pearlmutter's R-op makes the same 6); a double backward per product also redoes
+    # the forward and backward (≈ 3×). Counted, not timed: FLOPs are the same on any machine.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from curvdiag.loading.target import load_target
+
+    root = Path(__file__).resolve().parent.parent / "sample_models"
+    target = load_target(str(root / f"{recipe}.py"), str(root / "checkpoints" / checkpoint))
+    params = [p for p in target.model.parameters() if p.requires_grad]
+    target.model.eval()
+    with FlopCounterMode(display=False) as counter:
+        for batch in target.batches:
+            torch.autograd.grad(target.loss_fn(target.model, batch), params)
+    gradient = counter.get_total_flops()
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for method in ("kept-graph", "double-backward"):
+        op = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes, hvp_method=method)
+        op.hvp(v)  # the transformer's first product finds no double backward and switches to math attention
+        with FlopCounterMode(display=False) as counter:
+            op.hvp(v)
+        ratios[method] = counter.get_total_flops() / gradient
+    assert 1.7 <= ratios["kept-graph"] <= 2.1, ratios  # the transformer's math attention in the product: 2.08
+    assert ratios["double-backward"] >= ratios["kept-graph"] + 0.8, ratios
+
+
+@pytest.mark.parametrize("method", ["kept-graph", "double-backward"])
+def test_an_explicit_exact_method_switches_to_math_attention_when_the_fused_kernel_has_no_double_backward(method):
+    from curvdiag.loading.target import load_target
+
+    root = Path(__file__).resolve().parent.parent / "sample_models"
+    target = load_target(str(root / "tiny_transformer.py"), str(root / "checkpoints" / "tiny_transformer.pt"),
+                         dtype="float64")
+    explicit = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes, hvp_method=method)
+    checked = CurvatureOperator(target.model, target.batches, target.loss_fn, target.batch_sizes, attention="math")
+    assert explicit.fallback is None  # no check at start-up: nothing measured, nothing switched yet
+    v = torch.randn(explicit.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(explicit.hvp(v), checked.hvp(v), rtol=1e-9, atol=1e-12)
+    assert explicit.fallback == "math-attention" and "double backward" in explicit.describe_method()
+    assert explicit.hvp_method == method and explicit.hvp_count == 1
+    torch.testing.assert_close(torch.tensor(explicit.loss()), torch.tensor(checked.loss()), rtol=1e-12, atol=0)

@@ -28,7 +28,9 @@ How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
   have no double backward (fused attention) when the exact ``math`` attention kernel fails too.
 With ``auto`` the first product is checked at start-up: a missing double backward in a fused
 attention kernel retries with PyTorch's math attention backend (``fallback="math-attention"``),
-then finite differences (``fallback="finite-difference"``). The check multiplies the unit vector
+then finite differences (``fallback="finite-difference"``). An explicit ``kept-graph`` or
+``double-backward`` makes no check; its first product that finds no double backward switches to
+math attention the same way (one process) and is made again. The check multiplies the unit vector
 Lanczos starts from at seed 0; its product is kept until the first product, which reuses it when
 it asks the same vector at unchanged weights (``check_reused``): λmax pays nothing for the check.
 
@@ -536,7 +538,29 @@ class CurvatureOperator:
         return self.hvp(v)
 
     def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        return self.sum_over_ranks(self._local_hvp(v))
+        try:
+            local = self._local_hvp(v)
+        except Exception as exc:
+            if not (_lacks_double_backward(exc) and self._attention_may_switch()):
+                raise
+            self._switch_to_math_attention(exc)
+            local = self._local_hvp(v)
+        return self.sum_over_ranks(local)
+
+    def _attention_may_switch(self) -> bool:
+        """Whether a product that found no double backward may retry in math attention: an explicit
+        exact method (``auto`` checked it at start-up) on the fused kernel, in one process (ranks
+        would have to agree, as the start-up check does)."""
+        return self.fallback is None and self._attention_context is contextlib.nullcontext and self.world_size == 1
+
+    def _switch_to_math_attention(self, failure: BaseException) -> None:
+        """The fused attention kernel has no double backward: math attention from now on, the
+        kept graph rebuilt in it (its loss and gradient agree with the fused kernel's to rounding)."""
+        self.fallback, self.fallback_reason = "math-attention", str(failure).strip().splitlines()[0][:200]
+        self._attention_context = _math_attention
+        if self.hvp_method == "kept-graph":
+            self._kept_gradient = None
+            self._loss, self._gradient = self._reduce_loss_and_gradient(*self._build_kept_graph())
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's share of H v."""
