@@ -287,3 +287,57 @@ def test_an_explicit_exact_method_switches_to_math_attention_when_the_fused_kern
     assert explicit.fallback == "math-attention" and "double backward" in explicit.describe_method()
     assert explicit.hvp_method == method and explicit.hvp_count == 1
     torch.testing.assert_close(torch.tensor(explicit.loss()), torch.tensor(checked.loss()), rtol=1e-12, atol=0)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward cannot itself be differentiated (as a fused kernel without double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def _once_differentiable_target():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    loss = lambda m, batch: ((_NoDoubleBackward.apply(m(batch[0])) - batch[1]) ** 2).mean()  # noqa: E731
+    exact = lambda m, batch: ((torch.tanh(m(batch[0])) - batch[1]) ** 2).mean()  # noqa: E731
+    return model, [(x, y)], loss, exact
+
+
+def test_a_once_differentiable_backward_falls_back_to_finite_differences_instead_of_a_silent_zero():
+    # torch differentiates through a @once_differentiable backward without an error and adds
+    # nothing: the product would miss that function's second derivative (here the whole of it).
+    model, batches, loss, exact = _once_differentiable_target()
+    op = CurvatureOperator(model, batches, loss, [8], fd_step=1e-4)
+    reference = CurvatureOperator(model, batches, exact, [8])
+    assert op.hvp_method == "finite-difference" and op.fallback == "finite-difference"
+    assert "once_differentiable" in op.fallback_reason
+    v = torch.randn(op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.hvp(v), reference.hvp(v), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["kept-graph", "double-backward"])
+def test_an_explicit_exact_method_refuses_a_once_differentiable_backward_and_stays_as_it_was(method):
+    model, batches, loss, _ = _once_differentiable_target()
+    if method == "kept-graph":  # the kept graph is built at set-up: refused there
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            CurvatureOperator(model, batches, loss, [8], hvp_method=method)
+        return
+    op = CurvatureOperator(model, batches, loss, [8], hvp_method=method)
+    spent, gradient = op.spent, op.gradient().clone()
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # math attention retried, in vain
+        op.hvp(torch.ones(op.size, dtype=torch.float64))
+    assert op.fallback is None and op.build_options() == {"hvp_method": method, "attention": "auto"}
+    assert "math attention" not in op.describe_method()
+    assert op.spent == spent + op.hvp_price  # the failed product only, no rebuild charged
+    torch.testing.assert_close(op.gradient(), gradient)

@@ -145,6 +145,8 @@ def test_one_product_meets_a_tight_tol_above_the_rounding_two_otherwise():
     assert stop_window(1e-10, 1, torch.float64) == 1
     assert stop_window(1e-3, 1, torch.float64) == 2  # a loose estimate can be met on a lower eigenvalue
     assert stop_window(1e-4, 3, torch.float64) == 2  # top-k: measured for λmax alone
+    assert stop_window(1e-4, 1, torch.float32, product_error=1e-5) == 2  # finite differences: their own error
+    assert stop_window(1e-4, 1, torch.float32, product_error=1e-7) == 1
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -88,6 +88,28 @@ def _math_attention() -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+_ONCE_DIFFERENTIABLE = ("a backward in the model is marked once_differentiable: no double backward (its second "
+                        "derivative would be silently zero)")
+
+
+def _once_differentiable_in(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the autograd graph behind ``tensors`` holds the node torch puts after a function marked
+    ``@once_differentiable`` (``Error``): differentiating through it again raises nothing and adds
+    nothing, so a product would silently miss that function's second derivative. A walk of the
+    graph's nodes (~1 µs each)."""
+    error = getattr(torch._C._functions, "Error", None)
+    seen, stack = set(), [t.grad_fn for t in tensors if t is not None and t.grad_fn is not None]
+    while error is not None and stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        if isinstance(node, error):
+            return True
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False
+
+
 def _lacks_double_backward(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, (RuntimeError, NotImplementedError)) and any(t in text for t in _NO_DOUBLE_BACKWARD)
@@ -157,6 +179,7 @@ class CurvatureOperator:
         self.num_samples = int(sum(sizes))  # over all ranks: N of the weights n_b / N
         self.train_mode = train_mode
         self.fd_step = fd_step
+        self._graph_checked = False  # the first create_graph gradient's graph walked for once_differentiable
         self._lay_out_parameters(model)
         if self.distributed:
             self._agree_on_start()
@@ -418,6 +441,10 @@ class CurvatureOperator:
                 lines = str(exc).strip().splitlines()
                 raise BadInput(f"the loss's backward raised {type(exc).__name__}: {lines[0] if lines else ''}",
                                hint="a custom autograd.Function in the model or loss fails; use --debug for the traceback") from exc
+        if kw.get("create_graph") and not self._graph_checked:
+            if _once_differentiable_in(grads):  # not marked checked: a fallback's graph is walked again
+                raise RuntimeError(_ONCE_DIFFERENTIABLE)
+            self._graph_checked = True
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
     def _build_kept_graph(self) -> Tuple[float, torch.Tensor]:
@@ -537,14 +564,22 @@ class CurvatureOperator:
         """Alias of :meth:`hvp`, so the operator is a linear operator for the probes."""
         return self.hvp(v)
 
+    @property
+    def product_error(self) -> float:
+        """A product's relative error beyond rounding: 0 for an exact product; under finite
+        differences their estimated error (∞ before it is estimated)."""
+        if self.hvp_method != "finite-difference":
+            return 0.0
+        estimate = self.finite_difference.relative_error_estimate if self.finite_difference else None
+        return math.inf if estimate is None else float(estimate)
+
     def _exact_hvp(self, v: torch.Tensor) -> torch.Tensor:
         try:
             local = self._local_hvp(v)
         except Exception as exc:
             if not (_lacks_double_backward(exc) and self._attention_may_switch()):
                 raise
-            self._switch_to_math_attention(exc)
-            local = self._local_hvp(v)
+            local = self._retry_in_math_attention(v, exc)
         return self.sum_over_ranks(local)
 
     def _attention_may_switch(self) -> bool:
@@ -553,14 +588,30 @@ class CurvatureOperator:
         would have to agree, as the start-up check does)."""
         return self.fallback is None and self._attention_context is contextlib.nullcontext and self.world_size == 1
 
-    def _switch_to_math_attention(self, failure: BaseException) -> None:
-        """The fused attention kernel has no double backward: math attention from now on, the
-        kept graph rebuilt in it (its loss and gradient agree with the fused kernel's to rounding)."""
-        self.fallback, self.fallback_reason = "math-attention", str(failure).strip().splitlines()[0][:200]
+    def _retry_in_math_attention(self, v: torch.Tensor, failure: BaseException) -> torch.Tensor:
+        """This rank's product again in math attention, the loss and gradient (and the kept graph)
+        rebuilt in it, so that every later product and ``gradient_at`` use one kernel; charged one
+        GE for the rebuild. When the retry fails too the missing derivative was not attention's:
+        the operator is left as it was and the first error raised."""
+        kept, loss, gradient = self._kept_gradient, self._loss, self._gradient
         self._attention_context = _math_attention
-        if self.hvp_method == "kept-graph":
-            self._kept_gradient = None
-            self._loss, self._gradient = self._reduce_loss_and_gradient(*self._build_kept_graph())
+        try:
+            if self.hvp_method == "kept-graph":
+                self._kept_gradient = None
+                built = self._build_kept_graph()
+            else:
+                built = self._local_loss_and_gradient()
+            product = self._local_hvp(v)
+        except Exception as exc:
+            if not _lacks_double_backward(exc):
+                raise
+            self._attention_context, self._kept_gradient = contextlib.nullcontext, kept
+            self._loss, self._gradient = loss, gradient
+            raise failure from None
+        self._loss, self._gradient = self._reduce_loss_and_gradient(*built)
+        self.fallback, self.fallback_reason = "math-attention", str(failure).strip().splitlines()[0][:200]
+        self.charge(1.0)
+        return product
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's share of H v."""

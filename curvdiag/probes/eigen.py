@@ -49,7 +49,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from curvdiag.curvature.linear_operator import PARTIAL_SUM_ENTRIES, as_operator, inner, norm, random_vector
+from curvdiag.curvature.linear_operator import PARTIAL_SUM_ENTRIES, as_operator, inner, norm, product_error, random_vector
 
 
 # The loosest error estimate a stop accepts, whatever ``tol`` asks: at tol 1e-2 Lanczos stopped on
@@ -80,13 +80,16 @@ TIGHT_STOP = 1e-4
 # one product earlier, which puts every checkpoint within oracle + 2 at tol 1e-4 (tanh_edge +2..+4 →
 # +1..+2, the 1.86M MLP +2..+3 → +1..+2). Near the product's rounding the Ritz values jitter by about
 # tol and one product is not enough (bn_cnn in float32 at 1e-6: 1.12·tol, two products 0.73·tol):
-# one product only while tol ≥ ONE_PRODUCT_EPS × the dtype's machine epsilon (float32: 7.6e-6).
+# one product only while tol ≥ ONE_PRODUCT_EPS × the product's relative error: the dtype's machine
+# epsilon (float32: 7.6e-6), or a finite-difference product's own error when that is larger.
 ONE_PRODUCT_EPS = 64
 
 
-def stop_window(stop_tol: float, top_k: int, dtype: torch.dtype) -> int:
-    """Consecutive products on which the estimates must meet ``stop_tol`` (see :data:`ONE_PRODUCT_EPS`)."""
-    tight = ONE_PRODUCT_EPS * torch.finfo(dtype).eps <= stop_tol <= TIGHT_STOP
+def stop_window(stop_tol: float, top_k: int, dtype: torch.dtype, product_error: float = 0.0) -> int:
+    """Consecutive products on which the estimates must meet ``stop_tol`` (see :data:`ONE_PRODUCT_EPS`);
+    ``product_error``: a product's relative error beyond rounding (finite differences)."""
+    noise = max(torch.finfo(dtype).eps, product_error)
+    tight = ONE_PRODUCT_EPS * noise <= stop_tol <= TIGHT_STOP
     return 1 if top_k == 1 and tight else 2
 
 # The projections Q w sum in float64 per PARTIAL_SUM_ENTRIES columns, as inner() does: one float32
@@ -289,7 +292,7 @@ def lanczos(
     capacity = max(top_k + 2, min(n, max_matvecs + 1, basis_budget_bytes // max(bytes_per_vector, 1)))
     process = LanczosProcess(op, q / norm(q), capacity)
     stop_tol = min(tol, LOOSEST_STOP)
-    window = stop_window(stop_tol, top_k, op.dtype) if stability_window is None else stability_window
+    window = stop_window(stop_tol, top_k, op.dtype, product_error(op)) if stability_window is None else stability_window
     history: List[float] = []
     matvecs = restarts = met = 0
     converged = False

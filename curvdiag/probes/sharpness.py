@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 import torch
 
 from curvdiag.probes.eigen import lanczos, power_iteration
-from curvdiag.curvature.linear_operator import SymmetricScaling, as_operator
+from curvdiag.curvature.linear_operator import SymmetricScaling, as_operator, product_error
 
 METHODS = ("lanczos", "power")
 
@@ -47,6 +47,7 @@ class _Counting:
     def __init__(self, operator: Any):
         self.operator = operator
         self.size, self.device, self.dtype = operator.size, operator.device, operator.dtype
+        self.product_error = product_error(operator)
         self.count = 0
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

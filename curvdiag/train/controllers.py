@@ -138,14 +138,16 @@ NOISE_CAP = 2.0
 # sharpness at the edge (diverge_gd from its checkpoint: λmax 2.24 → 0.52 and the rate 0.9 → 3.8 over
 # 300 steps, where the tuned fixed rates 3–5 start at η·λmax/T = 3.4–5.6 and train at 3–5 from the
 # first steps). So the fraction starts at CATAPULT_START·κ and falls to κ over the first
-# CATAPULT_STEPS updates. Measured on bench_peers' checkpoint starts, 10 seeds each (final loss ÷ the
-# tuned fixed lr, median / worst): GD 1.65 / 2.22 with the ramp from 1 → 0.97 / 1.19 from 3
-# (2: 1.28 worst of 3 seeds; 4: 1.01); momentum 1.98 / 9.7 → 1.18 / 4.0, Adam 0.54 / 1.31 →
-# 0.32 / 1.66, schedule 0.64 / 0.88 → 0.62 / 0.97 (for β = 0.9 the start 3κ = 0.95 is the former
+# CATAPULT_STEPS updates. Measured on bench_peers' checkpoint starts (bench_throttle_seeds.py, 10 seeds,
+# final loss ÷ the tuned fixed lr, median / worst): GD 1.63 / 2.22 with the ramp from 1 → 0.95 / 1.19
+# from 3κ (2: 1.28 worst of 3 seeds; 4: 1.01); momentum 1.96 / 9.7 → 1.11 / 3.97, Adam 0.52 / 1.31 →
+# 0.30 / 1.66, schedule 0.63 / 0.88 → 0.59 / 0.97 (for β = 0.9 the start 3κ = 0.95 is the former
 # 1.0, so those moves are the runs' chaos, not the rule). The same start for every optimizer instead
-# (2 or 3, i.e. 6–9κ at β = 0.9) took momentum to 9–212× and Adam to 61–279×. From initialisation,
-# where the sharpness is still rising, any ramp was harmful (GD, 3κ: one seed of 10 at 289×; momentum/Adam/schedule from 1: 7.8 /
-# 15.8 / 1.89), so `curvdiag train` uses it only with --checkpoint.
+# (2 or 3, i.e. 6–9κ at β = 0.9) took momentum to 9–212× and Adam to 61–279×. Over 25 steps instead
+# of 50 GD's median was 1.22, momentum's 1.65; over 100 steps 3 of 10 GD runs diverged (none in 160
+# runs at 50 steps, every lr of the grids included). From initialisation, where the sharpness is still
+# rising, any ramp was harmful (GD, 3κ: one seed of 10 at 289×; momentum / Adam / schedule from 1:
+# 7.8 / 15.8 / 1.89), so `curvdiag train` uses it only with --checkpoint.
 CATAPULT_START = 3.0
 CATAPULT_STEPS = 50
 
@@ -160,9 +162,9 @@ class ThrottleState(NamedTuple):
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
              momentum: float = 0.0, catapult_steps: int = 0) -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
-    κ = √(1 − ``momentum``). With ``catapult_steps`` = K > 0 the fraction starts at the edge itself
-    and falls linearly to κ over the first K updates: κ_t = κ + (1 − κ)·max(0, 1 − t/K) (a run
-    restarted from trained weights, see :data:`CATAPULT_STEPS`)."""
+    κ = √(1 − ``momentum``). With ``catapult_steps`` = K > 0 the fraction starts at
+    :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
+    κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights)."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")

@@ -359,7 +359,6 @@ class Monitor:
                                train_mode=self.train_mode, distributed=self.distributed,
                                **(self._build_options or {"hvp_method": self.hvp_method}))
         if self._build_options is None:
-            self._build_options = op.build_options()
             self.hvp_method = op.hvp_method
         return op
 
@@ -385,6 +384,9 @@ class Monitor:
                 trace = hutchinson_trace(op, samples=self.trace_samples, seed=self.seed + step)
             loss_value = op.loss()
             spent = op.hvp_count
+            # As the operator ended up: an explicit method finds a fused kernel's missing double
+            # backward only at its first product, then switches to math attention.
+            self._build_options = op.build_options()
         del op, target
         value = result.eigenvalues[0]
         ratio = threshold = status = None
