@@ -15,6 +15,7 @@ import torch
 
 from curvdiag.curvature.operator import CurvatureOperator, _byte_span, _spanned_bytes, default_memory
 from curvdiag.errors import BadArgument
+from models import MarkedOnceDifferentiableTanh
 
 
 def _mse(model, batch):
@@ -289,27 +290,11 @@ def test_an_explicit_exact_method_switches_to_math_attention_when_the_fused_kern
     torch.testing.assert_close(torch.tensor(explicit.loss()), torch.tensor(checked.loss()), rtol=1e-12, atol=0)
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """tanh whose backward cannot itself be differentiated (as a fused kernel without double backward)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
-
-
 def _once_differentiable_target():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
-    loss = lambda m, batch: ((_NoDoubleBackward.apply(m(batch[0])) - batch[1]) ** 2).mean()  # noqa: E731
+    loss = lambda m, batch: ((MarkedOnceDifferentiableTanh.apply(m(batch[0])) - batch[1]) ** 2).mean()  # noqa: E731
     exact = lambda m, batch: ((torch.tanh(m(batch[0])) - batch[1]) ** 2).mean()  # noqa: E731
     return model, [(x, y)], loss, exact
 
