@@ -27,7 +27,7 @@ same batch (one extra forward and backward) and uses that instead.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,19 +92,26 @@ def closure_gradient(closure: Closure, params: List[torch.Tensor],
     return flat[-1], [piece.view_as(p) for piece, p in zip(pieces, params)]
 
 
-def _dot(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-    return sum(float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double())) for x, y in zip(a, b))
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.double(), b.double()))
 
 
-def metric_curvature(d_theta: List[torch.Tensor], d_grad: List[torch.Tensor], preconditioner: Optional[List[torch.Tensor]]) -> float:
-    """‖ΔG‖/‖Δθ‖, or for Adam ‖P^{-1/2}ΔG‖/‖P^{1/2}Δθ‖ (the curvature of P^{-1/2}HP^{-1/2})."""
+def metric_curvature(d_theta: torch.Tensor, d_grad: torch.Tensor, preconditioner: Optional[torch.Tensor]) -> float:
+    """‖ΔG‖/‖Δθ‖, or for Adam ‖P^{-1/2}ΔG‖/‖P^{1/2}Δθ‖ (the curvature of P^{-1/2}HP^{-1/2}); flat
+    vectors of shape (n,), summed in float64."""
+    g, t = d_grad.double(), d_theta.double()
     if preconditioner is None:
-        num = sum(float(g.double().pow(2).sum()) for g in d_grad)
-        den = sum(float(t.double().pow(2).sum()) for t in d_theta)
+        squares = torch.stack([g.dot(g), t.dot(t)])
     else:
-        num = sum(float((g.double().pow(2) / p.double()).sum()) for g, p in zip(d_grad, preconditioner))
-        den = sum(float((t.double().pow(2) * p.double()).sum()) for t, p in zip(d_theta, preconditioner))
+        p = preconditioner.double()
+        squares = torch.stack([(g * g / p).sum(), (t * t * p).sum()])
+    num, den = squares.tolist()
     return math.sqrt(num) / (math.sqrt(den) + 1e-30)
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors as one new flat vector (a copy)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def apply_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -142,7 +149,10 @@ class ControlledOptimizer:
 
     def memory(self) -> Optional[tuple]:
         """The previous step's (θ, G) per parameter that the next consecutive C_t compares with, or None."""
-        return self._previous if self._previous is not None and self._previous[0] is not None else None
+        if self._previous is None or self._previous[0] is None:
+            return None
+        return tuple([piece.view_as(p) for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)]
+                     for flat in self._previous)
 
     def load_memory(self, memory: Optional[tuple]) -> None:
         """Continue from a :meth:`memory` (a resumed run): the first step then measures C_t as the
@@ -152,7 +162,7 @@ class ControlledOptimizer:
             if len(theta) != len(self.params) or len(grads) != len(self.params) or any(
                     not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(list(theta) + list(grads), self.params + self.params)):
                 raise ValueError("a controller memory holds (θ, G) shaped like the optimizer's parameters")
-            memory = (list(theta), list(grads))
+            memory = (_flat(theta), _flat(grads))
         self._previous = memory
 
     @property
@@ -171,29 +181,31 @@ class ControlledOptimizer:
     def step(self, closure: Optional[Closure] = None, loss: Optional[float] = None) -> Optional[torch.Tensor]:
         """Observe, update the controller, step; then, with a closure, measure the step."""
         observes, measures_step = self.controller.observes, self.measures_step
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.params] if measures_step else None
-        theta = [p.detach().clone() for p in self.params] if measures_step else None
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self.params] if measures_step else None
+        # Flat copies (one op each, not one per parameter: this runs every step of a tiny model too).
+        flat_grads = _flat(grads) if measures_step else None
+        flat_theta = _flat([p.detach() for p in self.params]) if measures_step else None
         # The metric of the step about to be taken (Adam: the P this step will use).
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads) if "curvature" in observes else None
+        metric = _flat(preconditioner) if preconditioner is not None else None
         if "curvature" in observes and self._previous is not None and closure is None:
             prev_theta, prev_grads = self._previous
-            self.curvature = metric_curvature([a - b for a, b in zip(theta, prev_theta)],
-                                              [a - b for a, b in zip(grads, prev_grads)], preconditioner)
+            self.curvature = metric_curvature(flat_theta - prev_theta, flat_grads - prev_grads, metric)
         lr = self._lr()
         self.state = self.controller.update(self.state, self._observe(lr, observes))
         self._scale_gradients(getattr(self.state, "gradient_scale", 1.0))
         apply_factor(self.optimizer, self.state.factor)
-        self._previous = (theta, grads)
+        self._previous = (flat_theta, flat_grads)
         if closure is None or not measures_step:
             return None
         new_loss, new_grads = closure_gradient(closure, self.params, self.reduce)
-        d_theta = [p.detach() - t for p, t in zip(self.params, theta)]
-        d_grad = [a - b for a, b in zip(new_grads, grads)]
+        d_theta = _flat([p.detach() for p in self.params]) - flat_theta
+        new_flat_grads = _flat(new_grads)
         if "curvature" in observes:
-            self.curvature = metric_curvature(d_theta, d_grad, preconditioner)
+            self.curvature = metric_curvature(d_theta, new_flat_grads - flat_grads, metric)
         else:  # a lookahead is folded in as soon as it is measured (controllers module docstring)
-            self.state = self.controller.update(self.state, self._lookahead(lr, loss, float(new_loss), grads,
-                                                                            new_grads, d_theta))
+            self.state = self.controller.update(self.state, self._lookahead(lr, loss, float(new_loss), flat_grads,
+                                                                            new_flat_grads, d_theta))
         return new_loss
 
     def _observe(self, lr: float, observes: frozenset) -> Observation:
@@ -210,14 +222,14 @@ class ControlledOptimizer:
                 if p.grad is not None:
                     p.grad.detach().mul_(scale)
 
-    def _lookahead(self, lr: float, loss: Optional[float], new_loss: float, grads: List[torch.Tensor],
-                   new_grads: List[torch.Tensor], d_theta: List[torch.Tensor]) -> Observation:
-        """The step's lookahead, ω = −Δθ/α with α the lr the step took; sets ``curvature`` to the
-        Rayleigh form ⟨Δθ, ΔG⟩/‖Δθ‖² = (c0 − c1)/(α‖ω‖²)."""
+    def _lookahead(self, lr: float, loss: Optional[float], new_loss: float, grads: torch.Tensor,
+                   new_grads: torch.Tensor, d_theta: torch.Tensor) -> Observation:
+        """The step's lookahead (flat vectors), ω = −Δθ/α with α the lr the step took; sets
+        ``curvature`` to the Rayleigh form ⟨Δθ, ΔG⟩/‖Δθ‖² = (c0 − c1)/(α‖ω‖²)."""
         if loss is None:
             raise BadArgument("loss", loss, "the lookahead needs L(θ_t) of the step's batch")
         alpha = lr * self.state.factor
-        omega = [-t / alpha for t in d_theta]
+        omega = -d_theta / alpha
         c0, c1 = _dot(grads, omega), _dot(new_grads, omega)
         omega_sq = _dot(omega, omega)
         self.curvature = (c0 - c1) / (alpha * omega_sq) if omega_sq > 0 else None
