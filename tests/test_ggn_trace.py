@@ -19,7 +19,8 @@ from curvdiag.probes.hutchinson import hutchinson_trace, t_factor
 from curvdiag.curvature.operator import CurvatureOperator
 from conftest import dense_hessian
 from ggn_models import conv_bn, pos_transformer
-from models import BatchNormNet, FusedKernelMLP, TiedAutoencoder, mse, regression_batches, tanh_mlp
+from models import (BatchNormNet, FusedKernelMLP, MarkedFusedKernelMLP, TiedAutoencoder, mse, regression_batches,
+                    tanh_mlp)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -380,6 +381,7 @@ class Stacked(torch.nn.Module):
 
 @pytest.mark.parametrize("make, loss_fn, kw, reason", [
     (lambda: FusedKernelMLP().double(), mse, {}, "no double backward"),
+    (lambda: MarkedFusedKernelMLP().double(), mse, {}, "once_differentiable"),  # else J z silently 0
     (tanh_mlp, _twice, {}, "forward ran 2 times"),
     (tanh_mlp, _weight_decay, {}, "other than through the model output"),
     (tanh_mlp, _coupled, {}, "couples the outputs"),

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.curvature.operator import CurvatureOperator, once_differentiable_in
 from curvdiag.curvature.output_hessian import (Recording, model_output_tensor, output_hessian, recording,
                                                rounding_tolerance)
 from curvdiag.curvature.per_sample import PerSampleModel
@@ -414,6 +414,8 @@ class GaussNewton:
         except RuntimeError as exc:
             raise NotCovered(f"no double backward through the model ({str(exc).splitlines()[0][:120]})") from exc
         index = [k for k, g in enumerate(gj) if g is not None and g.requires_grad]
+        if check and once_differentiable_in([gj[k] for k in index]):  # J z through it would be silently 0
+            raise NotCovered("no double backward through the model (a backward is marked once_differentiable)")
         state.u, state.gj, state.gj_index = u, [gj[k] for k in index], index
         if check and index:
             try:  # one product now, so a missing double backward is refused at set-up

@@ -88,11 +88,11 @@ def _math_attention() -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
-_ONCE_DIFFERENTIABLE = ("a backward in the model is marked once_differentiable: no double backward (its second "
+ONCE_DIFFERENTIABLE = ("a backward in the model is marked once_differentiable: no double backward (its second "
                         "derivative would be silently zero)")
 
 
-def _once_differentiable_in(tensors: Sequence[torch.Tensor]) -> bool:
+def once_differentiable_in(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether the autograd graph behind ``tensors`` holds the node torch puts after a function marked
     ``@once_differentiable`` (``Error``): differentiating through it again raises nothing and adds
     nothing, so a product would silently miss that function's second derivative. A walk of the
@@ -442,8 +442,8 @@ class CurvatureOperator:
                 raise BadInput(f"the loss's backward raised {type(exc).__name__}: {lines[0] if lines else ''}",
                                hint="a custom autograd.Function in the model or loss fails; use --debug for the traceback") from exc
         if kw.get("create_graph") and not self._graph_checked:
-            if _once_differentiable_in(grads):  # not marked checked: a fallback's graph is walked again
-                raise RuntimeError(_ONCE_DIFFERENTIABLE)
+            if once_differentiable_in(grads):  # not marked checked: a fallback's graph is walked again
+                raise RuntimeError(ONCE_DIFFERENTIABLE)
             self._graph_checked = True
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
