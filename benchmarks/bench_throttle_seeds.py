@@ -3,8 +3,8 @@ initialisation and from bench_peers' mid-training checkpoint (300 steps, one thr
 that bench_peers' 3 seeds hide. The runs are chaotic, so the distribution is the result, not one
 seed's number.
 
-Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched [init|checkpoint]
-(about 20–40 s per case and start; prints one line per seed, then median, maximum and the count
+Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched|tf [init|checkpoint]
+(about 20–40 s per MLP case and start, ~5 min for the transformer `tf`; prints one line per seed, then median, maximum and the count
 above 1.5). With ``lrs`` instead of a start (``... gd lrs``), the throttle runs at every lr of
 bench_peers' 7-point grid, seeds 0–2, both starts, and each worst ratio is printed beside the fixed
 lr's own, against the grid's best in ``benchmarks/peers_results.json``: what a user who does not tune
@@ -26,11 +26,12 @@ import torch  # noqa: E402
 import bench_peers  # noqa: E402  (puts the project on sys.path)
 
 torch.set_num_threads(1)
-CASES = {"gd": "GD", "mom": "momentum", "adam": "Adam", "sched": "schedule"}
+CASES = {"gd": "GD", "mom": "momentum", "adam": "Adam", "sched": "schedule", "tf": "transformer"}
 GRIDS = {("GD", "init"): [3, 5, 8], ("GD", "checkpoint"): [2, 3, 5],
          ("momentum", "init"): [1, 2, 3], ("momentum", "checkpoint"): [2, 3, 5],
          ("Adam", "init"): [0.005, 0.01, 0.02], ("Adam", "checkpoint"): [0.01, 0.02, 0.05],
-         ("schedule", "init"): [2, 3, 5], ("schedule", "checkpoint"): [2, 3, 5]}
+         ("schedule", "init"): [2, 3, 5], ("schedule", "checkpoint"): [2, 3, 5],
+         ("transformer", "init"): [0.005, 0.01, 0.02], ("transformer", "checkpoint"): [0.005, 0.01, 0.02]}
 
 
 def ratio(case: "bench_peers.Case", start_name: str, seed: int):
