@@ -208,8 +208,7 @@ class CurvatureOperator:
             if hvp_method != "kept-graph" or not self.batches or self.weights[0] != 1.0:
                 raise BadArgument("first_batch_graph", "given", "needs hvp_method='kept-graph' and a first batch of weight 1")
             loss_value, grads = first_batch_graph
-            self._estimated_first = (float(loss_value),
-                                     [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)], 0.0)
+            self._estimated_first = (float(loss_value), self._zeros_for_unused(grads), 0.0)
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
         self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)
@@ -445,6 +444,10 @@ class CurvatureOperator:
             if once_differentiable_in(grads):  # not marked checked: a fallback's graph is walked again
                 raise RuntimeError(ONCE_DIFFERENTIABLE)
             self._graph_checked = True
+        return self._zeros_for_unused(grads)
+
+    def _zeros_for_unused(self, grads: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+        """One tensor per parameter: zeros where ``torch.autograd.grad`` gave None (an unused one)."""
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
     def _build_kept_graph(self) -> Tuple[float, torch.Tensor]:

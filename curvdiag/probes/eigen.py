@@ -13,17 +13,18 @@ enough"). Without it converged eigenvalues reappear as ghosts. Two consumers rea
   the residual alone (the old stop) asks ~twice the products an easy spectrum needs.
   :func:`ritz_error_estimates` takes δ_i from the Ritz values — the distance to the nearest
   other Ritz value θ_j less its residual r_j, trusted only when θ_j is settled (r_j ≤ d/4, or
-  ≤ 2d/3 at tol ≤ 1e-4: :data:`SETTLED`) and the gap exceeds r_i — and falls back to r_i otherwise. The run stops when every top-k
-  estimate is ≤ tol·|θ_i| on ``stability_window`` consecutive products (two by default, one for
-  λmax alone at tol ≤ 1e-4: :func:`stop_window`): a small Krylov space can look converged on an
-  eigenvalue below a not-yet-seen larger one, and the product after that usually moves θ (a Ritz
-  gap that is not the true gap shows up as a jump). The estimate is not a bound while the Ritz gap exceeds the true one (up to 1.4× under
+  ≤ 2d/3 at tol ≤ 1e-4: :data:`SETTLED`) and the gap exceeds r_i — and falls back to r_i
+  otherwise. The run stops when every top-k estimate is ≤ tol·|θ_i| on ``stability_window``
+  consecutive products (two by default, one for λmax alone at tol ≤ 1e-4: :func:`stop_window`):
+  a small Krylov space can look converged on an eigenvalue below a not-yet-seen larger one, and
+  the product after that usually moves θ (a Ritz gap that is not the true gap shows up as a
+  jump). The estimate is not a bound while the Ritz gap exceeds the true one (up to 1.4× under
   the error measured on analytic spectra). Measured against an oracle (the first product whose
   top Ritz value is within tol of λmax, benchmarks/bench_stop_variants.py): at tol 1e-4, oracle
   + 0–1 products on bn_cnn, tiny_transformer and adam_mlp, + 1 on tanh_early, + 1–2 on the
-  crowded tanh_edge and a 1.86M-parameter MLP (the residual rule before: + 3–5). No a posteriori test sees an eigenvalue that the Krylov space
-  has not yet separated from θ_1: an unresolved pair λ2/λ1 = 0.994 stopped up to 1.6·tol off at
-  tol 1e-3–1e-4 (a few seeds in ten), and a crowded top at tol 1e-2 stopped on a lower member of
+  crowded tanh_edge and a 1.86M-parameter MLP (the residual rule before: + 3–5). No a posteriori
+  test sees an eigenvalue that the Krylov space has not yet separated from θ_1: an unresolved
+  pair λ2/λ1 = 0.994 stopped up to 1.6·tol off at tol 1e-3–1e-4 (a few seeds in ten), and a crowded top at tol 1e-2 stopped on a lower member of
   the cluster (tanh_edge 3.3e-2 off), hence no stop looser than :data:`LOOSEST_STOP`; the residual
   still bounds the distance to *some* eigenvalue. The top Ritz value never exceeds λmax and
   rises towards it, so the answer is the largest *algebraic* eigenvalue, whatever the sign of
@@ -49,7 +50,8 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from curvdiag.curvature.linear_operator import PARTIAL_SUM_ENTRIES, as_operator, inner, norm, product_error, random_vector
+from curvdiag.curvature.linear_operator import (PARTIAL_SUM_ENTRIES, as_operator, inner, norm, product_error,
+                                                random_vector)
 
 
 # The loosest error estimate a stop accepts, whatever ``tol`` asks: at tol 1e-2 Lanczos stopped on

@@ -88,8 +88,7 @@ def closure_gradient(closure: Closure, params: List[torch.Tensor],
     if reduce is None:
         return loss.detach(), grads
     flat = reduce(torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)]))
-    pieces = list(torch.split(flat[:-1], [p.numel() for p in params]))
-    return flat[-1], [piece.view_as(p) for piece, p in zip(pieces, params)]
+    return flat[-1], _unflat(flat[:-1], params)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,6 +111,11 @@ def metric_curvature(d_theta: torch.Tensor, d_grad: torch.Tensor, preconditioner
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The tensors as one new flat vector (a copy)."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """A flat vector as views shaped like ``params``, one per parameter (the inverse of :func:`_flat`)."""
+    return [piece.view_as(p) for piece, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
 def apply_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -151,8 +155,7 @@ class ControlledOptimizer:
         """The previous step's (θ, G) per parameter that the next consecutive C_t compares with, or None."""
         if self._previous is None or self._previous[0] is None:
             return None
-        return tuple([piece.view_as(p) for piece, p in zip(torch.split(flat, [p.numel() for p in self.params]), self.params)]
-                     for flat in self._previous)
+        return tuple(_unflat(flat, self.params) for flat in self._previous)
 
     def load_memory(self, memory: Optional[tuple]) -> None:
         """Continue from a :meth:`memory` (a resumed run): the first step then measures C_t as the
