@@ -448,6 +448,34 @@ def test_adam_metric_is_defined_from_the_first_step():
     torch.testing.assert_close(optimizer_preconditioner(optimizer, [model.theta])[0], prospective)
 
 
+def test_adam_metric_flat_equals_the_per_parameter_rule_bit_for_bit_also_for_a_parameter_that_joined_later():
+    """The throttle reads P flat every step; it must be each parameter's own sqrt(v̂) + ε exactly,
+    with each parameter's own bias correction when their step counts differ."""
+    from curvdiag.train.adapters import optimizer_preconditioner
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.Adam([a, b], lr=0.01, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(3):  # b gets no gradient in the first step: its step count stays one behind
+        optimizer.zero_grad()
+        ((a ** 2).sum() + (0.0 if step == 0 else (b ** 3).sum())).backward()
+        optimizer.step()
+    grads = [torch.randn_like(a), torch.randn_like(b)]
+
+    def by_hand(p, g):
+        state = optimizer.state[p]
+        v = 0.98 * state["exp_avg_sq"] + (1 - 0.98) * g * g
+        return (v / (1.0 - 0.98 ** (float(state["step"]) + 1))).sqrt() + 1e-6
+
+    assert float(optimizer.state[a]["step"]) != float(optimizer.state[b]["step"])
+    expected = torch.cat([by_hand(a, grads[0]).reshape(-1), by_hand(b, grads[1])])
+    flat = optimizer_preconditioner(optimizer, [a, b], torch.cat([g.reshape(-1) for g in grads]), flat=True)
+    assert torch.equal(flat, expected)
+    per_parameter = optimizer_preconditioner(optimizer, [a, b], grads)
+    assert [t.shape for t in per_parameter] == [a.shape, b.shape]
+    assert torch.equal(torch.cat([t.reshape(-1) for t in per_parameter]), expected)
+
+
 @pytest.mark.parametrize("case", ["diverge_gd", "diverge_momentum", "diverge_adam"])
 def test_every_sample_divergence_case_diverges_without_the_throttle_and_not_with_it(tmp_path, case):
     from conftest import SAMPLES

@@ -42,33 +42,38 @@ Closure = Callable[[], torch.Tensor]
 
 
 def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: List[torch.Tensor],
-                             grads: Optional[List[torch.Tensor]] = None) -> Optional[List[torch.Tensor]]:
+                             grads: Optional[Sequence[torch.Tensor]] = None, flat: bool = False):
     """Adam's P = sqrt(v̂) + ε (:func:`curvdiag.loading.optimizer.adam_preconditioner`) read off a
-    live optimizer; None for a family without a preconditioner.
+    live optimizer, one tensor per parameter (``flat``: one flat vector of shape (n,)); None for a
+    family without a preconditioner.
 
     Without ``grads``: from the optimizer's state (the P its last step used; None before the first
-    step). With ``grads``: the P the *next* step will use, v' = β2·v + (1 − β2)·g² bias-corrected
-    with step + 1 — defined from the very first step, where Adam's update is about lr·sign(g).
-    """
+    step). With ``grads`` (per parameter, or one flat vector): the P the *next* step will use,
+    v' = β2·v + (1 − β2)·g² bias-corrected with step + 1 — defined from the very first step, where
+    Adam's update is about lr·sign(g). Computed on the concatenation (a handful of ops, not a
+    handful per parameter tensor: the throttle asks every step), elementwise as per parameter."""
     group = optimizer.param_groups[0]
     family = family_of_group(group)
     if family is None or not family.preconditioned:
         return None
     beta2 = group["betas"][1]
     moments, steps = [], []
-    for i, p in enumerate(params):
+    for p in params:
         state = optimizer.state.get(p, {})
         v = state.get("exp_avg_sq")
-        step = float(state["step"]) if "step" in state else 0.0
-        if grads is not None:
-            g = grads[i]
-            v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
-            step += 1
-        elif v is None:
+        if v is None and grads is None:
             return None
-        moments.append(v)
-        steps.append(step)
-    return optimizer_state.adam_preconditioner(moments, steps, beta2, group["eps"])
+        moments.append(torch.zeros_like(p) if v is None else v)  # β2·0 + (1 − β2)·g² is (1 − β2)·g², exactly
+        steps.append((float(state["step"]) if "step" in state else 0.0) + (grads is not None))
+    v = _flat(moments)
+    if grads is not None:
+        g = grads if isinstance(grads, torch.Tensor) else _flat(grads)
+        v = beta2 * v + (1 - beta2) * g * g
+    if len(set(steps)) == 1:
+        result = optimizer_state.adam_preconditioner([v], steps[:1], beta2, group["eps"])[0]
+    else:  # parameters that joined later: each its own bias correction
+        result = _flat(optimizer_state.adam_preconditioner(_unflat(v, params), steps, beta2, group["eps"]))
+    return result if flat else _unflat(result, params)
 
 
 def closure_gradient(closure: Closure, params: List[torch.Tensor],
@@ -189,8 +194,7 @@ class ControlledOptimizer:
         flat_grads = _flat(grads) if measures_step else None
         flat_theta = _flat([p.detach() for p in self.params]) if measures_step else None
         # The metric of the step about to be taken (Adam: the P this step will use).
-        preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads) if "curvature" in observes else None
-        metric = _flat(preconditioner) if preconditioner is not None else None
+        metric = optimizer_preconditioner(self.optimizer, self.params, flat_grads, flat=True) if "curvature" in observes else None
         if "curvature" in observes and self._previous is not None and closure is None:
             prev_theta, prev_grads = self._previous
             self.curvature = metric_curvature(flat_theta - prev_theta, flat_grads - prev_grads, metric)
