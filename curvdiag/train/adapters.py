@@ -100,9 +100,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.double(), b.double()))
 
 
-def metric_curvature(d_theta: torch.Tensor, d_grad: torch.Tensor, preconditioner: Optional[torch.Tensor]) -> float:
+def metric_curvature(d_theta: torch.Tensor, d_grad: torch.Tensor, preconditioner: Optional[torch.Tensor],
+                     noise: float = 0.0) -> float:
     """‖ΔG‖/‖Δθ‖, or for Adam ‖P^{-1/2}ΔG‖/‖P^{1/2}Δθ‖ (the curvature of P^{-1/2}HP^{-1/2}); flat
-    vectors of shape (n,), summed in float64."""
+    vectors of shape (n,), summed in float64. ``noise``: E‖ξ − ξ'‖² in the same metric, the part of
+    ‖ΔG‖² that two batches' gradients differ by at equal weights; only what exceeds it counts:
+    sqrt(max(0, ‖ΔG‖² − noise))/‖Δθ‖ (E‖ΔG‖² = ‖HΔθ‖² + E‖ξ − ξ'‖² for independent batches)."""
     g, t = d_grad.double(), d_theta.double()
     if preconditioner is None:
         squares = torch.stack([g.dot(g), t.dot(t)])
@@ -110,7 +113,7 @@ def metric_curvature(d_theta: torch.Tensor, d_grad: torch.Tensor, preconditioner
         p = preconditioner.double()
         squares = torch.stack([(g * g / p).sum(), (t * t * p).sum()])
     num, den = squares.tolist()
-    return math.sqrt(num) / (math.sqrt(den) + 1e-30)
+    return math.sqrt(max(num - noise, 0.0)) / (math.sqrt(den) + 1e-30)
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -142,7 +145,9 @@ class ControlledOptimizer:
     batch at the current weights (needed by controllers that observe ``curvature`` on the same
     batch or the ``lookahead``: one extra forward and backward after the step), ``loss`` is
     L_t(θ_t) (the ``lookahead``). ``floor`` may be set from outside (a λmax estimate): the next
-    step reads it once (the throttle's Ĉ then decays from it like from any C).
+    step reads it once (the throttle's Ĉ then decays from it like from any C). So may
+    ``batch_noise`` (E‖ξ_t − ξ_{t−1}‖², the batch noise in two consecutive batches' gradients, in
+    the step's metric): the consecutive C_t then counts only the part of ‖ΔG‖² above it.
     After a step, ``curvature`` is what the step measured along itself: C_t in the optimizer's
     metric when the controller observes it, else ⟨Δθ, ΔG⟩/‖Δθ‖² from the lookahead, else None.
     """
@@ -153,6 +158,7 @@ class ControlledOptimizer:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.state = controller.init(self._lr())
         self.floor: Optional[float] = None  # an external λmax estimate for the next step may be set here
+        self.batch_noise = 0.0  # an external E‖ξ_t − ξ_{t−1}‖² in the metric: consecutive C_t counts what exceeds it
         self.curvature: Optional[float] = None
         self._previous: Optional[tuple] = None
 
@@ -197,7 +203,7 @@ class ControlledOptimizer:
         metric = optimizer_preconditioner(self.optimizer, self.params, flat_grads, flat=True) if "curvature" in observes else None
         if "curvature" in observes and self._previous is not None and closure is None:
             prev_theta, prev_grads = self._previous
-            self.curvature = metric_curvature(flat_theta - prev_theta, flat_grads - prev_grads, metric)
+            self.curvature = metric_curvature(flat_theta - prev_theta, flat_grads - prev_grads, metric, self.batch_noise)
         lr = self._lr()
         self.state = self.controller.update(self.state, self._observe(lr, observes))
         self._scale_gradients(getattr(self.state, "gradient_scale", 1.0))
