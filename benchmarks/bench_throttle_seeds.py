@@ -8,7 +8,9 @@ Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|
 above 1.5). With ``lrs`` instead of a start (``... gd lrs``), the throttle runs at every lr of
 bench_peers' 7-point grid, seeds 0–2, both starts, and each worst ratio is printed beside the fixed
 lr's own, against the grid's best in ``benchmarks/peers_results.json``: what a user who does not tune
-gets at whatever lr they pick. The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
+gets at whatever lr they pick. With ``safe`` (``... mom safe``), seeds 0–4 from both starts at a
+third to a half of the tuned lr (:data:`SAFE`, a run that needs no throttle): the throttle's final
+loss ÷ the untouched run's at the same lr (the goal: ≤ 1.05). The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
 loss on all of data() are bench_peers.py's; each 3-point grid is the neighbourhood of the best lr
 that bench_peers' 7-point grid chose on seeds 0–2 (it stayed inside it on seeds 3–9 too).
 """
@@ -32,6 +34,9 @@ GRIDS = {("GD", "init"): [3, 5, 8], ("GD", "checkpoint"): [2, 3, 5],
          ("Adam", "init"): [0.005, 0.01, 0.02], ("Adam", "checkpoint"): [0.01, 0.02, 0.05],
          ("schedule", "init"): [2, 3, 5], ("schedule", "checkpoint"): [2, 3, 5],
          ("transformer", "init"): [0.005, 0.01, 0.02], ("transformer", "checkpoint"): [0.005, 0.01, 0.02]}
+
+# A third to a half of the tuned lr of each case (bench_peers' grids chose 5 / 3–5, 2–3, 0.01–0.02, 3–5, 0.005–0.02).
+SAFE = {"GD": 2.0, "momentum": 1.0, "Adam": 0.005, "schedule": 1.0, "transformer": 0.003}
 
 
 def ratio(case: "bench_peers.Case", start_name: str, seed: int):
@@ -69,11 +74,32 @@ def throttle_at_every_lr(case: "bench_peers.Case") -> None:
                   "fixed worst", f"{max(fixed):.3g}", flush=True)
 
 
+def throttle_at_a_safe_lr(case: "bench_peers.Case") -> None:
+    """The throttle's final loss ÷ the untouched run's, both at SAFE[case], seeds 0–4, both starts."""
+    for start_name in ("init", "checkpoint"):
+        ratios, factors = [], []
+        for seed in range(5):
+            with tempfile.TemporaryDirectory() as tmp_name:
+                tmp = Path(tmp_name)
+                recipe = bench_peers.recipe_with_seed(case.recipe, seed, tmp)
+                checkpoint = bench_peers.make_checkpoint(recipe, case, tmp) if start_name == "checkpoint" else None
+                start = bench_peers.Start(recipe, checkpoint)
+                untouched = bench_peers.trainer_run(start, "none", 300, SAFE[case.name], tmp / "none")["final"]
+                throttled = bench_peers.trainer_run(start, "throttle", 300, SAFE[case.name], tmp / "throttle")
+            ratios.append(math.inf if throttled["final"] is None or untouched is None else throttled["final"] / untouched)
+            factors.append(throttled.get("mean_throttle") or 0.0)
+        print(case.name, start_name, f"lr {SAFE[case.name]:g}", "worst", f"{max(ratios):.3g}", "median",
+              f"{statistics.median(ratios):.3g}", "ratios", [round(r, 3) for r in ratios],
+              "mean factors", [round(f, 3) for f in factors], flush=True)
+
+
 def main() -> None:
     name = sys.argv[1]
     case = next(c for c in bench_peers.CASES if c.name == CASES[name])
     if sys.argv[2:] == ["lrs"]:
         return throttle_at_every_lr(case)
+    if sys.argv[2:] == ["safe"]:
+        return throttle_at_a_safe_lr(case)
     starts = sys.argv[2:] or ["init", "checkpoint"]
     for start_name in starts:
         ratios = []

@@ -143,7 +143,7 @@ def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
     d_theta, d_grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 3.0])
     assert metric_curvature(d_theta, d_grad, None) == pytest.approx(math.sqrt(13.0))
     assert metric_curvature(d_theta, d_grad, None, noise=9.0) == pytest.approx(2.0)
-    assert metric_curvature(d_theta, d_grad, None, noise=20.0) == 0.0  # all noise: no curvature seen
+    assert metric_curvature(d_theta, d_grad, None, noise=20.0) == pytest.approx(0.5 * math.sqrt(13.0))  # NOISE_KEEPS
     p = torch.tensor([4.0, 1.0])  # Adam's metric: ‖P^{-1/2}ΔG‖² = 4/4 + 9 = 10, ‖P^{1/2}Δθ‖ = 2
     assert metric_curvature(d_theta, d_grad, p, noise=6.0) == pytest.approx(1.0)
     model = torch.nn.Linear(2, 1, bias=False)  # the adapter hands its batch_noise to the next C_t
@@ -154,6 +154,21 @@ def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
         controlled.batch_noise = noise
         controlled.step()
     assert controlled.curvature == pytest.approx(2.0 / 0.5)  # ΔG = (2, 3), Δθ = −0.5·(1, 0)
+
+
+def test_a_floor_that_finds_a_negative_dominant_eigenvalue_estimates_lambda_max_from_the_shifted_operator():
+    """H = diag(3, −10, 0.5), the gradient leaning on the negative direction: the 2 products find θ ≈ −10;
+    2 more on H − θI from the gradient give ≈ λmax = 3 from below (by hand: 2.01), not the
+    Rayleigh quotient of a random vector."""
+    from curvdiag.curvature.linear_operator import DenseOperator
+    from curvdiag.train.loop import _PowerFloor
+
+    floor = _PowerFloor(seed=0)
+    estimate = floor.estimate(DenseOperator(torch.diag(torch.tensor([3.0, -10.0, 0.5], dtype=torch.float64))),
+                              torch.tensor([0.1, 1.0, 0.1], dtype=torch.float64))
+    assert floor.hvps == 4
+    assert 1.9 < estimate <= 3.0
+    assert abs(float(floor.vector[1])) < 1e-3  # the warm start for the next floor has left the negative direction
 
 
 def test_the_trainer_samples_the_batch_noise_from_the_previous_batch_at_a_floor(tmp_path):

@@ -47,6 +47,19 @@ class SymmetricScaling:
         return self.d * self.operator.matvec(self.d * v)
 
 
+class Shifted:
+    """A − σI: matvec(x) = A(x) − σx. With σ < 0 below the spectrum's bottom, the dominant eigenvalue
+    of A − σI is λmax(A) − σ, whatever the magnitude of A's negative eigenvalues."""
+
+    def __init__(self, operator: Any, sigma: float):
+        self.operator, self.sigma = operator, float(sigma)
+        self.size, self.device, self.dtype = operator.size, operator.device, operator.dtype
+        self.product_error = product_error(operator)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.operator.matvec(v) - self.sigma * v
+
+
 def product_error(operator: Any) -> float:
     """The relative error of one of ``operator``'s products beyond its dtype's rounding: an optional
     ``product_error`` attribute (finite differences set it), 0 for an exact product."""

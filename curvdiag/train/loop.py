@@ -44,6 +44,7 @@ from curvdiag.curvature import distributed
 from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, RunDirectoryError, RunSummary,
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
+from curvdiag.curvature.linear_operator import Shifted
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
@@ -69,10 +70,13 @@ from curvdiag.train.data_parallel import DataParallel
 DEFAULT_CHECKPOINT_EVERY = 50
 
 # A loss jump re-measures the throttle's floor at most once in this many steps: mini-batch losses jump
-# by 10% often: measuring every jump cost the momentum and Adam cases 0.23–0.39 HVPs a step, one in
-# 5 steps 0.19–0.25 with the same losses, one in 10 0.17–0.19 and up to 2.7× the tuned loss (the
-# bench_peers cases from initialisation, 3 seeds).
-FLOOR_REST = 5
+# by 10% often. With the batch noise in C_t, measuring every jump cost the momentum and Adam cases
+# 0.23–0.39 HVPs a step, one in 5 steps 0.19–0.25 with the same losses, one in 10 0.17–0.19 and up to
+# 2.7× the tuned loss. With the noise out (_BatchNoise), 10 seeds of each bench_peers MLP case from both
+# starts (runs above 1.5× the tuned loss; worst on the mini-batch cases; the most HVPs a step of any
+# run): one in 5 steps 3 of 80, 1.13, 0.27; one in 10: 2 of 80, 1.40, 0.21; one in 15: 3 of 80, 2.19,
+# 0.19 (the runs above 1.5 are GD from initialisation but that one).
+FLOOR_REST = 10
 
 # The batch noise's average over floors: each new sample weighs 1 − NOISE_WEIGHT (one pair of batches
 # is one draw of a noisy quantity; the noise level moves slowly over training).
@@ -274,12 +278,23 @@ class _PowerFloor:
         self.last_step: Optional[int] = None  # the step of the latest estimate
 
     def estimate(self, operator: Any, gradient: torch.Tensor) -> float:
-        """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric."""
-        start = self.vector if self.vector is not None else (gradient if bool(gradient.any()) else None)
-        result = power_iteration(operator, top_k=1, max_matvecs=2, seed=self.seed, start=start)
+        """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric.
+        When the 2 products find a negative dominant eigenvalue θ, 2 more on H − θI from the
+        gradient give λmax − θ (before, the shifted run started from a random vector with the one
+        product left: its Rayleigh quotient, ≈ tr(H)/n, often negative, so no floor entered Ĉ, and
+        it replaced the warm vector; on bench_peers' transformer such floors let the rate rise 3–4×
+        above the tuned one between floors)."""
+        has_gradient = bool(gradient.any())
+        start = self.vector if self.vector is not None else (gradient if has_gradient else None)
+        result = power_iteration(operator, top_k=1, max_matvecs=2, seed=self.seed, start=start, shift_negative=False)
         self.hvps += result.matvecs
-        self.vector = result.eigenvectors[0]
-        return result.eigenvalues[0]
+        value, self.vector = result.eigenvalues[0], result.eigenvectors[0]
+        if value < 0:
+            shifted = power_iteration(Shifted(operator, value), top_k=1, max_matvecs=2, seed=self.seed,
+                                      start=gradient if has_gradient else None, shift_negative=False)
+            self.hvps += shifted.matvecs
+            value, self.vector = shifted.eigenvalues[0] + value, shifted.eigenvectors[0]
+        return value
 
 
 class _BatchNoise:
