@@ -202,7 +202,7 @@ def train(
     sharpness_every: Annotated[int, typer.Option(help="Measure λmax (all batches) every K steps; 0 never.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt (and run.json) every K steps, so that a killed run resumes from there; 0 only final.pt.")] = 50,
     kappa: Annotated[Optional[float], typer.Option(
-        help="Throttle: the fraction κ of the edge, in (0, 1]; default √(1 − β) for the optimizer's momentum β.")] = None,
+        help="Throttle: the fraction κ of the edge, in (0, 1]; default √(1 − β) for the optimizer's momentum β, × 0.8 when β > 0 (C_t has its batch noise taken out).")] = None,
     seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,

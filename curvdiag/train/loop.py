@@ -103,7 +103,7 @@ class TrainSettings:
     sharpness_every: int = 0  # measure λmax on all batches every K steps (0: never)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0: only final.pt
     divergence_factor: float = 1e3  # loss above this × the first loss counts as divergence
-    kappa: Optional[float] = None  # throttle: the fraction κ of the edge; None: √(1 − β) for momentum β
+    kappa: Optional[float] = None  # throttle: the fraction κ of the edge; None: √(1 − β) for momentum β, × NOISE_FREE_KAPPA if β > 0
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
     floor_every: int = 20  # throttle: λmax floor re-estimated at least this often ...
     floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
