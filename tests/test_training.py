@@ -137,7 +137,7 @@ def test_a_directional_curvature_counts_up_to_twice_the_latest_floor():
 
 
 def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
-    """E‖ΔG‖² = ‖HΔθ‖² + E‖ξ − ξ'‖²: C_t = sqrt(max(0, ‖ΔG‖² − noise))/‖Δθ‖, in the step's metric."""
+    """E‖ΔG‖² = ‖HΔθ‖² + E‖ξ − ξ'‖²: C_t = sqrt(max(‖ΔG‖² − noise, NOISE_KEEPS²‖ΔG‖²))/‖Δθ‖, in the step's metric."""
     from curvdiag.train.adapters import metric_curvature
 
     d_theta, d_grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 3.0])
@@ -169,6 +169,32 @@ def test_a_floor_that_finds_a_negative_dominant_eigenvalue_estimates_lambda_max_
     assert floor.hvps == 4
     assert 1.9 < estimate <= 3.0
     assert abs(float(floor.vector[1])) < 1e-3  # the warm start for the next floor has left the negative direction
+
+
+def test_a_shifted_floor_that_still_finds_the_negative_end_keeps_the_previous_vector():
+    """H = diag(1, −3) from a warm vector on the positive direction and a gradient on the negative one:
+    θ ≈ −3 + … is not near enough λmin for H − θI, whose dominant end is then λmin − θ too; the
+    floor is not positive (the throttle ignores it) and the warm vector is not lost to the negative end."""
+    from curvdiag.curvature.linear_operator import DenseOperator
+    from curvdiag.train.loop import _PowerFloor
+
+    floor = _PowerFloor(seed=0)
+    floor.vector = torch.tensor([1.0, 0.2], dtype=torch.float64)
+    estimate = floor.estimate(DenseOperator(torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))),
+                              torch.tensor([0.1, 1.0], dtype=torch.float64))
+    assert estimate <= 0
+    assert torch.equal(floor.vector, torch.tensor([1.0, 0.2], dtype=torch.float64))
+
+
+def test_batches_are_the_same_when_their_data_are():
+    from collections import UserDict
+
+    from curvdiag.train.loop import _same_batch
+
+    x = torch.arange(6.0).reshape(2, 3)
+    assert _same_batch((x, x + 1), (x.clone(), x + 1)) and not _same_batch((x, x), (x, x + 1))
+    assert _same_batch(UserDict(input_ids=x), UserDict(input_ids=x.clone()))  # Hugging Face's BatchEncoding is one
+    assert not _same_batch({"a": x}, {"a": x[:1]}) and not _same_batch([x], (x,))
 
 
 def test_the_trainer_samples_the_batch_noise_from_the_previous_batch_at_a_floor(tmp_path):

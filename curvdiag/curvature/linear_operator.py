@@ -48,8 +48,8 @@ class SymmetricScaling:
 
 
 class Shifted:
-    """A − σI: matvec(x) = A(x) − σx. With σ < 0 below the spectrum's bottom, the dominant eigenvalue
-    of A − σI is λmax(A) − σ, whatever the magnitude of A's negative eigenvalues."""
+    """A − σI: matvec(x) = A(x) − σx. With σ ≤ λmin(A) its dominant eigenvalue is λmax(A) − σ, however
+    large A's negative eigenvalues; more generally whenever σ < (λmax + λmin)/2."""
 
     def __init__(self, operator: Any, sigma: float):
         self.operator, self.sigma = operator, float(sigma)

@@ -73,7 +73,8 @@ def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: List[torc
         result = optimizer_state.adam_preconditioner([v], steps[:1], beta2, group["eps"])[0]
     else:  # parameters that joined later: each its own bias correction
         result = _flat(optimizer_state.adam_preconditioner(_unflat(v, params), steps, beta2, group["eps"]))
-    return result if flat else _unflat(result, params)
+    # Per parameter in its own dtype (the concatenation promotes a mixed bf16/fp32 model to fp32).
+    return result if flat else [t.to(p.dtype) for t, p in zip(_unflat(result, params), params)]
 
 
 def closure_gradient(closure: Closure, params: List[torch.Tensor],

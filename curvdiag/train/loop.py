@@ -32,6 +32,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -44,7 +45,7 @@ from curvdiag.curvature import distributed
 from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, RunDirectoryError, RunSummary,
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
-from curvdiag.curvature.linear_operator import Shifted
+from curvdiag.curvature.linear_operator import Shifted, inner
 from curvdiag.curvature.operator import CurvatureOperator
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
@@ -263,7 +264,8 @@ def _flat(tensors: List[torch.Tensor]) -> torch.Tensor:
 
 class _PowerFloor:
     """The throttle's floor, since C_t only bounds λmax from below: λmax on the current batch
-    (preconditioned for Adam) by the one power iteration, 2 products warm-started from the previous
+    (preconditioned for Adam) by the one power iteration, 2 products (4 after a negative
+    dominant eigenvalue, :meth:`estimate`) warm-started from the previous
     estimate's vector. The first starts from the step's gradient (in the operator's metric), which
     leans towards the top eigenvectors; a random vector drawn from the run's seed only when that
     gradient is zero. Why not always random: 2 products from a random start underestimated the
@@ -280,7 +282,7 @@ class _PowerFloor:
     def estimate(self, operator: Any, gradient: torch.Tensor) -> float:
         """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric.
         When the 2 products find a negative dominant eigenvalue θ, 2 more on H − θI from the
-        gradient give λmax − θ (before, the shifted run started from a random vector with the one
+        gradient estimate λmax − θ, whose eigenvalue dominates there when θ is near λmin (before, the shifted run started from a random vector with the one
         product left: its Rayleigh quotient, ≈ tr(H)/n, often negative, so no floor entered Ĉ, and
         it replaced the warm vector; on bench_peers' transformer such floors let the rate rise 3–4×
         above the tuned one between floors)."""
@@ -293,7 +295,10 @@ class _PowerFloor:
             shifted = power_iteration(Shifted(operator, value), top_k=1, max_matvecs=2, seed=self.seed,
                                       start=gradient if has_gradient else None, shift_negative=False)
             self.hvps += shifted.matvecs
-            value, self.vector = shifted.eigenvalues[0] + value, shifted.eigenvectors[0]
+            if shifted.eigenvalues[0] > 0:  # else λmin − θ dominated too (θ was not near λmin): keep the last vector
+                value, self.vector = shifted.eigenvalues[0] + value, shifted.eigenvectors[0]
+            else:
+                self.vector = start
         return value
 
 
@@ -302,8 +307,10 @@ class _BatchNoise:
     batch's gradient noise, which does not shrink with the step, so at a safe rate (short steps) it
     made C_t up to twice the λmax floor and the factor fall to ~0.6 where none was needed. Sampled on
     every floor step as ‖∇L_{t−1}(θ_t) − ∇L_t(θ_t)‖² in the step's metric (one gradient of the
-    previous step's batch at the weights the floor measures), averaged over floors with weight
-    :data:`NOISE_WEIGHT`; 0 while every step sees the same batch (full-batch GD)."""
+    previous step's batch at the weights the floor measures, dropout off), averaged over floors with
+    weight :data:`NOISE_WEIGHT`; 0 while every step sees the same batch (full-batch GD). With dropout
+    the sample holds one draw of its noise where ΔG holds two: an underestimate, which errs toward
+    holding the rate. A recipe that refills one batch object in place looks like full-batch data."""
 
     def __init__(self):
         self.value: Optional[float] = None  # the average so far; None before the first sample
@@ -322,7 +329,7 @@ def _same_batch(a: Any, b: Any) -> bool:
         return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
+    if isinstance(a, Mapping) and isinstance(b, Mapping):  # dicts, Hugging Face's BatchEncoding
         return a.keys() == b.keys() and all(_same_batch(a[k], b[k]) for k in a)
     try:
         return type(a) is type(b) and bool(a == b)
@@ -394,7 +401,7 @@ class Trainer:
             raise BadInput(f"the {settings.controller} needs a known stability threshold; {info.name} has none",
                            hint="use an SGD or Adam-family optimizer, or the controller newton or clip")
         kappa = settings.kappa
-        if kappa is None and info.beta > 0:  # the Trainer's C_t has the batch noise taken out (NOISE_FREE_KAPPA)
+        if kappa is None and info.beta > 0 and not settings.same_batch_curvature:  # C_t without the batch noise
             kappa = NOISE_FREE_KAPPA * throttle_kappa(info.beta)
         self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=kappa,
                                                  catapult_steps=settings.catapult_steps,
@@ -517,13 +524,9 @@ class Trainer:
     def _run(self, on_step: Optional[Callable[[Dict[str, Any]], None]], append: bool, signals: "_Signals") -> RunSummary:
         """The step loop: one line of metrics.jsonl per step, then the summary however it ended."""
         replicas = self.replicas
-        self._batch_noise = _BatchNoise()
-        observes_floor = "floor" in self.controller.observes
-        # resume: the data order of an uninterrupted run (and the throttle's previous batch)
-        batches = replicas.batches(skip=self.start_step - 1 if self.start_step and observes_floor else self.start_step)
-        if self.start_step and observes_floor:
-            batch, size = next(batches)
-            self._batch_noise.previous = (batch, size, replicas.global_loss(0.0, size)[1])
+        previous_wanted = bool(self.start_step) and self._samples_batch_noise()
+        # resume: the data order of an uninterrupted run (and the throttle's previous batch, taken again)
+        batches = replicas.batches(skip=self.start_step - 1 if previous_wanted else self.start_step)
         reduce = replicas.sum_over_ranks if replicas.world_size > 1 else None
         controlled = ControlledOptimizer(self.optimizer, self.controller, reduce=reduce)
         tracker, floor = DirectionalCurvatureTracker(self.model), _PowerFloor(self.settings.seed)
@@ -537,6 +540,9 @@ class Trainer:
                         progress.losses.append(record.get("loss"))
                         progress.factors.append(record.get("throttle"))
                         progress.times.append(record.get("seconds"))
+        if previous_wanted:  # after the restore, where the first step would have read the stream
+            batch, size = self._next_batch(batches, self.start_step - 1)
+            self._batch_noise.previous = (batch, size, replicas.global_loss(0.0, size)[1])
         progress.last_good = self._state(self.start_step, progress)
         self._start_lambda = self._lambda_max_at_start()
         try:
@@ -577,13 +583,7 @@ class Trainer:
         # The state before this step, taken before the forward (which draws dropout masks from the RNG
         # and moves BatchNorm statistics): what an interruption keeps, and what resuming it replays.
         before = self._state(progress.step, progress)
-        try:
-            batch, size = next(batches)
-        except CurvdiagError:
-            raise
-        except (Exception, SystemExit) as exc:  # the recipe's data iterator, midway
-            raise BadInput(f"recipe {self.recipe.name}: data() raised {_what_raised(exc)} at step {progress.step}",
-                           hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
+        batch, size = self._next_batch(batches, progress.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         rng_before = self._rng_states() if self._floor_graph_may_be_reused() else None
@@ -606,6 +606,21 @@ class Trainer:
             self.scheduler.step()
         record["seconds"] = time.perf_counter() - started
         return record
+
+    def _next_batch(self, batches: Iterator[Tuple[Any, int]], step: int) -> Tuple[Any, int]:
+        """The batch of step ``step`` from the stream; the recipe's failure as one line."""
+        try:
+            return next(batches)
+        except CurvdiagError:
+            raise
+        except (Exception, SystemExit) as exc:  # the recipe's data iterator, midway
+            raise BadInput(f"recipe {self.recipe.name}: data() raised {_what_raised(exc)} at step {step}",
+                           hint="run the recipe's data() by hand, or use --debug for the traceback") from exc
+
+    def _samples_batch_noise(self) -> bool:
+        """Whether floor steps sample the batch noise: a controller with floors whose C_t is the
+        consecutive one (a same-batch C_t has no batch noise)."""
+        return "floor" in self.controller.observes and not self.settings.same_batch_curvature
 
     def _update(self, progress: _Progress, batch: Any, size: int, total: int, local_loss: torch.Tensor, value: float,
                 controlled: ControlledOptimizer, tracker: DirectionalCurvatureTracker,
@@ -648,6 +663,8 @@ class Trainer:
 
         lambda_floor = self._floor(progress, batch, size, controlled, floor, floor_graph) if floor_due else None
         del floor_graph  # the graph goes with the floor's operator
+        if floor_due and self._samples_batch_noise():  # after the floor's graphs are gone: one graph at a time
+            self._sample_batch_noise(batch, controlled)
         try:
             needs_closure = "lookahead" in self.controller.observes or self.settings.same_batch_curvature
             controlled.step(same_batch_loss if needs_closure else None, value)
@@ -656,7 +673,7 @@ class Trainer:
                 raise
             raise BadInput(f"step {progress.step}: the update overflows (learning rate {base_lr:g} × the controller's "
                            f"factor {controlled.factor:g} × the gradient)", hint="give a smaller --lr") from exc
-        if "floor" in self.controller.observes:  # the next floor's batch-noise sample compares with this batch
+        if self._samples_batch_noise():  # the next floor's batch-noise sample compares with this batch
             self._batch_noise.previous = (batch, size, total)
         factor = controlled.factor
         curvature = controlled.curvature if controlled.measures_step else getattr(consecutive, "value", None)
@@ -708,13 +725,13 @@ class Trainer:
         else:  # in P^{-1/2} H P^{-1/2}'s coordinates the gradient is P^{-1/2} g
             diagonal = op.flatten(preconditioner)
             controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt())
-        self._sample_batch_noise(batch, grads, controlled)
         return controlled.floor
 
-    def _sample_batch_noise(self, batch: Any, grads: List[torch.Tensor], controlled: ControlledOptimizer) -> None:
+    def _sample_batch_noise(self, batch: Any, controlled: ControlledOptimizer) -> None:
         """One sample of :class:`_BatchNoise` on a floor step: ‖∇L_{t−1}(θ_t) − ∇L_t(θ_t)‖² in the
-        metric of the step about to be taken (``grads``: ∇L_t(θ_t) per parameter), into the
-        controller's C_t. One process skips it when the previous batch is this one (full-batch GD)."""
+        metric of the step about to be taken (∇L_t(θ_t) is ``.grad``), into the controller's C_t.
+        One process skips it when the previous batch is this one (full-batch GD); a sample that is
+        not finite (an overflowing gradient) is dropped."""
         noise, previous = self._batch_noise, self._batch_noise.previous
         if previous is None or (self.replicas.world_size == 1 and _same_batch(previous[0], batch)):
             return
@@ -728,11 +745,13 @@ class Trainer:
                 return local * share if distributed else local
 
         _, previous_grads = closure_gradient(previous_loss, self.params, self.replicas.sum_over_ranks if distributed else None)
-        now = _flat(grads)
+        now = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.params])
+        difference = _flat(previous_grads).sub_(now)
         metric = optimizer_preconditioner(self.optimizer, self.params, now, flat=True)
-        difference = (_flat(previous_grads) - now).double()
-        squares = difference * difference if metric is None else difference * difference / metric.double()
-        controlled.batch_noise = noise.add(float(squares.sum()))
+        del previous_grads, now
+        sample = inner(difference, difference if metric is None else difference / metric)
+        if math.isfinite(sample):
+            controlled.batch_noise = noise.add(sample)
 
     def _account(self, progress: _Progress, record: Dict[str, Any], metrics: MetricsLog,
                  on_step: Optional[Callable[[Dict[str, Any]], None]]) -> None:
