@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with the gloo backend")
 
 FULL_BATCH = str(RECIPES / "full_batch.py")
+MINIBATCH = str(RECIPES / "minibatch_momentum.py")
 RTOL = 1e-9
 TRAIN = [sys.executable, "-m", "curvdiag", "train", FULL_BATCH, "-q"]
 
@@ -41,6 +42,8 @@ def runs(tmp_path_factory):
                     "--nproc", "2"]),
         "three": Job([*TRAIN, "--steps", "30", "--controller", "throttle", "--sharpness-every", "10",
                       "--out", str(out / "three"), "--nproc", "3"]),
+        "minibatch": Job([sys.executable, "-m", "curvdiag", "train", MINIBATCH, "-q", "--steps", "30", "--controller",
+                          "throttle", "--out", str(out / "minibatch"), "--nproc", "2"]),
         "killed": Job([*TRAIN, "--steps", "100000", "--out", str(out / "killed"), "--nproc", "2", "--dist-timeout", "60"],
                       env_extra={"CURVDIAG_TEST_KILL_RANK1_AT": "12"}),
         "interrupted": Job([*TRAIN, "--steps", "100000", "--out", str(out / "interrupted"), "--nproc", "2"],
@@ -91,6 +94,21 @@ def test_two_ranks_follow_one_process_under_every_controller(runs, tmp_path):
         assert run["steps_completed"] == 40 and run["failure"] is None
         print(f"2 ranks, {controller}: largest relative gap from one process {gap:.1e}")
     assert replay[-1]["loss"] < 0.5 * replay[0]["loss"]  # it trained
+
+
+def test_the_throttle_with_its_batch_noise_follows_one_process_on_mini_batches(runs, tmp_path):
+    """Each floor step samples the batch noise from the previous batch's gradient, summed over the
+    ranks: the factors, C_t and floors of 2 ranks equal one process's."""
+    out, jobs = runs
+    code, _, err, _ = jobs["minibatch"].result(timeout=240)
+    assert code == 0, err[-3000:]
+    trainer = Trainer(MINIBATCH, None, tmp_path / "one", TrainSettings(steps=30, controller="throttle"))
+    trainer.run()
+    assert trainer._batch_noise.value is not None and trainer._batch_noise.value > 0  # the noise path ran
+    reference = _records(tmp_path / "one")
+    assert any(r["throttle"] < 1 for r in reference)  # and it held the rate
+    gap = _assert_follows(reference, _records(out / "minibatch"), KEYS)
+    print(f"2 ranks, mini-batches with the batch noise: largest relative gap from one process {gap:.1e}")
 
 
 def test_three_unequal_shards_follow_one_process_with_sharpness(runs, tmp_path):
