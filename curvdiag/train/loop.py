@@ -57,9 +57,8 @@ from curvdiag.probes.directional import DirectionalCurvatureTracker
 from curvdiag.probes.eigen import power_iteration
 from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max, preconditioned_operator
 from curvdiag.results.json_safe import finite
-from curvdiag.stability import stability_constant
+from curvdiag.stability import stability_constant, throttle_kappa
 from curvdiag.train import controllers
-from curvdiag.stability import throttle_kappa
 from curvdiag.train.adapters import ControlledOptimizer, closure_gradient, optimizer_preconditioner
 from curvdiag.train.data_parallel import DataParallel
 
@@ -282,10 +281,11 @@ class _PowerFloor:
     def estimate(self, operator: Any, gradient: torch.Tensor) -> float:
         """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric.
         When the 2 products find a negative dominant eigenvalue θ, 2 more on H − θI from the
-        gradient estimate λmax − θ, whose eigenvalue dominates there when θ is near λmin (before, the shifted run started from a random vector with the one
-        product left: its Rayleigh quotient, ≈ tr(H)/n, often negative, so no floor entered Ĉ, and
-        it replaced the warm vector; on bench_peers' transformer such floors let the rate rise 3–4×
-        above the tuned one between floors)."""
+        gradient estimate λmax − θ, whose eigenvalue dominates there when θ is near λmin (before,
+        the shifted run started from a random vector with the one product left: its Rayleigh
+        quotient, ≈ tr(H)/n, often negative, so no floor entered Ĉ, and it replaced the warm vector;
+        on bench_peers' transformer such floors let the rate rise 3–4× above the tuned one between
+        floors)."""
         has_gradient = bool(gradient.any())
         start = self.vector if self.vector is not None else (gradient if has_gradient else None)
         result = power_iteration(operator, top_k=1, max_matvecs=2, seed=self.seed, start=start, shift_negative=False)
@@ -653,14 +653,7 @@ class Trainer:
         base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
         theta_before = _flat(self.params).clone()
         consecutive = None if controlled.measures_step else tracker.update()  # the controller measures C_t itself
-        share = self.replicas.share(size, total)
-
-        def same_batch_loss() -> torch.Tensor:
-            """This rank's share of the step's global mean loss at the current weights."""
-            with preserved_state(self.model, train_mode=True):
-                local = self.recipe.loss(self.model, batch)
-                return local * share if distributed else local
-
+        same_batch_loss = self._rank_loss(batch, size, total)
         lambda_floor = self._floor(progress, batch, size, controlled, floor, floor_graph) if floor_due else None
         del floor_graph  # the graph goes with the floor's operator
         if floor_due and self._samples_batch_noise():  # after the floor's graphs are gone: one graph at a time
@@ -727,6 +720,17 @@ class Trainer:
             controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt())
         return controlled.floor
 
+    def _rank_loss(self, batch: Any, size: int, total: int) -> Callable[[], torch.Tensor]:
+        """A closure: this rank's share of ``batch``'s global mean loss at the current weights (train
+        mode, dropout off, BatchNorm's buffers untouched); in one process the loss itself."""
+        share, distributed = self.replicas.share(size, total), self.replicas.world_size > 1
+
+        def loss() -> torch.Tensor:
+            with preserved_state(self.model, train_mode=True):
+                local = self.recipe.loss(self.model, batch)
+                return local * share if distributed else local
+        return loss
+
     def _sample_batch_noise(self, batch: Any, controlled: ControlledOptimizer) -> None:
         """One sample of :class:`_BatchNoise` on a floor step: ‖∇L_{t−1}(θ_t) − ∇L_t(θ_t)‖² in the
         metric of the step about to be taken (∇L_t(θ_t) is ``.grad``), into the controller's C_t.
@@ -735,16 +739,7 @@ class Trainer:
         noise, previous = self._batch_noise, self._batch_noise.previous
         if previous is None or (self.replicas.world_size == 1 and _same_batch(previous[0], batch)):
             return
-        previous_batch, size, total = previous
-        share = self.replicas.share(size, total)
-        distributed = self.replicas.world_size > 1
-
-        def previous_loss() -> torch.Tensor:
-            with preserved_state(self.model, train_mode=True):
-                local = self.recipe.loss(self.model, previous_batch)
-                return local * share if distributed else local
-
-        _, previous_grads = closure_gradient(previous_loss, self.params, self.replicas.sum_over_ranks if distributed else None)
+        _, previous_grads = closure_gradient(self._rank_loss(*previous), self.params, controlled.reduce)
         now = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.params])
         difference = _flat(previous_grads).sub_(now)
         metric = optimizer_preconditioner(self.optimizer, self.params, now, flat=True)

@@ -1,25 +1,20 @@
-"""A small tanh MLP in float64 over 4 mini-batches of 11 (6/5 per rank under 2 processes), SGD with
-momentum 0.9 at a rate the throttle holds: the throttle's batch-noise samples (a gradient of the
-previous batch on each floor step, summed over ranks) must follow one process's."""
+"""full_batch.py's float64 tanh MLP, loss and data as 4 mini-batches of 11 (6/5 per rank under 2
+processes), SGD with momentum 0.9 at a rate the throttle holds: the throttle's batch-noise samples
+(a gradient of the previous batch on each floor step, summed over ranks) must follow one process's."""
+import os
+import sys
+
 import torch
-import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+import full_batch  # noqa: E402
+from full_batch import loss, model  # noqa: E402,F401  (the same model and loss)
 
 
 def data():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(44, 5, generator=g, dtype=torch.float64)
-    y = torch.sin(x.sum(dim=1, keepdim=True))
+    (x, y), = full_batch.data()
     return [(x[i:i + 11], y[i:i + 11]) for i in range(0, 44, 11)]
-
-
-def loss(model, batch):
-    x, y = batch
-    return F.mse_loss(model(x), y)
 
 
 def optimizer(params):
