@@ -134,16 +134,31 @@ def test_a_directional_curvature_counts_up_to_twice_the_latest_floor():
     assert state.factor == pytest.approx(2.0 / (controllers.NOISE_CAP * 10.0))
     state = throttle.update(state, Observation(lr=1.0, curvature=15.0))
     assert state.curvature == 15.0
+    uncapped = controllers.throttle(constant=2.0, kappa=1.0, decay=0.0, noise_cap=math.inf)
+    state = uncapped.update(uncapped.update(uncapped.init(1.0), Observation(lr=1.0, floor=10.0)),
+                            Observation(lr=1.0, curvature=100.0))
+    assert state.curvature == 100.0 and state.factor == pytest.approx(0.02)
+    with pytest.raises(BadArgument, match="noise_cap"):
+        controllers.throttle(constant=2.0, noise_cap=0.5)
+
+
+def test_the_trainer_counts_a_noise_free_curvature_above_the_floor_whole(tmp_path):
+    """`curvdiag train` takes the batch noise out of C_t, so its throttle has no cap: a C_t 10 floors
+    up (a floor the 2 products had underestimated) throttles in full."""
+    controller = Trainer(TINY, None, tmp_path / "run", TrainSettings(steps=1, controller="throttle")).controller
+    state = controller.update(controller.init(0.1), Observation(lr=0.1, floor=10.0))
+    state = controller.update(state, Observation(lr=0.1, curvature=100.0))
+    assert state.curvature == 100.0
 
 
 def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
     """E‖ΔG‖² = ‖HΔθ‖² + E‖ξ − ξ'‖²: C_t = sqrt(max(‖ΔG‖² − noise, NOISE_KEEPS²‖ΔG‖²))/‖Δθ‖, in the step's metric."""
-    from curvdiag.train.adapters import metric_curvature
+    from curvdiag.train.adapters import NOISE_KEEPS, metric_curvature
 
     d_theta, d_grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 3.0])
     assert metric_curvature(d_theta, d_grad, None) == pytest.approx(math.sqrt(13.0))
     assert metric_curvature(d_theta, d_grad, None, noise=9.0) == pytest.approx(2.0)
-    assert metric_curvature(d_theta, d_grad, None, noise=20.0) == pytest.approx(0.5 * math.sqrt(13.0))  # NOISE_KEEPS
+    assert metric_curvature(d_theta, d_grad, None, noise=20.0) == pytest.approx(NOISE_KEEPS * math.sqrt(13.0))
     p = torch.tensor([4.0, 1.0])  # Adam's metric: ‖P^{-1/2}ΔG‖² = 4/4 + 9 = 10, ‖P^{1/2}Δθ‖ = 2
     assert metric_curvature(d_theta, d_grad, p, noise=6.0) == pytest.approx(1.0)
     model = torch.nn.Linear(2, 1, bias=False)  # the adapter hands its batch_noise to the next C_t

@@ -17,7 +17,7 @@ controller is a builder returning its (init, update) pair plus one line in :data
 Throttle (seed 000): one global factor s_t ∈ (0, 1] multiplies every group's learning rate, so
 the update direction is never changed, only its length:
 
-    Ĉ_t = max(min(C_{t−1}, 2·floor), decay·Ĉ_{t−1}, floor_t),    s_t = min(1, κ·T / (η_t·Ĉ_t))
+    Ĉ_t = max(min(C_{t−1}, cap·floor), decay·Ĉ_{t−1}, floor_t),    s_t = min(1, κ·T / (η_t·Ĉ_t))
 
 with C_{t−1} the directional curvature of the last step (§3.4, in the optimizer's metric), T the
 stability constant of the optimizer family (§3.7), η_t the scheduled learning rate and κ ≤ 1 the
@@ -26,8 +26,9 @@ fraction of the edge, by default κ = √(1 − β) for the optimizer's momentum
 max with the decayed previous value reacts at once to a rise in curvature and relaxes slowly;
 ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a PSD Hessian: the
 last step need not point along the sharpest direction), which enters Ĉ on the step it is measured
-(floor_t; no floor on the other steps) and caps C_t at twice the latest one (:data:`NOISE_CAP`:
-above it, C_t is batch noise).
+(floor_t; no floor on the other steps) and, where C_t carries the batch noise, caps C_t at twice
+the latest one (``noise_cap``, by default :data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag
+train` takes the noise out of C_t and runs without the cap).
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,
@@ -129,6 +130,14 @@ def clip(max_norm: float = 1.0) -> Controller:
 # estimate, from below) approximates: C_t counts up to NOISE_CAP floors. Measured
 # (benchmarks/peers_results.md): cap 2 kept every from-initialisation case within 1.5× of the tuned
 # loss and halved the from-checkpoint losses of momentum and the schedule; 1.5 lost momentum (2.0×).
+# The Trainer takes the noise out of C_t instead (train/loop.py _BatchNoise) and passes noise_cap = ∞:
+# there the cap bound only where the 2-product floor had missed a rise in λmax, and then it hid it
+# (bench_peers' transformer from initialisation, seed 9: after a loss spike the floor read 35, C_t read
+# 308 and 568 but counted 70, the factor kept climbing and the run blew up to 8,473× the tuned loss;
+# without the cap 0.95×). 10 seeds of every bench_peers case from both starts, cap 2 → none (with
+# adapters.NOISE_KEEPS 1/2 → 1/4): the MLP cases 2 → 3 of 80 above 1.5 (the one more is full-batch GD
+# from initialisation, 1.60 against 1.27, where the runs are chaotic: 5 seeds moved each way); the
+# transformer 2 of 20 → 0 of 20, worst 8,473 → 0.95 (from the checkpoint 1.08 → 0.76).
 NOISE_CAP = 2.0
 
 
@@ -156,13 +165,14 @@ class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
     factor: float  # s, the factor for this step
     steps: int
-    floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to NOISE_CAP × it
+    floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to noise_cap × it
 
 
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
-             momentum: float = 0.0, catapult_steps: int = 0) -> Controller:
+             momentum: float = 0.0, catapult_steps: int = 0, noise_cap: float = NOISE_CAP) -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
-    κ = √(1 − ``momentum``). With ``catapult_steps`` = K > 0 the fraction starts at
+    κ = √(1 − ``momentum``); C_t counts up to ``noise_cap`` × the latest floor (math.inf: a C_t
+    without batch noise, counted whole). With ``catapult_steps`` = K > 0 the fraction starts at
     :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
     κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights)."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
@@ -175,6 +185,8 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
     if not isinstance(catapult_steps, int) or catapult_steps < 0:
         raise BadArgument("catapult_steps", catapult_steps, "must be an integer ≥ 0")
+    if not noise_cap >= 1.0:  # NaN fails too; below 1 a C_t would count less than the floor it is capped by
+        raise BadArgument("noise_cap", noise_cap, "must be at least 1 (math.inf: no cap)")
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
         smoothed, floor = decay * state.curvature, state.floor
@@ -182,7 +194,7 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
             floor = observation.floor if observation.floor > 0 else math.inf
             smoothed = max(smoothed, observation.floor)
         if observation.curvature is not None and math.isfinite(observation.curvature):
-            smoothed = max(smoothed, min(abs(observation.curvature), NOISE_CAP * floor))
+            smoothed = max(smoothed, min(abs(observation.curvature), noise_cap * floor))
         lr = observation.lr
         fraction = kappa
         if catapult_steps:
@@ -271,6 +283,7 @@ def hyperparameters_of(builder: Callable[..., Controller]) -> FrozenSet[str]:
 
 def configured(builder: Callable[..., Controller], **offered: Any) -> Controller:
     """The controller built with those of the ``offered`` hyperparameters its builder takes (a
-    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``decay``, ``max_norm``, ``gamma``)."""
+    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``catapult_steps``, ``noise_cap``,
+    ``decay``, ``max_norm``, ``gamma``)."""
     taken = hyperparameters_of(builder)
     return builder(**{key: value for key, value in offered.items() if key in taken})

@@ -403,8 +403,9 @@ class Trainer:
         kappa = settings.kappa
         if kappa is None and info.beta > 0 and not settings.same_batch_curvature:  # C_t without the batch noise
             kappa = NOISE_FREE_KAPPA * throttle_kappa(info.beta)
+        # C_t carries no batch noise here (taken out by _BatchNoise, or the step's own batch): no cap on it.
         self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=kappa,
-                                                 catapult_steps=settings.catapult_steps,
+                                                 catapult_steps=settings.catapult_steps, noise_cap=math.inf,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches, self.device)
