@@ -10,7 +10,8 @@ bench_peers' 7-point grid, seeds 0–2, both starts, and each worst ratio is pri
 lr's own, against the grid's best in ``benchmarks/peers_results.json``: what a user who does not tune
 gets at whatever lr they pick. With ``safe`` (``... mom safe``), seeds 0–4 from both starts at a
 third to a half of the tuned lr (:data:`SAFE`, a run that needs no throttle): the throttle's final
-loss ÷ the untouched run's at the same lr (the goal: ≤ 1.05). The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
+loss ÷ the untouched run's at the same lr (the goal: ≤ 1.05), beside the untouched run nudged to
+lr·(1 + 10⁻³) ÷ itself (the spread its own chaos gives); ``... tf safe 0.002`` takes another lr. The cases, their failing lr, the checkpoint (100 steps at the case's safe lr) and the
 loss on all of data() are bench_peers.py's; each 3-point grid is the neighbourhood of the best lr
 that bench_peers' 7-point grid chose on seeds 0–2 (it stayed inside it on seeds 3–9 too).
 """
@@ -20,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -36,6 +38,8 @@ GRIDS = {("GD", "init"): [3, 5, 8], ("GD", "checkpoint"): [2, 3, 5],
          ("transformer", "init"): [0.005, 0.01, 0.02], ("transformer", "checkpoint"): [0.005, 0.01, 0.02]}
 
 # A third to a half of the tuned lr of each case (bench_peers' grids chose 5 / 3–5, 2–3, 0.01–0.02, 3–5, 0.005–0.02).
+# The untouched run at a safe lr against itself at lr·(1 + CHAOS_NUDGE): the spread chaos alone gives.
+CHAOS_NUDGE = 1e-3
 SAFE = {"GD": 2.0, "momentum": 1.0, "Adam": 0.005, "schedule": 1.0, "transformer": 0.003}
 
 
@@ -74,23 +78,29 @@ def throttle_at_every_lr(case: "bench_peers.Case") -> None:
                   "fixed worst", f"{max(fixed):.3g}", flush=True)
 
 
-def throttle_at_a_safe_lr(case: "bench_peers.Case") -> None:
-    """The throttle's final loss ÷ the untouched run's, both at SAFE[case], seeds 0–4, both starts."""
+def throttle_at_a_safe_lr(case: "bench_peers.Case", lr: Optional[float] = None) -> None:
+    """The throttle's final loss ÷ the untouched run's, both at ``lr`` (None: SAFE[case]), seeds 0–4, both starts;
+    beside it the untouched run at SAFE·(1 + CHAOS_NUDGE) ÷ the untouched run: how far the run's own
+    chaos moves the final loss (Adam's MLP: 0.75–1.41× for a 0.1% change of lr)."""
+    lr = SAFE[case.name] if lr is None else lr
     for start_name in ("init", "checkpoint"):
-        ratios, factors = [], []
+        ratios, factors, chaos = [], [], []
         for seed in range(5):
             with tempfile.TemporaryDirectory() as tmp_name:
                 tmp = Path(tmp_name)
                 recipe = bench_peers.recipe_with_seed(case.recipe, seed, tmp)
                 checkpoint = bench_peers.make_checkpoint(recipe, case, tmp) if start_name == "checkpoint" else None
                 start = bench_peers.Start(recipe, checkpoint)
-                untouched = bench_peers.trainer_run(start, "none", 300, SAFE[case.name], tmp / "none")["final"]
-                throttled = bench_peers.trainer_run(start, "throttle", 300, SAFE[case.name], tmp / "throttle")
+                untouched = bench_peers.trainer_run(start, "none", 300, lr, tmp / "none")["final"]
+                throttled = bench_peers.trainer_run(start, "throttle", 300, lr, tmp / "throttle")
+                nudged = bench_peers.trainer_run(start, "none", 300, lr * (1 + CHAOS_NUDGE), tmp / "nudged")["final"]
             ratios.append(math.inf if throttled["final"] is None or untouched is None else throttled["final"] / untouched)
             factors.append(throttled.get("mean_throttle") or 0.0)
-        print(case.name, start_name, f"lr {SAFE[case.name]:g}", "worst", f"{max(ratios):.3g}", "median",
+            chaos.append(math.inf if nudged is None or untouched is None else nudged / untouched)
+        print(case.name, start_name, f"lr {lr:g}", "worst", f"{max(ratios):.3g}", "median",
               f"{statistics.median(ratios):.3g}", "ratios", [round(r, 3) for r in ratios],
-              "mean factors", [round(f, 3) for f in factors], flush=True)
+              "mean factors", [round(f, 3) for f in factors],
+              f"untouched at lr x (1 + {CHAOS_NUDGE:g})", [round(c, 3) for c in chaos], flush=True)
 
 
 def main() -> None:
@@ -98,8 +108,8 @@ def main() -> None:
     case = next(c for c in bench_peers.CASES if c.name == CASES[name])
     if sys.argv[2:] == ["lrs"]:
         return throttle_at_every_lr(case)
-    if sys.argv[2:] == ["safe"]:
-        return throttle_at_a_safe_lr(case)
+    if sys.argv[2:3] == ["safe"]:
+        return throttle_at_a_safe_lr(case, float(sys.argv[3]) if len(sys.argv) > 3 else None)
     starts = sys.argv[2:] or ["init", "checkpoint"]
     for start_name in starts:
         ratios = []
