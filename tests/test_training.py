@@ -17,7 +17,7 @@ from curvdiag.train.adapters import ControlledOptimizer, CurvatureThrottle, Newt
 from curvdiag.train.controllers import Lookahead, Observation
 from curvdiag.cli.app import app
 from curvdiag.train.loop import Trainer, TrainSettings
-from conftest import RECIPES, quadratic_spectrum
+from conftest import RECIPES, SAMPLES, quadratic_spectrum
 
 TINY = str(RECIPES / "tiny_mlp.py")
 
@@ -600,8 +600,6 @@ def test_adam_metric_flat_equals_the_per_parameter_rule_bit_for_bit_also_for_a_p
 
 @pytest.mark.parametrize("case", ["diverge_gd", "diverge_momentum", "diverge_adam"])
 def test_every_sample_divergence_case_diverges_without_the_throttle_and_not_with_it(tmp_path, case):
-    from conftest import SAMPLES
-
     recipe = str(SAMPLES / f"{case}.py")
     baseline = Trainer(recipe, None, tmp_path / "none", TrainSettings(steps=60)).run()
     throttled = Trainer(recipe, None, tmp_path / "throttle", TrainSettings(steps=60, controller="throttle")).run()
@@ -706,7 +704,7 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
         original_loss = Recipe.loss
         monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
         if not allow:
-            monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self: False)
+            monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
         Trainer(str(recipe), None, out, TrainSettings(steps=41, controller="throttle", floor_jump=1e9)).run()
         monkeypatch.undo()
         return len(calls), [{k: v for k, v in json.loads(line).items() if k != "seconds"}
@@ -720,3 +718,35 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
     assert calls == calls_built - taken_over
     if dropout == 0.0:
         assert lines == lines_built  # the same run, to the bit
+
+
+def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fused_kernel_has_none(tmp_path, monkeypatch):
+    """The tiny transformer's fused attention kernel has no double backward on CPU (torch 2.13), so
+    the floor's operator runs math attention; a step whose floor is scheduled (steps 1, 2, 20, 40)
+    runs its forward in math attention too and hands its graph over: one loss call fewer per such
+    floor, the same run but for the kernels' rounding on those steps."""
+    from curvdiag.loading.recipe import Recipe
+
+    def run(out, allow):
+        calls = []
+        original_loss = Recipe.loss
+        monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
+        if not allow:
+            monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
+        trainer = Trainer(str(SAMPLES / "tiny_transformer.py"), None, out,
+                          TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1))
+        trainer.run()
+        monkeypatch.undo()
+        return trainer, len(calls), [json.loads(line) for line in (out / "metrics.jsonl").open()]
+
+    trainer, calls, lines = run(tmp_path / "reused", True)
+    _, calls_built, lines_built = run(tmp_path / "built", False)
+    assert [line["step"] for line in lines if "lambda_floor" in line] == [0, 1, 2, 20, 40]
+    assert calls == calls_built - 4  # the first floor (step 0) chooses the method
+    if trainer._build_options["floor"]["attention"] == "math":  # the fused kernel lacked double backward
+        for line, built in zip(lines, lines_built):
+            assert line["loss"] == pytest.approx(built["loss"], rel=1e-5)
+            assert line.get("lambda_floor", 0.0) == pytest.approx(built.get("lambda_floor", 0.0), rel=1e-4)
+    else:
+        strip = lambda line: {k: v for k, v in line.items() if k != "seconds"}  # noqa: E731
+        assert [strip(line) for line in lines] == [strip(line) for line in lines_built]

@@ -79,7 +79,10 @@ class FiniteDifferenceInfo:
     relative_error_estimate: Optional[float] = None
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
+def math_attention() -> contextlib.AbstractContextManager:
+    """PyTorch's math attention backend for ``scaled_dot_product_attention`` inside the context
+    (exact, and differentiable twice where the fused kernels are not); a no-op on a torch without
+    backend selection."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -194,7 +197,7 @@ class CurvatureOperator:
         self.finite_difference: Optional[FiniteDifferenceInfo] = None
         self._attention_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         if attention == "math":
-            self._attention_context, self.fallback = _math_attention, "math-attention"
+            self._attention_context, self.fallback = math_attention, "math-attention"
         self._kept_gradient: Optional[List[torch.Tensor]] = None
         # The start-up check's product, (vector, this rank's product, parameter versions), until the
         # first product: when that asks for the same vector at the same weights it is not made again.
@@ -385,7 +388,7 @@ class CurvatureOperator:
             return
         self.fallback_reason = str(failure).strip().splitlines()[0][:200]
         self._kept_gradient = None
-        self._attention_context = _math_attention
+        self._attention_context = math_attention
         local, failure = self._try_exact(probe)
         if failure is None:
             self.fallback = "math-attention"
@@ -597,7 +600,7 @@ class CurvatureOperator:
         GE for the rebuild. When the retry fails too the missing derivative was not attention's:
         the operator is left as it was and the first error raised."""
         kept, loss, gradient = self._kept_gradient, self._loss, self._gradient
-        self._attention_context = _math_attention
+        self._attention_context = math_attention
         try:
             if self.hvp_method == "kept-graph":
                 self._kept_gradient = None

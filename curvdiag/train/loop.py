@@ -46,7 +46,7 @@ from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, Ru
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.linear_operator import Shifted, inner
-from curvdiag.curvature.operator import CurvatureOperator
+from curvdiag.curvature.operator import CurvatureOperator, math_attention
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
@@ -587,8 +587,11 @@ class Trainer:
         batch, size = self._next_batch(batches, progress.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        rng_before = self._rng_states() if self._floor_graph_may_be_reused() else None
-        local_loss = self.recipe.loss(self.replicas.module, batch)
+        reusable = self._floor_graph_may_be_reused(progress)
+        rng_before = self._rng_states() if reusable else None
+        in_math = reusable and self._build_options["floor"].get("attention") == "math"
+        with math_attention() if in_math else contextlib.nullcontext():  # the floor operator's kernel
+            local_loss = self.recipe.loss(self.replicas.module, batch)
         # The step's graph is the floor operator's only if the forward drew no dropout masks.
         graph_reusable = rng_before is not None and all(torch.equal(a, b) for a, b in zip(rng_before, self._rng_states()))
         if not local_loss.requires_grad:
@@ -687,17 +690,26 @@ class Trainer:
             return False
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
         rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
-        return progress.step < 3 or progress.step % s.floor_every == 0 or (jumped and rested)
+        return self._floor_scheduled(progress) or (jumped and rested)
 
-    def _floor_graph_may_be_reused(self) -> bool:
-        """Whether a step's own gradient graph can be the floor operator's: one process (DDP's
-        backward hooks need backward()) and a kept graph already chosen with the fused attention
-        kernel (the operator's forward is then the step's; the first floor still chooses). The step
-        then also checks that its forward drew nothing from the RNG (no dropout: the operator keeps
-        dropout off); only then is the RNG state read, twice a step."""
+    def _floor_scheduled(self, progress: _Progress) -> bool:
+        """Whether this step measures the floor whatever its loss: the first 3 steps and every
+        ``floor_every`` (the loss jumps are known only after the forward)."""
+        return progress.step < 3 or progress.step % self.settings.floor_every == 0
+
+    def _floor_graph_may_be_reused(self, progress: _Progress) -> bool:
+        """Whether this step's own gradient graph can be the floor operator's: one process (DDP's
+        backward hooks need backward()) and a kept graph already chosen (the first floor still
+        chooses). With the fused attention kernel the step's forward is the operator's as it is;
+        where that kernel had no double backward and the operator runs math attention, the step's
+        forward runs in math attention too, on a step whose floor is :meth:`_floor_scheduled` (the
+        rest keep the fused kernel). The step then also checks that its forward drew nothing from
+        the RNG (no dropout: the operator keeps dropout off); only then is the RNG state read, twice
+        a step."""
         options = self._build_options.get("floor")
-        return (self.replicas.world_size == 1 and options is not None
-                and options.get("hvp_method") == "kept-graph" and options.get("attention") == "auto")
+        if self.replicas.world_size != 1 or options is None or options.get("hvp_method") != "kept-graph":
+            return False
+        return options.get("attention") == "auto" or self._floor_scheduled(progress)
 
     def _rng_states(self) -> Tuple[torch.Tensor, ...]:
         """The RNG states a forward may draw dropout masks from (the CPU's, and the device's)."""
