@@ -169,8 +169,8 @@ def outcome_table(cases, steps: int, seed_paths: Dict[str, str]) -> Dict[str, An
 
 
 def render_outcomes(results: Dict[str, Any], steps: int) -> str:
-    lines = [f"| case | controller | diverged | final loss (all data) | final / initial | best batch loss | "
-             f"÷ best fixed lr | mean throttle | floor HVPs/step | extra grads/step | s/step ÷ none |",
+    lines = ["| case | controller | diverged | final loss (all data) | final / initial | best batch loss | "
+             "÷ best fixed lr | mean throttle | floor HVPs/step | extra grads/step | s/step ÷ none |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, res in results.items():
         runs = res["runs"]

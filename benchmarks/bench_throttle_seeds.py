@@ -80,7 +80,7 @@ def throttle_at_every_lr(case: "bench_peers.Case") -> None:
 
 def throttle_at_a_safe_lr(case: "bench_peers.Case", lr: Optional[float] = None) -> None:
     """The throttle's final loss ÷ the untouched run's, both at ``lr`` (None: SAFE[case]), seeds 0–4, both starts;
-    beside it the untouched run at SAFE·(1 + CHAOS_NUDGE) ÷ the untouched run: how far the run's own
+    beside it the untouched run at lr·(1 + CHAOS_NUDGE) ÷ the untouched run: how far the run's own
     chaos moves the final loss (Adam's MLP: 0.75–1.41× for a 0.1% change of lr)."""
     lr = SAFE[case.name] if lr is None else lr
     for start_name in ("init", "checkpoint"):

@@ -142,13 +142,32 @@ def test_a_directional_curvature_counts_up_to_twice_the_latest_floor():
         controllers.throttle(constant=2.0, noise_cap=0.5)
 
 
-def test_the_trainer_counts_a_noise_free_curvature_above_the_floor_whole(tmp_path):
-    """`curvdiag train` takes the batch noise out of C_t, so its throttle has no cap: a C_t 10 floors
-    up (a floor the 2 products had underestimated) throttles in full."""
-    controller = Trainer(TINY, None, tmp_path / "run", TrainSettings(steps=1, controller="throttle")).controller
-    state = controller.update(controller.init(0.1), Observation(lr=0.1, floor=10.0))
-    state = controller.update(state, Observation(lr=0.1, curvature=100.0))
-    assert state.curvature == 100.0
+def test_a_noise_free_curvature_counts_whole():
+    """An observation marked noise_free (its noise measured and taken out) is counted whole, past the cap."""
+    throttle = controllers.throttle(constant=2.0, kappa=1.0, decay=0.0)
+    state = throttle.update(throttle.init(1.0), Observation(lr=1.0, floor=10.0))
+    assert throttle.update(state, Observation(lr=1.0, curvature=100.0)).curvature == controllers.NOISE_CAP * 10.0
+    assert throttle.update(state, Observation(lr=1.0, curvature=100.0, noise_free=True)).curvature == 100.0
+
+
+@pytest.mark.parametrize("kind", ["mini-batches", "dropout", "full batch"])
+def test_the_trainer_counts_c_t_whole_only_where_it_measured_all_its_noise(tmp_path, kind):
+    """`curvdiag train` marks C_t noise_free once a batch-noise sample is taken (the first floor with a
+    previous batch, step 1) and while no forward has drawn dropout masks, which the sample does not
+    draw; full-batch data is never sampled (nor is a batch refilled in place, which looks like it)."""
+    recipe = str(RECIPES / ("full_batch.py" if kind == "full batch" else "minibatch_momentum.py"))
+    if kind == "dropout":
+        recipe = tmp_path / "dropout.py"
+        recipe.write_text((RECIPES / "minibatch_momentum.py").read_text().replace(
+            "from full_batch import loss, model  # noqa: E402,F401  (the same model and loss)",
+            "from full_batch import loss  # noqa: E402,F401\n\n\ndef model():\n"
+            "    return torch.nn.Sequential(full_batch.model(), torch.nn.Dropout(0.1))").replace(
+            "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))",
+            f"sys.path.insert(0, {str(RECIPES)!r})"))
+    seen = []
+    trainer = Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=4, controller="throttle"))
+    trainer.run(on_step=lambda record: seen.append(trainer._loop[0].noise_free))
+    assert seen == ([False, True, True, True] if kind == "mini-batches" else [False] * 4)
 
 
 def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
@@ -256,6 +275,26 @@ def test_a_throttled_run_resumed_at_a_floor_step_continues_exactly(tmp_path):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
     assert [r["throttle"] for r in resumed] == pytest.approx([r["throttle"] for r in straight], rel=1e-6)
     assert any(r["throttle"] < 1 for r in straight[20:])  # the resumed steps are throttled: the test can fail
+
+
+def test_a_throttled_transformer_resumed_before_a_scheduled_floor_continues_exactly(tmp_path):
+    """The tiny transformer's floors run math attention (its fused kernel lacks double backward on
+    CPU), and so does the forward of a step whose floor is scheduled: the checkpoint keeps the
+    operator's build options, so the resumed run's step 20 runs the kernel the straight run ran."""
+    from curvdiag.curvature.threads import torch_threads
+
+    recipe = str(SAMPLES / "tiny_transformer.py")
+    settings = dict(lr=1e-2, controller="throttle", max_batches=2)
+    with torch_threads(1):  # the CLI's default: a thread count changes the order of sums
+        Trainer(recipe, None, tmp_path / "straight", TrainSettings(steps=22, **settings)).run()
+        Trainer(recipe, None, tmp_path / "stopped", TrainSettings(steps=10, **settings)).run()
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "22", "-q"])
+    assert result.exit_code == 0, result.output
+
+    def records(run_dir):  # C_t from the restored memory can differ in its last bits; the run may not
+        return [(r["loss"], r["throttle"], r.get("lambda_floor")) for r in map(json.loads, (run_dir / "metrics.jsonl").open())]
+    straight = records(tmp_path / "straight")
+    assert len(straight) == 22 and records(tmp_path / "stopped") == straight  # exact: the kernels' rounding differs by ~1e-7
 
 
 def test_the_default_throttle_ends_near_the_tuned_fixed_learning_rate(tmp_path):
@@ -721,32 +760,35 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
 
 
 def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fused_kernel_has_none(tmp_path, monkeypatch):
-    """The tiny transformer's fused attention kernel has no double backward on CPU (torch 2.13), so
-    the floor's operator runs math attention; a step whose floor is scheduled (steps 1, 2, 20, 40)
-    runs its forward in math attention too and hands its graph over: one loss call fewer per such
-    floor, the same run but for the kernels' rounding on those steps."""
+    """Where the fused attention kernel has no double backward (the tiny transformer on CPU; forced
+    here, so that the test runs on any torch) the floor's operator runs math attention; a step whose
+    floor is scheduled (steps 1, 2, 20, 40) runs its forward in math attention too, and only those
+    steps, and hands its graph over: one loss call fewer per such floor, the same run but for the
+    kernels' rounding on those steps."""
+    import curvdiag.train.loop as loop_module
+    from curvdiag.curvature.operator import CurvatureOperator
     from curvdiag.loading.recipe import Recipe
 
+    original_options, original_loss, original_math = CurvatureOperator.build_options, Recipe.loss, loop_module.math_attention
+
     def run(out, allow):
-        calls = []
-        original_loss = Recipe.loss
+        calls, math_steps, steps_done = [], [], []
+        monkeypatch.setattr(CurvatureOperator, "build_options", lambda self: {**original_options(self), "attention": "math"})
         monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
+        monkeypatch.setattr(loop_module, "math_attention", lambda: math_steps.append(len(steps_done)) or original_math())
         if not allow:
             monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
-        trainer = Trainer(str(SAMPLES / "tiny_transformer.py"), None, out,
-                          TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1))
-        trainer.run()
+        Trainer(str(SAMPLES / "tiny_transformer.py"), None, out,
+                TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1)).run(on_step=steps_done.append)
         monkeypatch.undo()
-        return trainer, len(calls), [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return len(calls), math_steps, [json.loads(line) for line in (out / "metrics.jsonl").open()]
 
-    trainer, calls, lines = run(tmp_path / "reused", True)
-    _, calls_built, lines_built = run(tmp_path / "built", False)
+    calls, math_steps, lines = run(tmp_path / "reused", True)
+    calls_built, math_built, lines_built = run(tmp_path / "built", False)
     assert [line["step"] for line in lines if "lambda_floor" in line] == [0, 1, 2, 20, 40]
+    assert math_steps == [1, 2, 20, 40] and math_built == []  # the steps' own forwards in math attention
     assert calls == calls_built - 4  # the first floor (step 0) chooses the method
-    if trainer._build_options["floor"]["attention"] == "math":  # the fused kernel lacked double backward
-        for line, built in zip(lines, lines_built):
-            assert line["loss"] == pytest.approx(built["loss"], rel=1e-5)
-            assert line.get("lambda_floor", 0.0) == pytest.approx(built.get("lambda_floor", 0.0), rel=1e-4)
-    else:
-        strip = lambda line: {k: v for k, v in line.items() if k != "seconds"}  # noqa: E731
-        assert [strip(line) for line in lines] == [strip(line) for line in lines_built]
+    assert len(lines) == len(lines_built) == 41
+    for line, built in zip(lines, lines_built):
+        assert line["loss"] == pytest.approx(built["loss"], rel=1e-5)
+        assert line.get("lambda_floor", 0.0) == pytest.approx(built.get("lambda_floor", 0.0), rel=1e-4)

@@ -172,6 +172,7 @@ class ControlledOptimizer:
         self.state = controller.init(self._lr())
         self.floor: Optional[float] = None  # an external λmax estimate for the next step may be set here
         self.batch_noise = 0.0  # an external E‖ξ_t − ξ_{t−1}‖² in the metric: consecutive C_t counts what exceeds it
+        self.noise_free = False  # set from outside: batch_noise is all the noise in C_t (the controller counts C_t whole)
         self.curvature: Optional[float] = None
         self._previous: Optional[tuple] = None
 
@@ -240,7 +241,7 @@ class ControlledOptimizer:
             grad_norm = float(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                                          for p in self.params]).norm())
         floor, self.floor = self.floor, None  # a floor is one measurement: it enters Ĉ once, then decays with it
-        return Observation(lr=lr, grad_norm=grad_norm, curvature=self.curvature, floor=floor)
+        return Observation(lr=lr, grad_norm=grad_norm, curvature=self.curvature, floor=floor, noise_free=self.noise_free)
 
     def _scale_gradients(self, scale: float) -> None:
         if scale != 1.0:

@@ -26,9 +26,10 @@ fraction of the edge, by default κ = √(1 − β) for the optimizer's momentum
 max with the decayed previous value reacts at once to a rise in curvature and relaxes slowly;
 ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a PSD Hessian: the
 last step need not point along the sharpest direction), which enters Ĉ on the step it is measured
-(floor_t; no floor on the other steps) and, where C_t carries the batch noise, caps C_t at twice
-the latest one (``noise_cap``, by default :data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag
-train` takes the noise out of C_t and runs without the cap).
+(floor_t; no floor on the other steps) and, where C_t may carry noise, caps C_t at twice the latest
+one (``noise_cap``, by default :data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag train`
+takes the batch noise out of C_t and counts it whole on the steps whose observation is
+``noise_free``: a noise sample taken, no dropout drawn).
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,
@@ -77,6 +78,7 @@ class Observation(NamedTuple):
     curvature: Optional[float] = None  # the last directional curvature C in the optimizer's metric
     floor: Optional[float] = None  # a λmax estimate for the throttle (the latest one)
     lookahead: Optional[Lookahead] = None  # the step's lookahead, once measured
+    noise_free: bool = False  # the curvature carries no unmeasured noise: the throttle counts it whole
 
 
 class Controller(NamedTuple):
@@ -130,14 +132,19 @@ def clip(max_norm: float = 1.0) -> Controller:
 # estimate, from below) approximates: C_t counts up to NOISE_CAP floors. Measured
 # (benchmarks/peers_results.md): cap 2 kept every from-initialisation case within 1.5× of the tuned
 # loss and halved the from-checkpoint losses of momentum and the schedule; 1.5 lost momentum (2.0×).
-# The Trainer takes the noise out of C_t instead (train/loop.py _BatchNoise) and passes noise_cap = ∞:
-# there the cap bound only where the 2-product floor had missed a rise in λmax, and then it hid it
+# The Trainer takes the noise out of C_t instead (train/loop.py _BatchNoise) and, on the steps where it
+# has (a sample taken, no dropout drawn), marks C_t noise_free, counted whole: there the cap bound only
+# where the 2-product floor had missed a rise in λmax, and then it hid it
 # (bench_peers' transformer from initialisation, seed 9: after a loss spike the floor read 35, C_t read
 # 308 and 568 but counted 70, the factor kept climbing and the run blew up to 8,473× the tuned loss;
 # without the cap 0.95×). 10 seeds of every bench_peers case from both starts, cap 2 → none (with
 # adapters.NOISE_KEEPS 1/2 → 1/4): the MLP cases 2 → 3 of 80 above 1.5 (the one more is full-batch GD
 # from initialisation, 1.60 against 1.27, where the runs are chaotic: 5 seeds moved each way); the
-# transformer 2 of 20 → 0 of 20, worst 8,473 → 0.95 (from the checkpoint 1.08 → 0.76).
+# transformer 2 of 20 → 0 of 20, worst 8,473 → 0.95 (from the checkpoint 1.08 → 0.76). Where the noise
+# is not measured the cap stays: it is what bounds the loop in which unmeasured noise, which does not
+# shrink with the step, lowers the factor, shortens the step and so raises C_t (a recipe that refills
+# one batch tensor in place, unseen as another batch: without the cap the factor fell to 0; dropout,
+# whose masks the sample does not draw: the factor down to 0.30 where the cap held 0.91).
 NOISE_CAP = 2.0
 
 
@@ -171,8 +178,8 @@ class ThrottleState(NamedTuple):
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
              momentum: float = 0.0, catapult_steps: int = 0, noise_cap: float = NOISE_CAP) -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
-    κ = √(1 − ``momentum``); C_t counts up to ``noise_cap`` × the latest floor (math.inf: a C_t
-    without batch noise, counted whole). With ``catapult_steps`` = K > 0 the fraction starts at
+    κ = √(1 − ``momentum``); C_t counts up to ``noise_cap`` × the latest floor, and whole on a
+    step whose observation says it is ``noise_free``. With ``catapult_steps`` = K > 0 the fraction starts at
     :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
     κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights)."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
@@ -185,8 +192,8 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
     if not isinstance(catapult_steps, int) or catapult_steps < 0:
         raise BadArgument("catapult_steps", catapult_steps, "must be an integer ≥ 0")
-    if not noise_cap >= 1.0:  # NaN fails too; below 1 a C_t would count less than the floor it is capped by
-        raise BadArgument("noise_cap", noise_cap, "must be at least 1 (math.inf: no cap)")
+    if isinstance(noise_cap, bool) or not isinstance(noise_cap, (int, float)) or not noise_cap >= 1.0:  # NaN too
+        raise BadArgument("noise_cap", noise_cap, "must be a number ≥ 1 (math.inf: no cap)")
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
         smoothed, floor = decay * state.curvature, state.floor
@@ -194,7 +201,8 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
             floor = observation.floor if observation.floor > 0 else math.inf
             smoothed = max(smoothed, observation.floor)
         if observation.curvature is not None and math.isfinite(observation.curvature):
-            smoothed = max(smoothed, min(abs(observation.curvature), noise_cap * floor))
+            cap = math.inf if observation.noise_free else noise_cap * floor
+            smoothed = max(smoothed, min(abs(observation.curvature), cap))
         lr = observation.lr
         fraction = kappa
         if catapult_steps:

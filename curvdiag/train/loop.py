@@ -46,7 +46,7 @@ from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, Ru
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.linear_operator import Shifted, inner
-from curvdiag.curvature.operator import CurvatureOperator, math_attention
+from curvdiag.curvature.operator import HVP_METHODS, CurvatureOperator, math_attention
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
@@ -122,8 +122,9 @@ _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTD
 
 def check_settings(settings: TrainSettings) -> None:
     """BadArgument for a setting out of its range (a learning rate must be a positive finite number)."""
-    if not isinstance(settings.steps, int) or settings.steps < 1:
-        raise BadArgument("steps", settings.steps, "must be at least 1")
+    for name in ("steps", "floor_every"):
+        if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
+            raise BadArgument(name, getattr(settings, name), "must be at least 1")
     if settings.lr is not None and not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr)
                                         and settings.lr > 0):
         raise BadArgument("lr", settings.lr, "must be a positive finite number")
@@ -308,9 +309,11 @@ class _BatchNoise:
     made C_t up to twice the λmax floor and the factor fall to ~0.6 where none was needed. Sampled on
     every floor step as ‖∇L_{t−1}(θ_t) − ∇L_t(θ_t)‖² in the step's metric (one gradient of the
     previous step's batch at the weights the floor measures, dropout off), averaged over floors with
-    weight :data:`NOISE_WEIGHT`; 0 while every step sees the same batch (full-batch GD). With dropout
-    the sample holds one draw of its noise where ΔG holds two: an underestimate, which errs toward
-    holding the rate. A recipe that refills one batch object in place looks like full-batch data."""
+    weight :data:`NOISE_WEIGHT`; 0 while every step sees the same batch (full-batch GD). The sample
+    draws no dropout masks, so it holds none of their noise; a recipe that refills one batch object
+    in place looks like full-batch data, and is never sampled. Only once a sample is taken and no
+    forward has drawn from the RNG does the throttle count C_t whole (``noise_free``); until then,
+    and for the rest of a run with dropout, it caps C_t at controllers.NOISE_CAP floors."""
 
     def __init__(self):
         self.value: Optional[float] = None  # the average so far; None before the first sample
@@ -319,6 +322,19 @@ class _BatchNoise:
     def add(self, sample: float) -> float:
         self.value = sample if self.value is None else NOISE_WEIGHT * self.value + (1 - NOISE_WEIGHT) * sample
         return self.value
+
+
+def _checked_build_options(saved: Any) -> Dict[str, Dict[str, str]]:
+    """A checkpoint's operator build options per purpose ("floor", "sharpness"): a resumed run builds
+    its operators as the uninterrupted run did (and runs a scheduled floor's forward in its kernel).
+    ValueError for anything else."""
+    if not isinstance(saved, dict) or not set(saved) <= {"floor", "sharpness"}:
+        raise ValueError(f"build options {saved!r}")
+    for options in saved.values():
+        if not (isinstance(options, dict) and set(options) == {"hvp_method", "attention"}
+                and options["hvp_method"] in HVP_METHODS and options["attention"] in ("auto", "math")):
+            raise ValueError(f"build options {options!r}")
+    return {purpose: dict(options) for purpose, options in saved.items()}
 
 
 def _same_batch(a: Any, b: Any) -> bool:
@@ -368,6 +384,7 @@ class Trainer:
         self.settings, self.out, self.checkpoint_path = settings, Path(out), checkpoint
         self._loop: Optional[Tuple[ControlledOptimizer, DirectionalCurvatureTracker, _PowerFloor]] = None
         self._batch_noise = _BatchNoise()
+        self._forward_draws_rng = False  # seen once, for the rest of the run (dropout)
         if distributed.rank() == 0:
             prepare_run_directory(self.out)
         torch.manual_seed(settings.seed)
@@ -403,9 +420,8 @@ class Trainer:
         kappa = settings.kappa
         if kappa is None and info.beta > 0 and not settings.same_batch_curvature:  # C_t without the batch noise
             kappa = NOISE_FREE_KAPPA * throttle_kappa(info.beta)
-        # C_t carries no batch noise here (taken out by _BatchNoise, or the step's own batch): no cap on it.
         self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=kappa,
-                                                 catapult_steps=settings.catapult_steps, noise_cap=math.inf,
+                                                 catapult_steps=settings.catapult_steps,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches, self.device)
@@ -452,6 +468,7 @@ class Trainer:
             memory = controlled.memory()
             state["loop"] = {"controller": list(controlled.state), "floor_vector": floor.vector, "floor_hvps": floor.hvps,
                              "floor_step": floor.last_step, "batch_noise": self._batch_noise.value,
+                             "build_options": self._build_options, "forward_draws_rng": self._forward_draws_rng,
                              "controller_memory": None if memory is None else [list(memory[0]), list(memory[1])],
                              "tracker": list(tracker.state()) if tracker.state() is not None else None,
                              "initial_loss": progress.initial_loss if progress else None,
@@ -477,6 +494,8 @@ class Trainer:
             floor.last_step = None if saved.get("floor_step") is None else int(saved["floor_step"])
             self._batch_noise.value = finite(saved.get("batch_noise"))
             controlled.batch_noise = self._batch_noise.value or 0.0
+            self._build_options = _checked_build_options(saved.get("build_options") or {})
+            self._forward_draws_rng = bool(saved.get("forward_draws_rng", False))
             if saved.get("tracker") is not None:
                 tracker.load_state(tuple(saved["tracker"]))
             if saved.get("rng") is not None:
@@ -588,12 +607,16 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         reusable = self._floor_graph_may_be_reused(progress)
-        rng_before = self._rng_states() if reusable else None
+        # A throttle watches whether the forward draws from the RNG (dropout): the batch-noise sample
+        # draws no masks, and the floor's operator keeps dropout off.
+        rng_before = self._rng_states() if "floor" in self.controller.observes else None
         in_math = reusable and self._build_options["floor"].get("attention") == "math"
         with math_attention() if in_math else contextlib.nullcontext():  # the floor operator's kernel
             local_loss = self.recipe.loss(self.replicas.module, batch)
+        if rng_before is not None and not all(torch.equal(a, b) for a, b in zip(rng_before, self._rng_states())):
+            self._forward_draws_rng = True
         # The step's graph is the floor operator's only if the forward drew no dropout masks.
-        graph_reusable = rng_before is not None and all(torch.equal(a, b) for a, b in zip(rng_before, self._rng_states()))
+        graph_reusable = reusable and not self._forward_draws_rng
         if not local_loss.requires_grad:
             raise BadInput(f"recipe {self.recipe.name}: loss(model, batch) does not depend on the trainable parameters "
                            "(no autograd graph)", hint="is the loss computed under torch.no_grad() or detached?")
@@ -662,6 +685,8 @@ class Trainer:
         del floor_graph  # the graph goes with the floor's operator
         if floor_due and self._samples_batch_noise():  # after the floor's graphs are gone: one graph at a time
             self._sample_batch_noise(batch, controlled)
+        # C_t counts whole once the batch noise is measured and is all of C_t's noise (no dropout).
+        controlled.noise_free = self._batch_noise.value is not None and not self._forward_draws_rng
         try:
             needs_closure = "lookahead" in self.controller.observes or self.settings.same_batch_curvature
             controlled.step(same_batch_loss if needs_closure else None, value)
@@ -703,11 +728,12 @@ class Trainer:
         chooses). With the fused attention kernel the step's forward is the operator's as it is;
         where that kernel had no double backward and the operator runs math attention, the step's
         forward runs in math attention too, on a step whose floor is :meth:`_floor_scheduled` (the
-        rest keep the fused kernel). The step then also checks that its forward drew nothing from
-        the RNG (no dropout: the operator keeps dropout off); only then is the RNG state read, twice
-        a step."""
+        rest keep the fused kernel). Never once a forward has drawn from the RNG (dropout: the
+        operator keeps dropout off, so the step's graph is another Hessian's)."""
         options = self._build_options.get("floor")
         if self.replicas.world_size != 1 or options is None or options.get("hvp_method") != "kept-graph":
+            return False
+        if self._forward_draws_rng:  # dropout: the step's graph is another Hessian's
             return False
         return options.get("attention") == "auto" or self._floor_scheduled(progress)
 
