@@ -170,6 +170,35 @@ def test_the_trainer_counts_c_t_whole_only_where_it_measured_all_its_noise(tmp_p
     assert seen == ([False, True, True, True] if kind == "mini-batches" else [False] * 4)
 
 
+def test_batches_refilled_in_place_keep_the_cap_and_the_factor_bounded(tmp_path):
+    """A data stream that refills one batch tensor in place looks like full-batch data (the previous
+    batch compares equal to the current one), so its batch noise is never sampled. Unmeasured noise
+    does not shrink with the step: without the cap the factor lowers the step, the shorter step
+    raises C_t and the factor falls again, towards 0; the cap bounds it (C_t ≤ 2 floors)."""
+    recipe = tmp_path / "in_place.py"
+    recipe.write_text((RECIPES / "minibatch_momentum.py").read_text().replace(
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))", f"sys.path.insert(0, {str(RECIPES)!r})")
+        + """
+
+_batches = data
+_buffers = tuple(t.clone() for t in _batches()[0])  # one buffer for the whole run, as a loader might keep
+
+
+def data():
+    def stream():
+        for batch in _batches():
+            for buffer, values in zip(_buffers, batch):
+                buffer.copy_(values)
+            yield _buffers
+    return stream()
+""")
+    factors = []
+    trainer = Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, lr=1.0, controller="throttle"))
+    trainer.run(on_step=lambda record: factors.append(record["throttle"]))
+    assert trainer._batch_noise.value is None  # never sampled: the stream looks like one batch
+    assert min(factors) > 0.01, min(factors)  # held at κT/(η·2·floor) ≈ 0.03 at worst; without the cap 5e-31
+
+
 def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
     """E‖ΔG‖² = ‖HΔθ‖² + E‖ξ − ξ'‖²: C_t = sqrt(max(‖ΔG‖² − noise, NOISE_KEEPS²‖ΔG‖²))/‖Δθ‖, in the step's metric."""
     from curvdiag.train.adapters import NOISE_KEEPS, metric_curvature
