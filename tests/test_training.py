@@ -788,6 +788,27 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
         assert lines == lines_built  # the same run, to the bit
 
 
+def test_a_forward_that_draws_dropout_stops_the_math_attention_forwards(tmp_path, monkeypatch):
+    """Once a step's forward has drawn from the RNG (dropout), its graph is another Hessian than the
+    floor's (the operator keeps dropout off): no later step runs its forward in math attention for a
+    graph it could not hand over, and the checkpoint remembers it."""
+    import curvdiag.train.loop as loop_module
+    from curvdiag.curvature.operator import CurvatureOperator
+
+    recipe = tmp_path / "mlp.py"
+    recipe.write_text(Path(TINY).read_text().replace(
+        "torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),",
+        "torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Dropout(0.2),"))
+    original_options, original_math, math_calls = CurvatureOperator.build_options, loop_module.math_attention, []
+    monkeypatch.setattr(CurvatureOperator, "build_options", lambda self: {**original_options(self), "attention": "math"})
+    monkeypatch.setattr(loop_module, "math_attention", lambda: math_calls.append(1) or original_math())
+    trainer = Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=21, controller="throttle", floor_jump=1e9))
+    trainer.run()
+    assert trainer._forward_draws_rng and math_calls == []
+    saved = torch.load(tmp_path / "run" / "final.pt", weights_only=True)
+    assert saved["loop"]["forward_draws_rng"] is True and saved["loop"]["build_options"]["floor"]["attention"] == "math"
+
+
 def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fused_kernel_has_none(tmp_path, monkeypatch):
     """Where the fused attention kernel has no double backward (the tiny transformer on CPU; forced
     here, so that the test runs on any torch) the floor's operator runs math attention; a step whose
