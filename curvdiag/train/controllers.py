@@ -27,9 +27,9 @@ max with the decayed previous value reacts at once to a rise in curvature and re
 ``floor`` is an occasional λmax estimate (C_t only bounds λmax from below for a PSD Hessian: the
 last step need not point along the sharpest direction), which enters Ĉ on the step it is measured
 (floor_t; no floor on the other steps) and, where C_t may carry noise, caps C_t at twice the latest
-one (``noise_cap``, by default :data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag train`
-takes the batch noise out of C_t and counts it whole on the steps whose observation is
-``noise_free``: a noise sample taken, no dropout drawn).
+one (:data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag train` takes the batch noise out of
+C_t and counts it whole on the steps whose observation is ``noise_free``: a noise sample taken, no
+dropout drawn).
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,
@@ -172,13 +172,13 @@ class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
     factor: float  # s, the factor for this step
     steps: int
-    floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to noise_cap × it
+    floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to NOISE_CAP × it
 
 
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
-             momentum: float = 0.0, catapult_steps: int = 0, noise_cap: float = NOISE_CAP) -> Controller:
+             momentum: float = 0.0, catapult_steps: int = 0) -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
-    κ = √(1 − ``momentum``); C_t counts up to ``noise_cap`` × the latest floor, and whole on a
+    κ = √(1 − ``momentum``); C_t counts up to :data:`NOISE_CAP` × the latest floor, and whole on a
     step whose observation says it is ``noise_free``. With ``catapult_steps`` = K > 0 the fraction starts at
     :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
     κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights)."""
@@ -192,8 +192,6 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
     if not isinstance(catapult_steps, int) or catapult_steps < 0:
         raise BadArgument("catapult_steps", catapult_steps, "must be an integer ≥ 0")
-    if isinstance(noise_cap, bool) or not isinstance(noise_cap, (int, float)) or not noise_cap >= 1.0:  # NaN too
-        raise BadArgument("noise_cap", noise_cap, "must be a number ≥ 1 (math.inf: no cap)")
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
         smoothed, floor = decay * state.curvature, state.floor
@@ -201,7 +199,7 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
             floor = observation.floor if observation.floor > 0 else math.inf
             smoothed = max(smoothed, observation.floor)
         if observation.curvature is not None and math.isfinite(observation.curvature):
-            cap = math.inf if observation.noise_free else noise_cap * floor
+            cap = math.inf if observation.noise_free else NOISE_CAP * floor
             smoothed = max(smoothed, min(abs(observation.curvature), cap))
         lr = observation.lr
         fraction = kappa
@@ -291,7 +289,7 @@ def hyperparameters_of(builder: Callable[..., Controller]) -> FrozenSet[str]:
 
 def configured(builder: Callable[..., Controller], **offered: Any) -> Controller:
     """The controller built with those of the ``offered`` hyperparameters its builder takes (a
-    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``catapult_steps``, ``noise_cap``,
-    ``decay``, ``max_norm``, ``gamma``)."""
+    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``catapult_steps``, ``decay``,
+    ``max_norm``, ``gamma``)."""
     taken = hyperparameters_of(builder)
     return builder(**{key: value for key, value in offered.items() if key in taken})
