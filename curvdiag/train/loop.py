@@ -609,7 +609,7 @@ class Trainer:
         reusable = self._floor_graph_may_be_reused(progress)
         # A throttle watches whether the forward draws from the RNG (dropout): the batch-noise sample
         # draws no masks, and the floor's operator keeps dropout off.
-        rng_before = self._rng_states() if "floor" in self.controller.observes else None
+        rng_before = self._rng_states() if "floor" in self.controller.observes and not self._forward_draws_rng else None
         in_math = reusable and self._build_options["floor"].get("attention") == "math"
         with math_attention() if in_math else contextlib.nullcontext():  # the floor operator's kernel
             local_loss = self.recipe.loss(self.replicas.module, batch)
@@ -673,7 +673,7 @@ class Trainer:
                 raise
             raise BadInput(f"recipe {self.recipe.name}: the loss's backward raised {_what_raised(exc)}",
                            hint="use --debug for the traceback") from exc
-        grad_norm = float(_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).norm())
+        grad_norm = float(_flat(self._gradients()).norm())
         if self.scheduler is not None:  # what the scheduler set for this step: a NaN rate would train silently wrong
             optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: at step {progress.step} "
                                                                   "the scheduler set")
@@ -748,7 +748,7 @@ class Trainer:
         """λmax on this batch (preconditioned for Adam), handed to the controller, on a step that
         :meth:`_floor_due`. ``graph``: the step's own (loss, create_graph gradient), or None."""
         floor.last_step = progress.step
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        grads = self._gradients()
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
         op = self._operator("floor", [batch], [size], first_batch_graph=graph)
         gradient = op.flatten(grads)
@@ -758,6 +758,10 @@ class Trainer:
             diagonal = op.flatten(preconditioner)
             controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt())
         return controlled.floor
+
+    def _gradients(self) -> List[torch.Tensor]:
+        """Every parameter's ``.grad``, zeros where a parameter has none (unused in the loss)."""
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
 
     def _rank_loss(self, batch: Any, size: int, total: int) -> Callable[[], torch.Tensor]:
         """A closure: this rank's share of ``batch``'s global mean loss at the current weights (train
@@ -779,7 +783,7 @@ class Trainer:
         if previous is None or (self.replicas.world_size == 1 and _same_batch(previous[0], batch)):
             return
         _, previous_grads = closure_gradient(self._rank_loss(*previous), self.params, controlled.reduce)
-        now = _flat([torch.zeros_like(p) if p.grad is None else p.grad for p in self.params])
+        now = _flat(self._gradients())
         difference = _flat(previous_grads).sub_(now)
         metric = optimizer_preconditioner(self.optimizer, self.params, now, flat=True)
         del previous_grads, now
