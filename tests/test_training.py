@@ -494,6 +494,19 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert backwards.exit_code == 2 and "already completed 12 steps" in backwards.output
 
 
+def test_a_stored_floor_every_below_1_is_one_line_error_on_resume(tmp_path):
+    """floor_every = 0 would divide by zero at the first step; a run.json that says so is refused."""
+    _run(tmp_path, "stopped", steps=2, controller="throttle")
+    summary = json.loads((tmp_path / "stopped" / "run.json").read_text())
+    summary["settings"]["floor_every"] = 0
+    (tmp_path / "stopped" / "run.json").write_text(json.dumps(summary))
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "4", "-q"])
+    assert result.exit_code == 2 and "floor_every=0: must be at least 1" in result.output, result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(BadArgument, match="floor_every=0: must be at least 1"):
+        Trainer(TINY, None, tmp_path / "direct", TrainSettings(steps=2, floor_every=0))
+
+
 def test_train_device_is_checked_recorded_and_kept_on_resume(tmp_path):
     runner = CliRunner()
     refused = [("tpu", "unsupported device")] + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")])
