@@ -1,7 +1,8 @@
 """``hvp_method="auto"`` keeps the gradient graph when its estimated bytes fit the ``memory`` budget
 (issue #16 item 3): the estimate is the first batch's saved tensors scaled by the samples, the
-choice flips exactly at the budget, both methods give the same products, and under several ranks
-every rank takes the same choice."""
+choice flips exactly at the budget, and past it the graphs of as many leading batches as fit are
+kept (``partial-kept-graph``), the rest double-backward; every method gives the same products, and
+under several ranks every rank agrees on the label and the price."""
 
 from __future__ import annotations
 
@@ -91,20 +92,66 @@ def test_parameters_are_not_counted():
     assert 0 < op.graph_bytes < parameter_bytes / 20
 
 
-def test_the_choice_flips_at_the_budget_and_both_give_the_same_products():
+def test_the_choice_flips_at_the_budget_and_every_method_gives_the_same_products():
     model, batches = _setup()
     estimate = CurvatureOperator(model, batches, _mse, [4] * 64).graph_bytes
+    per_batch = estimate // 64
     kept = CurvatureOperator(model, batches, _mse, [4] * 64, memory=estimate)
-    rerun = CurvatureOperator(model, batches, _mse, [4] * 64, memory=estimate - 1)
-    tiny = CurvatureOperator(model, batches, _mse, [4] * 64, memory=1024)
-    assert (kept.hvp_method, rerun.hvp_method, tiny.hvp_method) == ("kept-graph", "double-backward", "double-backward")
-    assert tiny.describe_method().startswith("double-backward (kept graph ≈ ") and "> 1 KiB budget)" in tiny.describe_method()
+    short = CurvatureOperator(model, batches, _mse, [4] * 64, memory=estimate - 1)
+    one = CurvatureOperator(model, batches, _mse, [4] * 64, memory=per_batch)
+    tiny = CurvatureOperator(model, batches, _mse, [4] * 64, memory=per_batch - 1)
+    assert [op.hvp_method for op in (kept, short, one, tiny)] == [
+        "kept-graph", "partial-kept-graph", "partial-kept-graph", "double-backward"]
+    assert [op.kept_batches for op in (kept, short, one, tiny)] == [64, 63, 1, 0]
+    assert tiny.describe_method().startswith("double-backward (kept graph ≈ ") and "budget)" in tiny.describe_method()
+    assert short.describe_method().startswith("partial-kept-graph (graphs of 63 of 64 batches kept, 98% of the samples")
     assert kept._kept_gradient is not None and tiny._kept_gradient is None
     v = torch.randn(kept.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected = kept.hvp(v)
-    for op in (rerun, tiny):
+    for op in (short, one, tiny):
         assert torch.allclose(op.hvp(v), expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+        assert op.loss() == pytest.approx(kept.loss(), rel=1e-12)
+        assert torch.allclose(op.gradient(), kept.gradient(), rtol=0, atol=1e-12)
     assert tiny.hvp_price == 3.0 and kept.hvp_price == 1.5
+    assert one.hvp_price == pytest.approx(1.5 / 64 + 3.0 * 63 / 64) and short.hvp_price == pytest.approx(1.5 * 63 / 64 + 3.0 / 64)
+
+
+def test_a_partly_kept_graph_keeps_the_leading_batches_that_fit_and_its_product_is_the_hessians():
+    """Unequal batches (9, 4, 6, 5 samples): the budget for the first two keeps exactly those two,
+    in bytes per sample; loss, gradient and products equal a dense double-backward Hessian's, also
+    after the weights are written in place (the kept part is rebuilt at the next product)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    sizes = [9, 4, 6, 5]
+    batches = [(torch.randn(n, 5, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)) for n in sizes]
+    whole = CurvatureOperator(model, batches, _mse, sizes)
+    per_sample = whole.graph_bytes / sum(sizes)
+    op = CurvatureOperator(model, batches, _mse, sizes, memory=int(per_sample * 13) + 1)
+    assert (op.hvp_method, op.kept_batches, op.kept_fraction) == ("partial-kept-graph", 2, 13 / 24)
+    assert op.build_options() == {"hvp_method": "auto", "attention": "auto"}  # measured again where rebuilt
+
+    def dense():
+        shapes = [p.shape for p in model.parameters()]
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+        def mean_loss(flat):
+            pieces = [piece.reshape(shape) for piece, shape in zip(torch.split(flat, [s.numel() for s in shapes]), shapes)]
+            weights = dict(zip([n for n, _ in model.named_parameters()], pieces))
+            call = lambda x: torch.func.functional_call(model, weights, (x,))  # noqa: E731
+            return sum(n * _mse(call, b) for n, b in zip(sizes, batches)) / sum(sizes)
+
+        return mean_loss(theta), torch.autograd.functional.hessian(mean_loss, theta)
+
+    loss, hessian = dense()
+    assert op.loss() == pytest.approx(float(loss), rel=1e-12)
+    v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(op.hvp(v), hessian @ v, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    op.parameters_written()
+    _, moved = dense()
+    assert not torch.allclose(moved @ v, hessian @ v)
+    assert torch.allclose(op.hvp(v), moved @ v, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("memory", [0, -5, 1.5, "4G", True, float("inf")])
@@ -121,7 +168,7 @@ def test_explicit_methods_measure_nothing():
 
 
 def _rank(rank, world, out_dir, memory):
-    """One gloo rank: rank 0 holds 1 batch, rank 1 eight: the graph fits on rank 0 only."""
+    """One gloo rank: rank 0 holds 1 batch, rank 1 eight: the whole graph fits on rank 0 only."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'store')}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=30))
@@ -129,12 +176,14 @@ def _rank(rank, world, out_dir, memory):
         model, batches = _setup(num_batches=8)
         mine = batches[:1] if rank == 0 else batches
         op = CurvatureOperator(model, mine, _mse, [4] * len(mine), memory=memory, distributed=True)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps([op.hvp_method, op.graph_bytes]))
+        v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+            [op.hvp_method, op.graph_bytes, op.kept_batches, op.hvp_price, op.hvp(v).tolist()]))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_every_rank_drops_the_graph_when_it_does_not_fit_on_one_rank(tmp_path):
+def test_each_rank_keeps_what_fits_and_all_agree_on_the_method_and_its_price(tmp_path):
     import torch.multiprocessing as mp
 
     model, batches = _setup(num_batches=8)
@@ -146,10 +195,16 @@ def test_every_rank_drops_the_graph_when_it_does_not_fit_on_one_rank(tmp_path):
     while not context.join(timeout=1):
         assert time.monotonic() < deadline, "ranks still ran after 60 s"
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results == [["double-backward", per_batch], ["double-backward", 8 * per_batch]]
+    price = 1.5 * 5 / 9 + 3.0 * 4 / 9  # 5 of the 9 batches' samples are kept: 1 on rank 0, 4 on rank 1
+    assert [r[:3] for r in results] == [["partial-kept-graph", per_batch, 1], ["partial-kept-graph", 8 * per_batch, 4]]
+    assert results[0][3] == pytest.approx(price) and results[1][3] == pytest.approx(price)
+    one = CurvatureOperator(model, batches[:1] + batches, _mse, [4] * 9, hvp_method="double-backward")
+    expected = one.hvp(torch.randn(one.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    for r in results:
+        assert torch.allclose(torch.tensor(r[4], dtype=torch.float64), expected, rtol=0, atol=1e-12)
 
 
-def test_memory_flag_forces_double_backward_and_refuses_a_non_size():
+def test_memory_flag_picks_double_backward_or_a_partly_kept_graph_and_refuses_a_non_size():
     from typer.testing import CliRunner
 
     from curvdiag.cli.app import app
@@ -157,11 +212,18 @@ def test_memory_flag_forces_double_backward_and_refuses_a_non_size():
 
     runner = CliRunner()
     tiny = str(RECIPES / "tiny_mlp.py")
-    result = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "1KiB", "--json", "-", "-q"])
+    result = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "100", "--json", "-", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["operator"]["hvp_method"] == "double-backward"
     assert "budget" in report["operator"]["description"]
+    # tiny_mlp's graph is ~1.06 KiB over 2 unequal batches (70% of the samples in the first)
+    part = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "1KiB", "--json", "-", "-q"])
+    operator = json.loads(part.stdout)["operator"]
+    assert operator["hvp_method"] == "partial-kept-graph"
+    assert operator["description"].startswith("partial-kept-graph (graphs of 1 of 2 batches kept, 70% of the samples")
+    assert json.loads(part.stdout)["probes"]["lambda_max"]["value"] == pytest.approx(
+        report["probes"]["lambda_max"]["value"], rel=1e-5)
     roomy = runner.invoke(app, ["probe", tiny, "--probes", "lambda_max", "--memory", "2GiB", "--json", "-", "-q"])
     assert json.loads(roomy.stdout)["operator"]["hvp_method"] == "kept-graph"
     bad = runner.invoke(app, ["probe", tiny, "--memory", "lots"])

@@ -24,6 +24,10 @@ How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
   the kept graph's (no second pass). Under several ranks it is kept only when it fits on every
   rank (one collective).
 - ``double-backward``: per batch, a fresh gradient graph and one backward; memory of one batch.
+- ``partial-kept-graph`` (``auto`` only): when the whole graph does not fit but some batches'
+  graphs do, the graphs of the first k batches whose estimated bytes fit in ``memory`` are kept
+  (one backward through their sum) and the other batches are double-backward: a product costs
+  f·1.5 + (1 − f)·3.0 gradient-equivalents with f the kept share of the samples, instead of 3.0.
 - ``finite-difference``: (G(θ + h v̂) − G(θ − h v̂)) / 2h · ‖v‖ with unit v̂, for kernels that
   have no double backward (fused attention) when the exact ``math`` attention kernel fails too.
 With ``auto`` the first product is checked at start-up: a missing double backward in a fused
@@ -70,6 +74,9 @@ HVP_METHODS = ("auto", "kept-graph", "double-backward", "finite-difference")
 #: batches; finite differences are two gradients. Prices are fixed, not timed, so that a budget stops
 #: every run of the same settings at the same product (the report gives the seconds beside them).
 HVP_PRICE = {"kept-graph": 1.5, "double-backward": 3.0, "finite-difference": 2.0}
+#: ``auto``'s choice when only some batches' graphs fit the memory budget (not a method to ask for).
+PARTIAL = "partial-kept-graph"
+_KEEPS = ("kept-graph", PARTIAL)  # methods whose set-up keeps gradient graphs
 _NO_DOUBLE_BACKWARD = ("not implemented", "double backward", "once_differentiable", "differentiate twice")
 
 
@@ -128,8 +135,10 @@ class CurvatureOperator:
         batch_sizes: samples per batch (n_b); all equal to 1 when omitted (equal weights).
         train_mode: evaluate with batch statistics (dropout stays off); default eval mode.
         hvp_method: one of ``HVP_METHODS``.
-        memory: bytes the kept gradient graph may take before ``auto`` uses ``double-backward``;
-            default a quarter of the device's available memory (:func:`default_memory`).
+        memory: bytes the kept gradient graphs may take: past it ``auto`` keeps the graphs of as many
+            leading batches as fit (``partial-kept-graph``), or of none (``double-backward``) when
+            not even the first fits; default a quarter of the device's available memory
+            (:func:`default_memory`).
         fd_step: h for finite differences along a unit vector.
         distributed: sum over the ranks of the initialised process group (``batches`` is this
             rank's shard; see :mod:`curvdiag.curvature.distributed`). Every rank must construct the operator
@@ -215,15 +224,15 @@ class CurvatureOperator:
         self._graph_stale = False
         self.memory: Optional[int] = None  # bytes the kept graph may take (auto only)
         self.graph_bytes: Optional[int] = None  # estimated bytes of this rank's kept graph (auto only)
+        self._graph_bytes_per_sample = 0.0
+        # This rank's leading batches whose graphs are kept, and the share of all ranks' samples they hold.
+        self.kept_batches = len(self.batches) if hvp_method == "kept-graph" else 0
+        self.kept_fraction = 1.0 if hvp_method == "kept-graph" else 0.0
         if hvp_method == "auto":
             self.memory = default_memory(self.device) if memory is None else memory
             self.graph_bytes = self._estimate_graph_bytes()
-            fits = self.graph_bytes <= self.memory
-            if self.distributed:  # every rank takes the same decision: keep only if it fits on all
-                misses = self.sum_over_ranks(torch.tensor([0.0 if fits else 1.0], device=self.device))
-                fits = float(misses[0]) == 0.0
-            self.hvp_method = "kept-graph" if fits else "double-backward"
-            if not fits:  # free the graph that does not fit before the check draws its vector
+            self._choose_kept_batches()
+            if self.kept_batches == 0:  # free the graph that does not fit before the check draws its vector
                 self._estimated_first = None
             self._prepare_with_fallback()  # its _local_prepare takes the estimate's graph over
         else:
@@ -282,7 +291,32 @@ class CurvatureOperator:
                 raise
             return 0
         total = loose + sum(_spanned_bytes(intervals) for intervals in spans.values())
-        return int(math.ceil(total * sum(self.batch_sizes) / max(self.batch_sizes[0], 1)))
+        self._graph_bytes_per_sample = total / max(self.batch_sizes[0], 1)
+        return int(math.ceil(self._graph_bytes_per_sample * sum(self.batch_sizes)))
+
+    def _choose_kept_batches(self) -> None:
+        """``auto``'s method from the estimate: the graphs of this rank's leading batches are kept
+        while their bytes (the first batch's per sample × the samples so far) fit in ``memory``:
+        all of them on every rank → ``kept-graph``; none on any → ``double-backward``; else
+        ``partial-kept-graph``. Ranks keep what fits on each and agree on the label and the kept
+        share of the samples (one collective), so that every rank prices a product alike."""
+        kept, samples = 0, 0
+        for size in self.batch_sizes:
+            if math.ceil(self._graph_bytes_per_sample * (samples + size)) > self.memory:
+                break
+            kept, samples = kept + 1, samples + size
+        self.kept_batches = kept
+        short, kept_samples = float(kept < len(self.batches)), float(samples)
+        if self.distributed:
+            short, kept_samples = self.sum_over_ranks(
+                torch.tensor([short, kept_samples], dtype=torch.float64, device=self.device)).tolist()
+        self.kept_fraction = kept_samples / max(self.num_samples, 1)
+        if short == 0.0:
+            self.hvp_method, self.kept_fraction = "kept-graph", 1.0
+        elif kept_samples == 0.0:
+            self.hvp_method = "double-backward"
+        else:
+            self.hvp_method = PARTIAL
 
     def _agree_on_start(self) -> None:
         """One all_gather of (parameters, weight fingerprint, batches, samples) per rank: global
@@ -339,9 +373,9 @@ class CurvatureOperator:
         its wall time is what one gradient-equivalent takes here."""
         started = time.perf_counter()
         # A first batch taken over from the memory estimate counts with the seconds it took there.
-        taken_over = self._estimated_first[2] if self._estimated_first is not None and self.hvp_method == "kept-graph" else 0.0
+        taken_over = self._estimated_first[2] if self._estimated_first is not None and self.hvp_method in _KEEPS else 0.0
         try:
-            if self.hvp_method == "kept-graph":
+            if self.hvp_method in _KEEPS:
                 return self._build_kept_graph()
             self._kept_gradient = None
             self._estimated_first = None
@@ -411,7 +445,11 @@ class CurvatureOperator:
     def for_each_batch(self) -> Iterator[Tuple[float, Any]]:
         """(w_b, batch) for each of this rank's batches, each yielded inside :meth:`probing`;
         w_b = n_b / N with N the sample count over all ranks."""
-        for weight, batch in zip(self.weights, self.batches):
+        return self._batches_from(0)
+
+    def _batches_from(self, start: int, stop: Optional[int] = None) -> Iterator[Tuple[float, Any]]:
+        """(w_b, batch) for this rank's batches ``start`` ≤ b < ``stop``, each inside :meth:`probing`."""
+        for weight, batch in zip(self.weights[start:stop], self.batches[start:stop]):
             with self.probing():
                 yield weight, batch
 
@@ -454,11 +492,22 @@ class CurvatureOperator:
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
     def _build_kept_graph(self) -> Tuple[float, torch.Tensor]:
-        """Keep this rank's gradient graph; return its (loss, flat gradient), not summed over ranks."""
+        """Keep the gradient graphs of this rank's first :attr:`kept_batches` batches (all of them
+        for ``kept-graph``); return this rank's (loss, flat gradient) over all its batches, not
+        summed over ranks (the batches past the kept ones by plain gradients)."""
+        loss, gradient = self._keep_graphs()
+        if self.kept_batches == len(self.batches):
+            return loss, gradient
+        rest_loss, rest_gradient = self._local_loss_and_gradient(start=self.kept_batches)
+        return loss + rest_loss, gradient + rest_gradient
+
+    def _keep_graphs(self) -> Tuple[float, torch.Tensor]:
+        """Keep the gradient graph of this rank's first :attr:`kept_batches` batches, summed into
+        one; return their (Σ_b w_b L_b, flat Σ_b w_b ∇L_b)."""
         total_loss = 0.0
         gradient: Optional[List[torch.Tensor]] = None
         first, self._estimated_first = self._estimated_first, None
-        for index, (weight, batch) in enumerate(self.for_each_batch()):
+        for index, (weight, batch) in enumerate(self._batches_from(0, self.kept_batches)):
             if index == 0 and first is not None:  # the memory estimate built this batch's graph already
                 loss_value, grads, _ = first
                 total_loss += weight * loss_value
@@ -471,16 +520,17 @@ class CurvatureOperator:
             total_loss += weight * float(loss.detach())
             # Weighted sum of per-batch gradients: one graph, one backward per product.
             gradient = grads if gradient is None else [a + b for a, b in zip(gradient, grads)]
-        if gradient is None:  # a rank without batches contributes nothing
+        if gradient is None:  # a rank without batches (or none kept) contributes nothing
             gradient = [torch.zeros_like(p) for p in self.params]
         self._kept_gradient = gradient
         return total_loss, self.flatten([g.detach() for g in gradient])
 
-    def _local_loss_and_gradient(self) -> Tuple[float, torch.Tensor]:
-        """This rank's Σ_b w_b L_b and Σ_b w_b ∇L_b (not yet summed over ranks)."""
+    def _local_loss_and_gradient(self, start: int = 0) -> Tuple[float, torch.Tensor]:
+        """This rank's Σ_b w_b L_b and Σ_b w_b ∇L_b over its batches from ``start`` on (not yet
+        summed over ranks)."""
         total_loss = 0.0
         total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-        for weight, batch in self.for_each_batch():
+        for weight, batch in self._batches_from(start):
             loss = _depending_on_parameters(self.batch_loss(batch))
             total.add_(self.flatten(self.parameter_gradients(loss)), alpha=weight)
             total_loss += weight * float(loss.detach())
@@ -529,7 +579,11 @@ class CurvatureOperator:
     # ------------------------------------------------------------------ cost
     @property
     def hvp_price(self) -> float:
-        """GE one :meth:`hvp` is priced at, for the method that runs."""
+        """GE one :meth:`hvp` is priced at, for the method that runs (a partly kept graph: its
+        kept share of the samples at the kept-graph price, the rest at double backward's)."""
+        if self.hvp_method == PARTIAL:
+            f = self.kept_fraction
+            return f * HVP_PRICE["kept-graph"] + (1.0 - f) * HVP_PRICE["double-backward"]
         return HVP_PRICE[self.hvp_method]
 
     def charge(self, ge: float) -> None:
@@ -602,7 +656,7 @@ class CurvatureOperator:
         kept, loss, gradient = self._kept_gradient, self._loss, self._gradient
         self._attention_context = math_attention
         try:
-            if self.hvp_method == "kept-graph":
+            if self.hvp_method in _KEEPS:
                 self._kept_gradient = None
                 built = self._build_kept_graph()
             else:
@@ -624,14 +678,18 @@ class CurvatureOperator:
         pieces = self.unflatten(v)
         if self._graph_stale:
             self._graph_stale = False
-            self._build_kept_graph()
+            self._keep_graphs()
         if self._kept_gradient is not None:
-            return self.flatten(self.parameter_gradients(self._kept_gradient, pieces, retain_graph=True))
-        total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-        for weight, batch in self.for_each_batch():
+            kept = self.flatten(self.parameter_gradients(self._kept_gradient, pieces, retain_graph=True))
+            if self.kept_batches == len(self.batches):
+                return kept
+        else:
+            kept = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+        start = self.kept_batches if self._kept_gradient is not None else 0
+        for weight, batch in self._batches_from(start):
             grads = self.parameter_gradients(self.batch_loss(batch), create_graph=True)
-            total.add_(self.flatten(self.parameter_gradients(grads, pieces)), alpha=weight)
-        return total
+            kept.add_(self.flatten(self.parameter_gradients(grads, pieces)), alpha=weight)
+        return kept
 
     def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """(L(θ'), G(θ')) at other parameters θ' (flat, shape (num_params,)), on the same batches
@@ -684,14 +742,20 @@ class CurvatureOperator:
         """``hvp_method`` and ``attention`` that build another operator on the same model the way
         this one ended up (after ``auto`` and any fallback): the memory estimate, the start-up check
         and the failed kernel tries are then skipped. What a caller building operators repeatedly
-        (the monitor, the throttle's floor) passes after its first one."""
-        return {"hvp_method": self.hvp_method, "attention": "math" if self.fallback == "math-attention" else "auto"}
+        (the monitor, the throttle's floor) passes after its first one. A partly kept graph says
+        ``auto``: how many batches fit is measured again (its estimate pass is the build's first batch)."""
+        method = "auto" if self.hvp_method == PARTIAL else self.hvp_method
+        return {"hvp_method": method, "attention": "math" if self.fallback == "math-attention" else "auto"}
 
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""
         text = self.hvp_method
         if text == "double-backward" and self.graph_bytes is not None and self.memory is not None:
             text += f" (kept graph ≈ {_bytes(self.graph_bytes)} > {_bytes(self.memory)} budget)"
+        if text == PARTIAL and self.graph_bytes is not None and self.memory is not None:
+            text += (f" (graphs of {self.kept_batches} of {len(self.batches)} batches kept, {self.kept_fraction:.0%} of "
+                     f"the samples, the rest double backward: kept graph ≈ {_bytes(self.graph_bytes)} > "
+                     f"{_bytes(self.memory)} budget)")
         if self.fallback == "math-attention":
             text += " (math attention kernel: the fused kernel has no double backward)"
         if self.finite_difference is not None:
