@@ -388,3 +388,38 @@ def test_an_explicit_exact_method_refuses_a_once_differentiable_backward_and_sta
     assert "math attention" not in op.describe_method()
     assert op.spent == spent + op.hvp_price  # the failed product only, no rebuild charged
     torch.testing.assert_close(op.gradient(), gradient)
+
+
+class _LongAttention(torch.nn.Module):
+    """Two heads of fused self-attention over 128 positions: math attention's graph keeps 2 × 128²
+    attention weights per sample, which the fused CPU kernel recomputes."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).chunk(3, dim=-1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.out(a.mean(dim=1))
+
+
+def test_after_the_switch_to_math_attention_the_graph_is_measured_again_in_that_kernel():
+    """The fused kernel has no double backward on CPU, so auto runs math attention, whose graph is
+    ~19× the fused one here: the kept batches are chosen from the math graph's bytes (before, a
+    2 MiB budget kept the whole 6.3 MiB math graph, chosen from the fused 0.33 MiB)."""
+    model = _LongAttention().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 128, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64))
+               for _ in range(4)]
+    fused = CurvatureOperator(model, batches, _mse, [2] * 4, hvp_method="double-backward")
+    assert fused.fallback is None
+    math_graph = CurvatureOperator(model, batches, _mse, [2] * 4, attention="math").graph_bytes
+    op = CurvatureOperator(model, batches, _mse, [2] * 4, memory=2 * 2**20)
+    assert op.fallback == "math-attention" and op.graph_bytes == math_graph > 2 * 2**20
+    assert op.hvp_method == "partial-kept-graph" and op.kept_batches == (2 * 2**20) // (math_graph // 4)
+    whole = CurvatureOperator(model, batches, _mse, [2] * 4, hvp_method="kept-graph", attention="math")
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(op.hvp(v), whole.hvp(v), rtol=1e-10, atol=1e-12)

@@ -230,10 +230,7 @@ class CurvatureOperator:
         self.kept_fraction = 1.0 if hvp_method == "kept-graph" else 0.0
         if hvp_method == "auto":
             self.memory = default_memory(self.device) if memory is None else memory
-            self.graph_bytes = self._estimate_graph_bytes()
-            self._choose_kept_batches()
-            if self.kept_batches == 0:  # free the graph that does not fit before the check draws its vector
-                self._estimated_first = None
+            self._measure_graph()
             self._prepare_with_fallback()  # its _local_prepare takes the estimate's graph over
         else:
             self.hvp_method = hvp_method
@@ -293,6 +290,18 @@ class CurvatureOperator:
         total = loose + sum(_spanned_bytes(intervals) for intervals in spans.values())
         self._graph_bytes_per_sample = total / max(self.batch_sizes[0], 1)
         return int(math.ceil(self._graph_bytes_per_sample * sum(self.batch_sizes)))
+
+    def _measure_graph(self) -> None:
+        """``auto``: estimate the graph in the attention kernel that runs and choose the batches to
+        keep. Measured again after a switch to math attention, which keeps the T × T attention
+        weights of every head that the fused kernel recomputes (at long sequences many times the
+        fused graph); every rank switches together, so the choice's collective stays in step.
+        A first-batch graph that is not kept is freed before the check draws its vector."""
+        self._estimated_first = None
+        self.graph_bytes = self._estimate_graph_bytes()
+        self._choose_kept_batches()
+        if self.kept_batches == 0:
+            self._estimated_first = None
 
     def _choose_kept_batches(self) -> None:
         """``auto``'s method from the estimate: the graphs of this rank's leading batches are kept
@@ -423,6 +432,8 @@ class CurvatureOperator:
         self.fallback_reason = str(failure).strip().splitlines()[0][:200]
         self._kept_gradient = None
         self._attention_context = math_attention
+        if self.memory is not None:  # auto: math attention's graph keeps T² weights per head that the fused one does not
+            self._measure_graph()
         local, failure = self._try_exact(probe)
         if failure is None:
             self.fallback = "math-attention"
