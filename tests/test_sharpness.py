@@ -60,6 +60,26 @@ def test_lanczos_restarts_within_a_small_basis_budget_and_still_converges():
     assert result.eigenvalues[0] == pytest.approx(7.001, rel=1e-6)  # the tol asked
 
 
+def test_the_default_basis_budget_is_a_quarter_of_the_available_memory_at_most_2_gib(monkeypatch):
+    """Without ``basis_budget_bytes`` the basis holds min(2 GiB, default_memory(device)) bytes: on a
+    device with little memory left the run restarts (and converges) instead of filling it."""
+    import curvdiag.probes.eigen as eigen
+
+    A = quadratic_spectrum(CROWDED, seed=3)
+    bytes_per_vector = A.shape[0] * 8
+    asked = []
+    monkeypatch.setattr(eigen, "default_memory", lambda device: asked.append(device) or 10 * bytes_per_vector)
+    tight = lanczos(DenseOperator(A), tol=1e-8, max_matvecs=2000)
+    assert asked == [torch.device("cpu")] and tight.restarts > 0 and tight.converged
+    assert tight.eigenvalues[0] == pytest.approx(7.001, rel=1e-8)
+    monkeypatch.setattr(eigen, "default_memory", lambda device: 1 << 40)
+    assert lanczos(DenseOperator(A), tol=1e-8, max_matvecs=2000).restarts == 0
+    assert eigen.BASIS_BUDGET == 2 << 30
+    monkeypatch.setattr(eigen, "BASIS_BUDGET", 10 * bytes_per_vector)  # the cap binds however much is free
+    capped = lanczos(DenseOperator(A), tol=1e-8, max_matvecs=2000)
+    assert (capped.matvecs, capped.restarts) == (tight.matvecs, tight.restarts)
+
+
 def test_thick_restart_keeps_the_krylov_information():
     """A thick restart keeps half the Ritz pairs: the projected matrix stays Qᵀ A Q (an arrowhead
     block, then tridiagonal) over an orthonormal basis, and the products stay near the unrestarted

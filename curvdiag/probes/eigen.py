@@ -50,6 +50,7 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from curvdiag.curvature.operator import default_memory
 from curvdiag.curvature.linear_operator import (PARTIAL_SUM_ENTRIES, as_operator, inner, norm, product_error,
                                                 random_vector)
 
@@ -61,6 +62,11 @@ from curvdiag.curvature.linear_operator import (PARTIAL_SUM_ENTRIES, as_operator
 # converged Ritz pair below a top eigenvalue it has not yet separated; asking the estimate to reach
 # 1e-3 grows the space until it usually has: tanh_edge then stops within 2.9e-4.
 LOOSEST_STOP = 1e-3
+
+# The Krylov basis's memory before a thick restart, at most (and at most a quarter of what the
+# device has available): 2 GiB hold 4 vectors of GPT-2 small (124M float32 entries), where thick
+# restarts cost 34 products against 48 unrestarted (benchmarks/README.md, bench_large.py).
+BASIS_BUDGET = 2 << 30
 
 # When the Kato–Temple estimate trusts the gap to the nearest other Ritz value θ_j: once θ_j is
 # settled to r_j ≤ SETTLED·d. A looser test stops earlier but, at tol 1e-3, stops on the unresolved
@@ -268,7 +274,7 @@ def lanczos(
     stability_window: Optional[int] = None,
     seed: int = 0,
     start: Optional[torch.Tensor] = None,
-    basis_budget_bytes: int = 2 << 30,
+    basis_budget_bytes: Optional[int] = None,
     want_vectors: Union[bool, int] = False,
 ) -> LanczosResult:
     """Top-k algebraic eigenvalues (and the smallest Ritz value) of a symmetric operator.
@@ -283,7 +289,9 @@ def lanczos(
         stability_window: consecutive products on which every estimate must meet ``tol``; None: one
             for the top eigenvalue alone at 64·eps ≤ tol ≤ 1e-4, else two (:func:`stop_window`).
         seed: seed of the random start vector (ignored when ``start`` is given).
-        basis_budget_bytes: memory for the Krylov basis before a thick restart.
+        basis_budget_bytes: memory for the Krylov basis before a thick restart; default
+            :data:`BASIS_BUDGET` or a quarter of the memory available on the operator's device,
+            whichever is less (:func:`~curvdiag.curvature.operator.default_memory`, read at the call).
         want_vectors: return the top-k Ritz vectors (True), or the top m (an int m ≥ 1; fewer when
             the basis is smaller), e.g. to warm-start a later run from several of them.
     """
@@ -291,6 +299,8 @@ def lanczos(
     n = op.size
     q = start.to(device=op.device, dtype=op.dtype).clone() if start is not None else random_vector(n, seed, op.device, op.dtype)
     bytes_per_vector = n * torch.finfo(op.dtype).bits // 8
+    if basis_budget_bytes is None:
+        basis_budget_bytes = min(BASIS_BUDGET, default_memory(torch.device(op.device)))
     capacity = max(top_k + 2, min(n, max_matvecs + 1, basis_budget_bytes // max(bytes_per_vector, 1)))
     process = LanczosProcess(op, q / norm(q), capacity)
     stop_tol = min(tol, LOOSEST_STOP)
