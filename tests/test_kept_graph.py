@@ -116,6 +116,32 @@ def test_the_choice_flips_at_the_budget_and_every_method_gives_the_same_products
     assert one.hvp_price == pytest.approx(1.5 / 64 + 3.0 * 63 / 64) and short.hvp_price == pytest.approx(1.5 * 63 / 64 + 3.0 / 64)
 
 
+def test_a_partly_kept_graph_runs_forwards_only_for_the_batches_it_does_not_keep():
+    """A product goes back through the kept graphs of the first k batches and makes a fresh
+    forward and double backward for each of the others: B − k loss calls a product."""
+    model, batches = _setup(num_batches=8)
+    calls = []
+
+    def counted(m, b):
+        calls.append(1)
+        return _mse(m, b)
+
+    per_batch = CurvatureOperator(model, batches, _mse, [4] * 8).graph_bytes // 8
+    for memory, kept in ((3 * per_batch, 3), (8 * per_batch, 8), (per_batch - 1, 0)):
+        op = CurvatureOperator(model, batches, counted, [4] * 8, memory=memory)
+        assert op.kept_batches == kept
+        calls.clear()
+        op.hvp(torch.ones(op.num_params, dtype=torch.float64))
+        assert len(calls) == 8 - kept
+
+
+def test_a_partly_kept_graph_that_falls_back_to_finite_differences_keeps_nothing():
+    model, batches, loss, exact = _once_differentiable_target()
+    op = CurvatureOperator(model, batches * 4, loss, [8] * 4, fd_step=1e-4, memory=10)
+    assert (op.hvp_method, op.kept_batches, op.kept_fraction, op._kept_gradient) == ("finite-difference", 0, 0.0, None)
+    assert op.hvp_price == 2.0
+
+
 def test_a_partly_kept_graph_keeps_the_leading_batches_that_fit_and_its_product_is_the_hessians():
     """Unequal batches (9, 4, 6, 5 samples): the budget for the first two keeps exactly those two,
     in bytes per sample; loss, gradient and products equal a dense double-backward Hessian's, also
@@ -178,7 +204,7 @@ def _rank(rank, world, out_dir, memory):
         op = CurvatureOperator(model, mine, _mse, [4] * len(mine), memory=memory, distributed=True)
         v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-            [op.hvp_method, op.graph_bytes, op.kept_batches, op.hvp_price, op.hvp(v).tolist()]))
+            [op.hvp_method, op.graph_bytes, op.kept_batches, op.hvp_price, op.hvp(v).tolist(), op.describe_method()]))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -202,6 +228,8 @@ def test_each_rank_keeps_what_fits_and_all_agree_on_the_method_and_its_price(tmp
     expected = one.hvp(torch.randn(one.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     for r in results:
         assert torch.allclose(torch.tensor(r[4], dtype=torch.float64), expected, rtol=0, atol=1e-12)
+        assert r[5].startswith("partial-kept-graph (graphs of 5 of 9 batches kept over 2 ranks, 56% of the samples")
+        assert "over 2 ranks, over the" in r[5] and "budget a rank)" in r[5]
 
 
 def test_memory_flag_picks_double_backward_or_a_partly_kept_graph_and_refuses_a_non_size():

@@ -432,3 +432,30 @@ def test_a_fallback_is_found_once_and_later_measurements_reuse_it(kind, monkeypa
     monkeypatch.undo()
     fresh = CurvatureOperator(model, data, mse, sizes, train_mode=True)
     assert monitor.measurements[-1].lambda_max == pytest.approx(lambda_max(fresh, tol=1e-8).value, rel=1e-5)
+
+
+def test_a_partly_kept_graph_is_measured_again_and_never_asked_for_by_name(monkeypatch):
+    """Held batches whose graph is over the memory budget: the monitor's operator keeps part of it
+    (partial-kept-graph, recorded as such), and an operator built before any measurement has ended
+    (a measurement interrupted mid-Lanczos) asks ``auto`` again, not the partial label, which is
+    no method to ask for."""
+    import curvdiag.curvature.operator as operator_module
+
+    model, held = _bn_dropout_model(), _data(n_batches=4)
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    whole = CurvatureOperator(model, held, loss, [32] * 4, train_mode=True).graph_bytes
+    monkeypatch.setattr(operator_module, "default_memory", lambda device: whole // 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = curvdiag.Monitor(model, loss, opt, every=1, held_batches=held, batch_size=lambda b: b[0].shape[0])
+    first = monitor._operator(held[0])
+    assert (first.hvp_method, first.kept_batches) == ("partial-kept-graph", 2)
+    again = monitor._operator(held[0])  # no measurement ended in between
+    assert again.hvp_method == "partial-kept-graph"
+    del first, again
+    opt.zero_grad()
+    loss(model, held[0]).backward()
+    opt.step()
+    monitor.step(held[0])
+    assert monitor._build_options["hvp_method"] == "auto" and monitor.hvp_method == "partial-kept-graph"
+    fresh = CurvatureOperator(model, held, loss, [32] * 4, train_mode=True, hvp_method="kept-graph")
+    assert monitor.measurements[-1].lambda_max == pytest.approx(lambda_max(fresh, tol=1e-8).value, rel=1e-3)

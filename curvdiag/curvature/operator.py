@@ -228,6 +228,7 @@ class CurvatureOperator:
         # This rank's leading batches whose graphs are kept, and the share of all ranks' samples they hold.
         self.kept_batches = len(self.batches) if hvp_method == "kept-graph" else 0
         self.kept_fraction = 1.0 if hvp_method == "kept-graph" else 0.0
+        self._kept_over_ranks = (self.kept_batches, 0)  # auto: (batches kept, graph bytes) summed over the ranks
         if hvp_method == "auto":
             self.memory = default_memory(self.device) if memory is None else memory
             self._measure_graph()
@@ -316,9 +317,12 @@ class CurvatureOperator:
             kept, samples = kept + 1, samples + size
         self.kept_batches = kept
         short, kept_samples = float(kept < len(self.batches)), float(samples)
+        self._kept_over_ranks = (kept, self.graph_bytes or 0)
         if self.distributed:
-            short, kept_samples = self.sum_over_ranks(
-                torch.tensor([short, kept_samples], dtype=torch.float64, device=self.device)).tolist()
+            short, kept_samples, kept_all, bytes_all = self.sum_over_ranks(torch.tensor(
+                [short, kept_samples, float(kept), float(self.graph_bytes or 0)], dtype=torch.float64,
+                device=self.device)).tolist()
+            self._kept_over_ranks = (int(kept_all), int(bytes_all))
         self.kept_fraction = kept_samples / max(self.num_samples, 1)
         if short == 0.0:
             self.hvp_method, self.kept_fraction = "kept-graph", 1.0
@@ -441,6 +445,7 @@ class CurvatureOperator:
             return
         self._attention_context = contextlib.nullcontext
         self._check_product = self._check_start = None
+        self.kept_batches, self.kept_fraction = 0, 0.0
         self.hvp_method = "finite-difference"
         self.fallback = "finite-difference"
         self._prepare()
@@ -764,9 +769,12 @@ class CurvatureOperator:
         if text == "double-backward" and self.graph_bytes is not None and self.memory is not None:
             text += f" (kept graph ≈ {_bytes(self.graph_bytes)} > {_bytes(self.memory)} budget)"
         if text == PARTIAL and self.graph_bytes is not None and self.memory is not None:
-            text += (f" (graphs of {self.kept_batches} of {len(self.batches)} batches kept, {self.kept_fraction:.0%} of "
-                     f"the samples, the rest double backward: kept graph ≈ {_bytes(self.graph_bytes)} > "
-                     f"{_bytes(self.memory)} budget)")
+            kept, graph = self._kept_over_ranks
+            ranks = f" over {self.world_size} ranks" if self.world_size > 1 else ""
+            budget = " a rank" if self.world_size > 1 else ""
+            text += (f" (graphs of {kept} of {self.num_batches} batches kept{ranks}, {self.kept_fraction:.0%} of "
+                     f"the samples, the rest double backward: kept graph ≈ {_bytes(graph)}{ranks}, "
+                     f"over the {_bytes(self.memory)} budget{budget})")
         if self.fallback == "math-attention":
             text += " (math attention kernel: the fused kernel has no double backward)"
         if self.finite_difference is not None:

@@ -219,6 +219,7 @@ class Monitor:
         self.every, self.trace_every, self.tol, self.max_hvps = every, trace_every, tol, max_hvps
         self.norms_every = every if norms_every is None else norms_every
         self.trace_samples, self.seed, self.hvp_method, self.train_mode = trace_samples, seed, hvp_method, train_mode
+        self._asked_method = hvp_method  # what builds the operator until a measurement has ended
         self._build_options: Optional[Dict[str, str]] = None  # how the first measurement's operator ended up
         self.held_batches = list(held_batches) if held_batches is not None else None
         self.batch_size = batch_size or _samples_in
@@ -357,7 +358,7 @@ class Monitor:
         # estimate, the start-up check and the failed tries of a kernel without double backward.
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
                                train_mode=self.train_mode, distributed=self.distributed,
-                               **(self._build_options or {"hvp_method": self.hvp_method}))
+                               **(self._build_options or {"hvp_method": self._asked_method}))
         if self._build_options is None:
             self.hvp_method = op.hvp_method
         return op
