@@ -271,7 +271,17 @@ class _PowerFloor:
     gradient is zero. Why not always random: 2 products from a random start underestimated the
     preconditioned λmax (≈5,600) of ``diverge_adam.py`` at step 0 as 0–1,800 depending on the seed,
     and the throttle held that run for 3 seeds of 6; from the gradient it holds all three
-    ``diverge_*`` cases."""
+    ``diverge_*`` cases.
+
+    Cheaper floors tried and rejected (bench_peers' cases, 10 seeds from both starts; runs above
+    1.5× the tuned loss): 1 product from the warm vector (its Rayleigh quotient, 0.32 where 2 read
+    0.76 on diverge_gd): 28 of 80 with GD diverging; a second product only when the first's residual
+    is above 0.2θ: 8 of 80 for 10–20% fewer products; the Hessian of every other sample of batches of
+    64 or more (half the product, and the noise sample from the two halves at no gradient): 2 of 80
+    and whole-run cost 1.08–1.22× against 1.22–1.29×, but the transformer from initialisation 4 of 30
+    against 1 of 30: in Adam's metric a half's λmax jumps where the halves' curvatures cancel
+    (17,081 against ~500 around it) and holds the rate down for ~70 steps; both products in one
+    batched backward (``is_grads_batched``): 1.2× slower than two."""
 
     def __init__(self, seed: int):
         self.seed = seed
