@@ -50,9 +50,9 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from curvdiag.curvature.linear_operator import (PARTIAL_SUM_ENTRIES, Shifted, as_operator, inner, norm,
+                                                product_error, random_vector)
 from curvdiag.curvature.operator import default_memory
-from curvdiag.curvature.linear_operator import (PARTIAL_SUM_ENTRIES, as_operator, inner, norm, product_error,
-                                                random_vector)
 
 
 # The loosest error estimate a stop accepts, whatever ``tol`` asks: at tol 1e-2 Lanczos stopped on
@@ -388,14 +388,15 @@ class PowerResult:
 
 def _dominant(op: Any, shift: float, found: List[torch.Tensor], tol: float, budget: int, seed: int,
               start: Optional[torch.Tensor] = None) -> tuple:
-    """Dominant eigenpair of (A − shift·I) restricted to the complement of ``found``."""
+    """Dominant eigenpair of (A − shift·I) (:class:`Shifted`) restricted to the complement of ``found``."""
+    op = Shifted(op, shift) if shift else op
     x = start.to(device=op.device, dtype=op.dtype).clone() if start is not None else random_vector(op.size, seed, op.device, op.dtype)
     for f in found:
         x -= inner(f, x) * f
     x /= norm(x)
     theta, residual, used = 0.0, float("inf"), 0
     while used < budget:
-        y = op.matvec(x) - shift * x
+        y = op.matvec(x)
         used += 1
         for f in found:
             y -= inner(f, y) * f
