@@ -444,8 +444,12 @@ def test_a_partly_kept_graph_is_measured_again_and_never_asked_for_by_name(monke
     model, held = _bn_dropout_model(), _data(n_batches=4)
     loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
     whole = CurvatureOperator(model, held, loss, [32] * 4, train_mode=True).graph_bytes
-    monkeypatch.setattr(operator_module, "default_memory", lambda device: whole // 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    told = curvdiag.Monitor(model, loss, opt, held_batches=held, batch_size=lambda b: b[0].shape[0], memory=whole // 4)
+    assert told._operator(held[0]).kept_batches == 1  # the memory asked for
+    with pytest.raises(BadArgument, match="^memory="):
+        curvdiag.Monitor(model, loss, opt, memory=0)
+    monkeypatch.setattr(operator_module, "default_memory", lambda device: whole // 2)
     monitor = curvdiag.Monitor(model, loss, opt, every=1, held_batches=held, batch_size=lambda b: b[0].shape[0])
     first = monitor._operator(held[0])
     assert (first.hvp_method, first.kept_batches) == ("partial-kept-graph", 2)

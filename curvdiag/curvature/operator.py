@@ -171,8 +171,7 @@ class CurvatureOperator:
             raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
         if attention not in ("auto", "math"):
             raise BadArgument("attention", attention, "unknown", hint="choose auto or math")
-        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
-            raise BadArgument("memory", memory, "must be a positive whole number of bytes")
+        check_memory(memory)
         from curvdiag.curvature import distributed as dist
 
         self.distributed = bool(distributed) and dist.is_distributed()
@@ -802,6 +801,12 @@ def _spanned_bytes(intervals: List[Tuple[int, int]]) -> int:
         total += b - max(a, end)
         end = b
     return total
+
+
+def check_memory(memory: Optional[int]) -> None:
+    """BadArgument unless ``memory`` is None or a positive whole number of bytes."""
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+        raise BadArgument("memory", memory, "must be a positive whole number of bytes")
 
 
 def default_memory(device: torch.device) -> int:

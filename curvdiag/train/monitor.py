@@ -68,7 +68,7 @@ import torch
 
 from curvdiag._version import __version__
 from curvdiag.curvature import distributed as dist
-from curvdiag.curvature.operator import CurvatureOperator, LossFn
+from curvdiag.curvature.operator import CurvatureOperator, LossFn, check_memory
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.loading import optimizer as optimizer_state
 from curvdiag.loading.recipe import leading_dimension
@@ -172,6 +172,9 @@ class Monitor:
         tol: Lanczos tolerance (relative Ritz residual); max_hvps: its product budget.
         trace_samples: Hutchinson probes per trace; seed: seeds every random vector.
         hvp_method: the operator's product method ("auto": measured at the first measurement).
+        memory: bytes the kept gradient graphs may take under ``auto`` (past it the graphs of the
+            held batches that fit are kept, the rest double-backward); default a quarter of the
+            device's available memory at the measurement.
         train_mode: measure with batch statistics (BatchNorm in train mode, dropout off), as the
             training forward sees them; False: eval mode.
         norms_every: log ‖G‖, ‖Δθ‖ and C_t every this many steps (None: at the measured steps;
@@ -188,8 +191,11 @@ class Monitor:
                  warn_ratio: float = 1.0, warn_jump: float = 1.0, actions: Sequence[str] = (),
                  tol: float = 1e-2, max_hvps: int = 100, trace_samples: int = 10, seed: int = 0,
                  hvp_method: str = "auto", train_mode: bool = True, kappa: Optional[float] = None,
-                 norms_every: Optional[int] = None, distributed: Optional[bool] = None):
+                 norms_every: Optional[int] = None, distributed: Optional[bool] = None,
+                 memory: Optional[int] = None):
         _check_count("every", every, 1)
+        check_memory(memory)
+        self.memory = memory
         if norms_every is not None:
             _check_count("norms_every", norms_every, 1)
         _check_count("trace_every", trace_every, 0)
@@ -357,7 +363,7 @@ class Monitor:
         # Measured once: later operators are built as the first one ended up and skip the memory
         # estimate, the start-up check and the failed tries of a kernel without double backward.
         op = CurvatureOperator(self.model, batches, self.loss_fn, [self.batch_size(b) for b in batches],
-                               train_mode=self.train_mode, distributed=self.distributed,
+                               train_mode=self.train_mode, distributed=self.distributed, memory=self.memory,
                                **(self._build_options or {"hvp_method": self._asked_method}))
         if self._build_options is None:
             self.hvp_method = op.hvp_method
