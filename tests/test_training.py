@@ -850,3 +850,40 @@ def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fus
     for line, built in zip(lines, lines_built):
         assert line["loss"] == pytest.approx(built["loss"], rel=1e-5)
         assert line.get("lambda_floor", 0.0) == pytest.approx(built.get("lambda_floor", 0.0), rel=1e-4)
+
+
+def test_train_memory_bounds_the_kept_graphs_is_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    """``--memory`` reaches every operator the run builds (the floor's, --sharpness-every's): on five
+    batches whose graph is over it, λmax keeps part of the graph and measures what an unbounded run
+    measures; run.json keeps the budget, a resume keeps it, and a bad size exits 2 in one line."""
+    from curvdiag.curvature import operator as operator_module
+
+    recipe = str(RECIPES / "several_batches.py")
+    built = []
+    original = operator_module.CurvatureOperator.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append((len(self.batches), self.hvp_method, kwargs.get("memory")))
+
+    monkeypatch.setattr(operator_module.CurvatureOperator, "__init__", spy)
+    runner = CliRunner()
+    bounded = runner.invoke(app, ["train", recipe, "--steps", "4", "--controller", "throttle", "--sharpness-every", "3",
+                                  "--memory", "2KiB", "--out", str(tmp_path / "bounded"), "-q"])
+    assert bounded.exit_code == 0, bounded.output
+    assert {memory for _, _, memory in built} == {2048}
+    assert (5, "partial-kept-graph") in {(n, method) for n, method, _ in built}  # λmax over the 5 batches
+    built.clear()
+    free = runner.invoke(app, ["train", recipe, "--steps", "4", "--controller", "throttle", "--sharpness-every", "3",
+                               "--out", str(tmp_path / "free"), "-q"])
+    assert free.exit_code == 0 and {method for n, method, _ in built if n == 5} == {"kept-graph"}
+    lambdas = [[r["lambda_max"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                if "lambda_max" in r] for name in ("bounded", "free")]
+    assert len(lambdas[0]) == 2 and lambdas[0] == pytest.approx(lambdas[1], rel=1e-3)
+    assert json.loads((tmp_path / "bounded" / "run.json").read_text())["settings"]["memory"] == 2048
+    built.clear()
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "bounded"), "--steps", "7", "-q"])  # λmax at step 6
+    assert resumed.exit_code == 0, resumed.output
+    assert {memory for _, _, memory in built} == {2048}
+    bad = runner.invoke(app, ["train", recipe, "--memory", "lots", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--memory" in bad.output and "Traceback" not in bad.output, bad.output

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
+from curvdiag.cli.choices import parse_bytes
 from curvdiag.cli.launch import across_processes
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.train.controllers import CONTROLLERS
@@ -45,6 +46,7 @@ class TrainRequest:
     quiet: bool
     threads: Optional[int] = None  # None: the default (curvdiag.curvature.threads)
     device: Optional[str] = None  # None: cpu, or with --resume the stopped run's device
+    memory: Optional[int] = None  # bytes the kept gradient graphs may take; None: a quarter of the available
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def new_runs(request: TrainRequest) -> List[PlannedRun]:
         settings = TrainSettings(steps=DEFAULT_STEPS if request.steps is None else request.steps, lr=request.lr,
                                  controller=name, seed=request.seed, sharpness_every=request.sharpness_every,
                                  checkpoint_every=request.checkpoint_every, kappa=request.kappa,
-                                 max_batches=request.max_batches, device=request.device or "cpu")
+                                 max_batches=request.max_batches, device=request.device or "cpu", memory=request.memory)
         run_dir = base / ("baseline" if name == "none" else name) if request.compare else base
         runs.append(PlannedRun(name, run_dir, request.recipe, str(request.checkpoint) if request.checkpoint else None,
                                settings))
@@ -208,6 +210,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stopped run in this directory.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (under --nproc, cuda is each rank's own GPU, with nccl); default cpu, or with --resume the stopped run's.")] = None,
+    memory: Annotated[Optional[int], typer.Option(parser=parse_bytes, metavar="BYTES", help="Memory the kept gradient graphs of the throttle's floor and of --sharpness-every may take (512MiB, 2GiB; default: a quarter of the device's available memory); past it the graphs of the leading batches that fit are kept and the rest double-backward.")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for torch (default 1, measured fastest on a shared machine; OMP_NUM_THREADS, when set, is kept). More can be faster on idle cores with a large model.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -218,6 +221,6 @@ def train(
     request = TrainRequest(
         recipe=recipe, checkpoint=checkpoint, steps=steps, lr=lr, controller=controller, compare=compare,
         sharpness_every=sharpness_every, checkpoint_every=checkpoint_every, kappa=kappa, seed=seed,
-        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device)
+        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device, memory=memory)
     with across_processes(ctx, nproc, debug, device or _stored_device(resume), dist_timeout):
         run_train(request)

@@ -46,7 +46,7 @@ from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, Ru
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.linear_operator import Shifted, inner
-from curvdiag.curvature.operator import HVP_METHODS, CurvatureOperator, math_attention
+from curvdiag.curvature.operator import HVP_METHODS, CurvatureOperator, check_memory, math_attention
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
@@ -114,6 +114,7 @@ class TrainSettings:
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
     device: str = "cpu"  # cpu, cuda or cuda:N (under torchrun, cuda is each rank's own GPU)
+    memory: Optional[int] = None  # bytes the floor's and λmax's kept graphs may take; None: a quarter of the available
 
 
 # Where the run directory cannot be made for a reason the user controls (exit 2, not 1).
@@ -135,6 +136,7 @@ def check_settings(settings: TrainSettings) -> None:
         raise BadArgument("seed", settings.seed, "must fit in 64 bits (−2^63 ≤ seed < 2^64)")
     if settings.catapult_steps is not None and not (isinstance(settings.catapult_steps, int) and settings.catapult_steps >= 0):
         raise BadArgument("catapult_steps", settings.catapult_steps, "must be an integer ≥ 0")
+    check_memory(settings.memory)
     if settings.kappa is not None and not (isinstance(settings.kappa, (int, float)) and 0 < settings.kappa <= 1):
         raise BadArgument("kappa", settings.kappa, "must lie in (0, 1]")
     for name in ("divergence_factor", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
@@ -187,7 +189,7 @@ def _settings_from(document: Any, source: str) -> TrainSettings:
         if not hasattr(defaults, name):
             continue  # a setting of another version: ignored
         default = getattr(defaults, name)
-        expected = (type(None), int, float) if name in ("lr", "max_batches", "kappa", "catapult_steps") else type(default)
+        expected = (type(None), int, float) if name in ("lr", "max_batches", "kappa", "catapult_steps", "memory") else type(default)
         if expected is float:
             expected = (int, float)
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
@@ -896,7 +898,7 @@ class Trainer:
         floor as much as its two products."""
         op = CurvatureOperator(self.model, batches, self.recipe.loss, sizes, train_mode=True,
                                distributed=self.replicas.world_size > 1, first_batch_graph=first_batch_graph,
-                               **self._build_options.get(purpose, {}))
+                               memory=self.settings.memory, **self._build_options.get(purpose, {}))
         self._build_options.setdefault(purpose, op.build_options())
         return op
 
