@@ -79,8 +79,8 @@ def throttle_at_every_lr(case: "bench_peers.Case") -> None:
 
 
 def throttle_at_a_safe_lr(case: "bench_peers.Case", lr: Optional[float] = None) -> None:
-    """The throttle's final loss ÷ the untouched run's, both at ``lr`` (None: SAFE[case]), seeds 0–4, both starts;
-    beside it the untouched run at lr·(1 + CHAOS_NUDGE) ÷ the untouched run: how far the run's own
+    """The throttle's final loss ÷ the untouched run's, both at ``lr`` (None: SAFE[case]), seeds 0–4, both starts,
+    with their geometric mean (one seed's ratio is mostly chaos); beside it the untouched run at lr·(1 + CHAOS_NUDGE) ÷ the untouched run: how far the run's own
     chaos moves the final loss (Adam's MLP: 0.75–1.41× for a 0.1% change of lr)."""
     lr = SAFE[case.name] if lr is None else lr
     for start_name in ("init", "checkpoint"):
@@ -98,9 +98,16 @@ def throttle_at_a_safe_lr(case: "bench_peers.Case", lr: Optional[float] = None) 
             factors.append(throttled.get("mean_throttle") or 0.0)
             chaos.append(math.inf if nudged is None or untouched is None else nudged / untouched)
         print(case.name, start_name, f"lr {lr:g}", "worst", f"{max(ratios):.3g}", "median",
-              f"{statistics.median(ratios):.3g}", "ratios", [round(r, 3) for r in ratios],
+              f"{statistics.median(ratios):.3g}", "geometric mean", f"{_geometric_mean(ratios):.3g}",
+              f"(chaos: {_geometric_mean(chaos):.3g})", "ratios", [round(r, 3) for r in ratios],
               "mean factors", [round(f, 3) for f in factors],
               f"untouched at lr x (1 + {CHAOS_NUDGE:g})", [round(c, 3) for c in chaos], flush=True)
+
+
+def _geometric_mean(values: list) -> float:
+    """exp(mean(log v)): the typical ratio over seeds when single runs scatter by their own chaos
+    (inf when a run diverged)."""
+    return math.inf if any(not math.isfinite(v) or v <= 0 for v in values) else math.exp(statistics.fmean(map(math.log, values)))
 
 
 def main() -> None:
