@@ -21,8 +21,8 @@ How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
   the graph's saved tensors of this rank's first batch (distinct storages, parameters excluded,
   measured with ``saved_tensors_hooks`` on a forward-and-backward pass with ``create_graph=True``)
   times the rank's samples over that batch's samples; when it fits, that first batch's graph is
-  the kept graph's (no second pass). Under several ranks it is kept only when it fits on every
-  rank (one collective).
+  the kept graph's (no second pass). Under several ranks each rank keeps what fits on it, and the
+  ranks agree on the method's label and price (one collective).
 - ``double-backward``: per batch, a fresh gradient graph and one backward; memory of one batch.
 - ``partial-kept-graph`` (``auto`` only): when the whole graph does not fit but some batches'
   graphs do, the graphs of the first k batches whose estimated bytes fit in ``memory`` are kept

@@ -64,8 +64,8 @@ from curvdiag.curvature.operator import default_memory
 LOOSEST_STOP = 1e-3
 
 # The Krylov basis's memory before a thick restart, at most (and at most a quarter of what the
-# device has available): 2 GiB hold 4 vectors of GPT-2 small (124M float32 entries), where thick
-# restarts cost 34 products against 48 unrestarted (benchmarks/README.md, bench_large.py).
+# device has available): 2 GiB hold 4 vectors of GPT-2 small (124M float32 entries), with which
+# thick restarts reach its λmax to 7e-6 in 34 products (benchmarks/README.md, bench_large.py).
 BASIS_BUDGET = 2 << 30
 
 # When the Kato–Temple estimate trusts the gap to the nearest other Ritz value θ_j: once θ_j is
