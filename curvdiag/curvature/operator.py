@@ -689,22 +689,20 @@ class CurvatureOperator:
         return product
 
     def _local_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """This rank's share of H v."""
+        """This rank's share of H v: one backward through the kept graph of its first
+        :attr:`kept_batches` batches, then a fresh double backward for each batch after them."""
         pieces = self.unflatten(v)
         if self._graph_stale:
             self._graph_stale = False
             self._keep_graphs()
         if self._kept_gradient is not None:
-            kept = self.flatten(self.parameter_gradients(self._kept_gradient, pieces, retain_graph=True))
-            if self.kept_batches == len(self.batches):
-                return kept
-        else:
-            kept = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
-        start = self.kept_batches if self._kept_gradient is not None else 0
-        for weight, batch in self._batches_from(start):
+            total = self.flatten(self.parameter_gradients(self._kept_gradient, pieces, retain_graph=True))
+        else:  # nothing kept (double backward): kept_batches is 0
+            total = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+        for weight, batch in self._batches_from(self.kept_batches):
             grads = self.parameter_gradients(self.batch_loss(batch), create_graph=True)
-            kept.add_(self.flatten(self.parameter_gradients(grads, pieces)), alpha=weight)
-        return kept
+            total.add_(self.flatten(self.parameter_gradients(grads, pieces)), alpha=weight)
+        return total
 
     def gradient_at(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """(L(θ'), G(θ')) at other parameters θ' (flat, shape (num_params,)), on the same batches
