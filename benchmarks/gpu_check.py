@@ -166,17 +166,16 @@ def partly_kept(device: str, model: torch.nn.Module, batch: Dict[str, torch.Tens
     (``partial-kept-graph``): its product against the kept graph's (relative difference, ≤ 1e-4
     required), the time of each and the device's peak memory while the partial operator is built."""
     batches = [{k: t[i:i + 1] for k, t in batch.items()} for i in range(rows)]
-    whole = CurvatureOperator(model, batches, loss, [1] * rows, hvp_method="kept-graph")
+    whole = CurvatureOperator(model, batches, loss, [1] * rows)  # auto within the default budget: the reference
     v = torch.randn(whole.size, generator=torch.Generator().manual_seed(2)).to(whole.device)
-    expected = whole.hvp(v)
-    graph = CurvatureOperator(model, batches, loss, [1] * rows).graph_bytes
+    expected, graph, reference = whole.hvp(v), whole.graph_bytes, whole.hvp_method
     del whole
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     op = CurvatureOperator(model, batches, loss, [1] * rows, memory=max(1, graph // 2))
     product, seconds = timed(device, lambda: op.hvp(v))
-    out = {"method": op.describe_method(), "kept_batches": op.kept_batches, "hvp_s": seconds,
+    out = {"method": op.describe_method(), "reference": reference, "kept_batches": op.kept_batches, "hvp_s": seconds,
            "relative": float((product - expected).norm() / expected.norm())}
     if device.startswith("cuda"):
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
