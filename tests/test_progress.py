@@ -370,3 +370,46 @@ def test_the_api_timeout_returns_the_partial_report():
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(BadArgument, match="timeout"):
             curvdiag.probe(model, loss, [batch], probes="lambda_max", timeout=bad)
+
+
+def test_a_long_step_prints_its_products_at_the_step_lines_interval():
+    clock, stream = FakeClock(), io.StringIO()
+    clock.now = 0.0
+    lines = StepLines(stream, started=0.0, label="train [throttle]", total=20, completed=0, interval=10.0, clock=clock)
+    for now, count in ((4.0, 3), (10.5, 7), (15.0, 9)):
+        clock.now = now
+        lines.working(f"λmax: {count} HVPs")
+    clock.now = 21.0
+    lines.update(1, "loss 2.5")
+    clock.now = 31.5
+    lines.working("throttle floor: 1 HVPs")
+    assert [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()] == [
+        "train [throttle]: started at step 0 of 20",
+        "train [throttle]: in step 1/20: λmax: 7 HVPs",
+        "train [throttle]: step 1/20 · loss 2.5",
+        "train [throttle]: in step 2/20: throttle floor: 1 HVPs",
+    ]
+
+
+def test_the_trainer_reports_each_product_of_its_floor_and_of_lambda_max(tmp_path):
+    """The heartbeat's source: (purpose, products so far) after every product the run makes, and
+    the run's own count of extra products agrees with the floor's."""
+    from curvdiag.train.loop import Trainer, TrainSettings
+
+    trainer = Trainer(TINY, None, tmp_path / "run", TrainSettings(steps=4, controller="throttle", sharpness_every=3))
+    seen = []
+    trainer.on_products = lambda purpose, count: seen.append((purpose, count))
+    summary = trainer.run()
+    purposes = [purpose for purpose, _ in seen]
+    assert set(purposes) == {"floor", "sharpness"}
+    floor_counts = [count for purpose, count in seen if purpose == "floor"]
+    assert all(count >= 1 for count in floor_counts) and len(floor_counts) == round(summary.extra_hvps_per_step * 4)
+    previous = {"floor": 0, "sharpness": 0}
+    for purpose, count in seen:  # each operator counts from 1, one by one (a new operator starts again)
+        assert count in (previous[purpose] + 1, 1), seen
+        previous[purpose] = count
+    sharpness = [count for purpose, count in seen if purpose == "sharpness"]
+    runs = [count for count, following in zip(sharpness, sharpness[1:] + [1]) if following == 1]  # each λmax's total
+    logged = [record["lambda_max_hvps"] for record in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if "lambda_max" in record]
+    assert runs[1:] == logged and len(logged) == 2  # steps 0 and 3, after λmax at the start

@@ -185,7 +185,7 @@ class StepLines:
     def __init__(self, stream: IO[str], started: float, label: str, total: int, completed: int = 0,
                  interval: float = HEARTBEAT_SECONDS, clock=time.monotonic):
         self.stream, self.started, self.label, self.total = stream, started, label, total
-        self.interval, self.clock = interval, clock
+        self.interval, self.clock, self.completed = interval, clock, completed
         self._last_line = clock()
         self._write(f"started at step {completed} of {total}")
 
@@ -194,8 +194,15 @@ class StepLines:
         write_stamped(self.stream, "train", self._last_line - self.started, f"{self.label}: {text}")
 
     def update(self, completed: int, info: str) -> None:
+        self.completed = completed
         if completed >= self.total or self.clock() - self._last_line >= self.interval:
             self._write(f"step {completed}/{self.total}" + (f" · {info}" if info else ""))
+
+    def working(self, what: str) -> None:
+        """A line from inside a step that takes long (λmax on every batch of a large model), at the
+        same interval as the step lines."""
+        if self.clock() - self._last_line >= self.interval:
+            self._write(f"in step {self.completed + 1}/{self.total}: {what}")
 
 
 def progress_for(quiet: bool, started: float, stream: Optional[IO[str]] = None) -> ProbeProgress:

@@ -122,6 +122,7 @@ def replay(run: PlannedRun, quiet: bool, started: float) -> Any:
         return trainer.run(append=append)
     if not is_terminal(sys.stderr):
         lines = StepLines(sys.stderr, started, label, total, completed=trainer.start_step)
+        trainer.on_products = lambda purpose, count: lines.working(_products_info(purpose, count))
         return trainer.run(on_step=lambda record: lines.update(record["step"] + 1, _step_info(record)), append=append)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -134,11 +135,17 @@ def replay(run: PlannedRun, quiet: bool, started: float) -> Any:
         def on_step(record: dict) -> None:
             progress.update(task, completed=record["step"] + 1, info=_step_info(record))
 
+        trainer.on_products = lambda purpose, count: progress.update(task, info=_products_info(purpose, count))
         return trainer.run(on_step=on_step, append=append)
 
 
 def _step_info(record: dict) -> str:
     return f"loss {record['loss']:.4g} · lr {record['lr']:.3g} · throttle {record['throttle']:.3g}"
+
+
+def _products_info(purpose: str, count: int) -> str:
+    """What a long step is doing: the throttle's floor or --sharpness-every's λmax, with its products."""
+    return f"{'λmax' if purpose == 'sharpness' else 'throttle floor'}: {count} HVPs"
 
 
 def run_train(request: TrainRequest) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import math
 import signal
@@ -397,6 +398,9 @@ class Trainer:
         self._loop: Optional[Tuple[ControlledOptimizer, DirectionalCurvatureTracker, _PowerFloor]] = None
         self._batch_noise = _BatchNoise()
         self._forward_draws_rng = False  # seen once, for the rest of the run (dropout)
+        # Called with (purpose, its operator's products so far) after each product of the throttle's
+        # floor ("floor") or of --sharpness-every's λmax ("sharpness"): a heartbeat inside a long step.
+        self.on_products: Optional[Callable[[str, int], None]] = None
         if distributed.rank() == 0:
             prepare_run_directory(self.out)
         torch.manual_seed(settings.seed)
@@ -900,6 +904,8 @@ class Trainer:
                                distributed=self.replicas.world_size > 1, first_batch_graph=first_batch_graph,
                                memory=self.settings.memory, **self._build_options.get(purpose, {}))
         self._build_options.setdefault(purpose, op.build_options())
+        if self.on_products is not None:
+            op.on_hvp = functools.partial(self.on_products, purpose)
         return op
 
     def _sharpness(self, lr: float) -> Dict[str, Any]:
