@@ -199,7 +199,6 @@ def print_row(row):
     noise = row["reference_rel_noise"]
     k_eq = row["hutchinson_equal_time_probes"]
     corr = row.get("hesscale_rel_error_noise_corrected")
-    hcorr = row.get("hutchinson_rel_error_noise_corrected")
     head = f"{'layer':10s} {'HesScale':>9s}" + (f" {'(corr.)':>8s}" if corr else "") + \
         "".join(f" {'Hutch k=' + str(k):>11s}" for k in row["hutchinson_rel_error"]) + \
         (f" {'ref noise':>9s}" if noise else "") + f" {'k to match':>10s}  exact"
