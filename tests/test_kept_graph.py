@@ -135,6 +135,38 @@ def test_a_partly_kept_graph_runs_forwards_only_for_the_batches_it_does_not_keep
         assert len(calls) == 8 - kept
 
 
+def test_a_partly_kept_graph_built_again_chooses_again_and_makes_no_check():
+    """An operator built from a partly kept graph's ``build_options`` at other weights (the monitor,
+    --sharpness-every): the kept batches are chosen again from a new estimate, and the start-up
+    check's product is not made again: B forwards at set-up (loss and gradient) where ``auto`` makes
+    B − k more for the check. Its products still equal a kept graph's, B − k forwards each."""
+    model, batches = _setup(num_batches=8)
+    calls = []
+
+    def counted(m, b):
+        calls.append(1)
+        return _mse(m, b)
+
+    per_batch = CurvatureOperator(model, batches, _mse, [4] * 8).graph_bytes // 8
+    first = CurvatureOperator(model, batches, counted, [4] * 8, memory=3 * per_batch)
+    assert (first.hvp_method, first.kept_batches, len(calls)) == ("partial-kept-graph", 3, 8 + 5)  # set-up + check
+    options = first.build_options()
+    assert options == {"hvp_method": "partial-kept-graph", "attention": "auto"}
+    with torch.no_grad():
+        model[0].weight.mul_(1.1)
+    for memory, kept, method in ((3 * per_batch, 3, "partial-kept-graph"), (8 * per_batch, 8, "kept-graph"),
+                                 (per_batch - 1, 0, "double-backward")):
+        calls.clear()
+        again = CurvatureOperator(model, batches, counted, [4] * 8, memory=memory, **options)
+        # (with nothing kept, the estimate's forward of the first batch is not the build's)
+        assert (again.hvp_method, again.kept_batches, len(calls)) == (method, kept, 8 + (kept == 0))
+        assert not again.check_reused and again._check_product is None
+        v = torch.randn(again.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        reference = CurvatureOperator(model, batches, _mse, [4] * 8, hvp_method="kept-graph").hvp(v)
+        calls.clear()
+        assert torch.allclose(again.hvp(v), reference, rtol=0, atol=1e-12) and len(calls) == 8 - kept
+
+
 def test_a_partly_kept_graph_that_falls_back_to_finite_differences_keeps_nothing():
     model, batches, loss, exact = _once_differentiable_target()
     op = CurvatureOperator(model, batches * 4, loss, [8] * 4, fd_step=1e-4, memory=10)
@@ -154,7 +186,7 @@ def test_a_partly_kept_graph_keeps_the_leading_batches_that_fit_and_its_product_
     per_sample = whole.graph_bytes / sum(sizes)
     op = CurvatureOperator(model, batches, _mse, sizes, memory=int(per_sample * 13) + 1)
     assert (op.hvp_method, op.kept_batches, op.kept_fraction) == ("partial-kept-graph", 2, 13 / 24)
-    assert op.build_options() == {"hvp_method": "auto", "attention": "auto"}  # measured again where rebuilt
+    assert op.build_options() == {"hvp_method": "partial-kept-graph", "attention": "auto"}  # measured again where rebuilt
 
     def dense():
         shapes = [p.shape for p in model.parameters()]

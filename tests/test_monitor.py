@@ -434,11 +434,12 @@ def test_a_fallback_is_found_once_and_later_measurements_reuse_it(kind, monkeypa
     assert monitor.measurements[-1].lambda_max == pytest.approx(lambda_max(fresh, tol=1e-8).value, rel=1e-5)
 
 
-def test_a_partly_kept_graph_is_measured_again_and_never_asked_for_by_name(monkeypatch):
+def test_a_partly_kept_graph_is_measured_again_without_a_second_check(monkeypatch):
     """Held batches whose graph is over the memory budget: the monitor's operator keeps part of it
-    (partial-kept-graph, recorded as such), and an operator built before any measurement has ended
-    (a measurement interrupted mid-Lanczos) asks ``auto`` again, not the partial label, which is
-    no method to ask for."""
+    (partial-kept-graph, recorded as such); an operator built before any measurement has ended
+    (a measurement interrupted mid-Lanczos) asks ``auto`` again; after one, later measurements
+    choose the kept batches again but make no start-up check (its product is wasted on a
+    warm-started Lanczos)."""
     import curvdiag.curvature.operator as operator_module
 
     model, held = _bn_dropout_model(), _data(n_batches=4)
@@ -460,6 +461,14 @@ def test_a_partly_kept_graph_is_measured_again_and_never_asked_for_by_name(monke
     loss(model, held[0]).backward()
     opt.step()
     monitor.step(held[0])
-    assert monitor._build_options["hvp_method"] == "auto" and monitor.hvp_method == "partial-kept-graph"
+    assert monitor._build_options["hvp_method"] == monitor.hvp_method == "partial-kept-graph"
+    checks = []
+    try_exact = CurvatureOperator._try_exact
+    monkeypatch.setattr(CurvatureOperator, "_try_exact", lambda self, probe: checks.append(1) or try_exact(self, probe))
+    opt.zero_grad()
+    loss(model, held[1]).backward()
+    opt.step()
+    monitor.step(held[1])
+    assert checks == [] and monitor.measurements[-1].warm_start
     fresh = CurvatureOperator(model, held, loss, [32] * 4, train_mode=True, hvp_method="kept-graph")
     assert monitor.measurements[-1].lambda_max == pytest.approx(lambda_max(fresh, tol=1e-8).value, rel=1e-3)

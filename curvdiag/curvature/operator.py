@@ -24,10 +24,13 @@ How Hv is computed (``hvp_method``), chosen by measurement (DESIGN §3):
   the kept graph's (no second pass). Under several ranks each rank keeps what fits on it, and the
   ranks agree on the method's label and price (one collective).
 - ``double-backward``: per batch, a fresh gradient graph and one backward; memory of one batch.
-- ``partial-kept-graph`` (``auto`` only): when the whole graph does not fit but some batches'
+- ``partial-kept-graph`` (``auto``'s choice): when the whole graph does not fit but some batches'
   graphs do, the graphs of the first k batches whose estimated bytes fit in ``memory`` are kept
   (one backward through their sum) and the other batches are double-backward: a product costs
   f·1.5 + (1 − f)·3.0 gradient-equivalents with f the kept share of the samples, instead of 3.0.
+  Asked for by name (what :meth:`CurvatureOperator.build_options` hands back, for an operator
+  built again at other weights) k is measured again, and all or none may fit then, but the
+  start-up check is not made again: the first build made it.
 - ``finite-difference``: (G(θ + h v̂) − G(θ − h v̂)) / 2h · ‖v‖ with unit v̂, for kernels that
   have no double backward (fused attention) when the exact ``math`` attention kernel fails too.
 With ``auto`` the first product is checked at start-up: a missing double backward in a fused
@@ -134,7 +137,7 @@ class CurvatureOperator:
         loss_fn: ``loss_fn(model, batch)`` returns the scalar mean loss of one batch.
         batch_sizes: samples per batch (n_b); all equal to 1 when omitted (equal weights).
         train_mode: evaluate with batch statistics (dropout stays off); default eval mode.
-        hvp_method: one of ``HVP_METHODS``.
+        hvp_method: one of ``HVP_METHODS``, or ``partial-kept-graph`` as :meth:`build_options` hands it back.
         memory: bytes the kept gradient graphs may take: past it ``auto`` keeps the graphs of as many
             leading batches as fit (``partial-kept-graph``), or of none (``double-backward``) when
             not even the first fits; default a quarter of the device's available memory
@@ -167,7 +170,7 @@ class CurvatureOperator:
         attention: str = "auto",
         first_batch_graph: Optional[Tuple[float, Sequence[Optional[torch.Tensor]]]] = None,
     ):
-        if hvp_method not in HVP_METHODS:
+        if hvp_method not in HVP_METHODS and hvp_method != PARTIAL:
             raise BadArgument("hvp_method", hvp_method, "unknown", hint=f"choose one of {', '.join(HVP_METHODS)}")
         if attention not in ("auto", "math"):
             raise BadArgument("attention", attention, "unknown", hint="choose auto or math")
@@ -228,10 +231,13 @@ class CurvatureOperator:
         self.kept_batches = len(self.batches) if hvp_method == "kept-graph" else 0
         self.kept_fraction = 1.0 if hvp_method == "kept-graph" else 0.0
         self._kept_over_ranks = (self.kept_batches, 0)  # auto: (batches kept, graph bytes) summed over the ranks
-        if hvp_method == "auto":
+        if hvp_method in ("auto", PARTIAL):
             self.memory = default_memory(self.device) if memory is None else memory
             self._measure_graph()
-            self._prepare_with_fallback()  # its _local_prepare takes the estimate's graph over
+            if hvp_method == "auto":
+                self._prepare_with_fallback()  # its _local_prepare takes the estimate's graph over
+            else:  # built again as an auto operator ended up: its check was made
+                self._prepare()
         else:
             self.hvp_method = hvp_method
             self._prepare()
@@ -756,9 +762,9 @@ class CurvatureOperator:
         this one ended up (after ``auto`` and any fallback): the memory estimate, the start-up check
         and the failed kernel tries are then skipped. What a caller building operators repeatedly
         (the monitor, the throttle's floor) passes after its first one. A partly kept graph says
-        ``auto``: how many batches fit is measured again (its estimate pass is the build's first batch)."""
-        method = "auto" if self.hvp_method == PARTIAL else self.hvp_method
-        return {"hvp_method": method, "attention": "math" if self.fallback == "math-attention" else "auto"}
+        ``partial-kept-graph``: how many batches fit is measured again (its estimate pass is the
+        build's first batch), the check is not made again."""
+        return {"hvp_method": self.hvp_method, "attention": "math" if self.fallback == "math-attention" else "auto"}
 
     def describe_method(self) -> str:
         """One phrase for the report: which product ran and, for differences, its step and error."""

@@ -47,7 +47,7 @@ from curvdiag.results.run_dir import (METRICS_FILE, SUMMARY_FILE, MetricsLog, Ru
                                       describe_os_error, logged_steps, read_run_summary, truncate_metrics, with_ignored_errors,
                                       write_atomically, write_run_summary)
 from curvdiag.curvature.linear_operator import Shifted, inner
-from curvdiag.curvature.operator import HVP_METHODS, CurvatureOperator, check_memory, math_attention
+from curvdiag.curvature.operator import HVP_METHODS, PARTIAL, CurvatureOperator, check_memory, math_attention
 from curvdiag.model_state import preserved_state, snapshot
 from curvdiag.errors import BadArgument, BadInput, CurvdiagError
 from curvdiag.loading import optimizer as optimizer_state
@@ -350,7 +350,7 @@ def _checked_build_options(saved: Any) -> Dict[str, Dict[str, str]]:
         raise ValueError(f"build options {saved!r}")
     for options in saved.values():
         if not (isinstance(options, dict) and set(options) == {"hvp_method", "attention"}
-                and options["hvp_method"] in HVP_METHODS and options["attention"] in ("auto", "math")):
+                and options["hvp_method"] in HVP_METHODS + (PARTIAL,) and options["attention"] in ("auto", "math")):
             raise ValueError(f"build options {options!r}")
     return {purpose: dict(options) for purpose, options in saved.items()}
 
