@@ -91,7 +91,18 @@ NOISE_WEIGHT = 0.5
 # 0.9: 1 of 60 (1.88); 0.8: 0 of 60, worst 1.08. At a third to a half of the tuned lr (the runs
 # that need no throttle) against the untouched run, seeds 0–4: momentum 1.49 / 1.69 → 1.07 / 1.12,
 # schedule 1.02 / 1.13 → 1.03 / 1.00 (worst, from init / checkpoint). Plain SGD (β = 0) keeps κ = 1:
-# only full-batch GD, which has no batch noise, was measured.
+# only full-batch GD, which has no batch noise, was measured. Adam's κ sits just below a cliff: at a
+# safe lr the throttle still holds the transformer back (lr 0.002, seeds 0–4 from initialisation:
+# 1.17× the untouched run, geometric mean), but a larger κ for the Adam family only, which frees it
+# (× 1.25: 1.08, × 2: 1.03), breaks the Adam MLP at its failing lr (seeds 0–19 from both starts,
+# runs above 1.5× the tuned loss: none at × 1, 10 of 40 at × 1.25 (worst 5.9), 28 of 40 at × 1.5,
+# 34 of 40 at × 2). Nor does a κ that grows while the loss stays below its running mean (the Adam
+# family only; × 1.02 a step up to 2κ, × 0.8 on a step above): the Adam MLP at its failing lr gains
+# (geometric means over both starts, seeds 0–9 / 10–19: 0.33 / 0.43 → 0.31 / 0.28, none above 1.5)
+# and the transformer at lr 0.002 goes to 1.08, but the transformer at its failing lr from
+# initialisation ends above 1.5 in 3 of 10 seeds (to 89×) against none (× 1.01 up to 1.5κ, × 0.5 on
+# a rise: 2 of 10): its loss, near 10⁻³ by then, spikes once the rate grows and does not recover
+# within the run.
 NOISE_FREE_KAPPA = 0.8
 
 
