@@ -116,9 +116,8 @@ def test_the_choice_flips_at_the_budget_and_every_method_gives_the_same_products
     assert one.hvp_price == pytest.approx(1.5 / 64 + 3.0 * 63 / 64) and short.hvp_price == pytest.approx(1.5 * 63 / 64 + 3.0 / 64)
 
 
-def test_a_partly_kept_graph_runs_forwards_only_for_the_batches_it_does_not_keep():
-    """A product goes back through the kept graphs of the first k batches and makes a fresh
-    forward and double backward for each of the others: B − k loss calls a product."""
+def _eight_counted_batches():
+    """8 batches of 4, a loss that counts its calls (the forwards), and one batch's graph bytes."""
     model, batches = _setup(num_batches=8)
     calls = []
 
@@ -126,7 +125,13 @@ def test_a_partly_kept_graph_runs_forwards_only_for_the_batches_it_does_not_keep
         calls.append(1)
         return _mse(m, b)
 
-    per_batch = CurvatureOperator(model, batches, _mse, [4] * 8).graph_bytes // 8
+    return model, batches, counted, calls, CurvatureOperator(model, batches, _mse, [4] * 8).graph_bytes // 8
+
+
+def test_a_partly_kept_graph_runs_forwards_only_for_the_batches_it_does_not_keep():
+    """A product goes back through the kept graphs of the first k batches and makes a fresh
+    forward and double backward for each of the others: B − k loss calls a product."""
+    model, batches, counted, calls, per_batch = _eight_counted_batches()
     for memory, kept in ((3 * per_batch, 3), (8 * per_batch, 8), (per_batch - 1, 0)):
         op = CurvatureOperator(model, batches, counted, [4] * 8, memory=memory)
         assert op.kept_batches == kept
@@ -140,14 +145,7 @@ def test_a_partly_kept_graph_built_again_chooses_again_and_makes_no_check():
     --sharpness-every): the kept batches are chosen again from a new estimate, and the start-up
     check's product is not made again: B forwards at set-up (loss and gradient) where ``auto`` makes
     B − k more for the check. Its products still equal a kept graph's, B − k forwards each."""
-    model, batches = _setup(num_batches=8)
-    calls = []
-
-    def counted(m, b):
-        calls.append(1)
-        return _mse(m, b)
-
-    per_batch = CurvatureOperator(model, batches, _mse, [4] * 8).graph_bytes // 8
+    model, batches, counted, calls, per_batch = _eight_counted_batches()
     first = CurvatureOperator(model, batches, counted, [4] * 8, memory=3 * per_batch)
     assert (first.hvp_method, first.kept_batches, len(calls)) == ("partial-kept-graph", 3, 8 + 5)  # set-up + check
     options = first.build_options()
