@@ -342,7 +342,9 @@ class _BatchNoise:
     draws no dropout masks, so it holds none of their noise; a recipe that refills one batch object
     in place looks like full-batch data, and is never sampled. Only once a sample is taken and no
     forward has drawn from the RNG does the throttle count C_t whole (``noise_free``); until then,
-    and for the rest of a run with dropout, it caps C_t at controllers.NOISE_CAP floors."""
+    and for the rest of a run with dropout, it caps C_t at controllers.NOISE_CAP floors. Under SGD
+    the step itself, made from ∇L_{t−1}, correlates with ξ_{t−1}: C_t also drops that part, the
+    noise gain of :meth:`curvdiag.train.adapters.ControlledOptimizer._noise_gain`."""
 
     def __init__(self):
         self.value: Optional[float] = None  # the average so far; None before the first sample
