@@ -241,15 +241,38 @@ def test_the_step_carries_the_previous_batch_noise_into_c_t_by_the_noise_gain(mo
     mean, error = float(blocks.mean()), float(blocks.std() / math.sqrt(len(blocks)))
     noise = 2.0  # E‖ξ_t − ξ_{t−1}‖² for unit draws
     controlled = ControlledOptimizer(opt, controllers.throttle(constant=2.0, kappa=1.0))
-    assert controlled._noise_gain() == 0.0  # no floor yet: nothing to bound ρ with
-    controlled.state = controlled.state._replace(floor=2.0)
-    gain = controlled._noise_gain()
+    gain = controlled._newest_gradient_rate(1.0) * 2.0  # ρ̂ = the floor = λ1
     assert gain == pytest.approx(lr * weight * 2.0)
     assert abs(mean - (1.0 + gain) * noise) < 4 * error, (mean, gain, error)
     assert abs(mean - noise) > 8 * error  # the correlation is there: the noise alone misses it
-    adam = ControlledOptimizer(torch.optim.Adam([theta], lr=lr), controllers.throttle(constant=38.0, kappa=0.25))
+
+
+def test_the_noise_gain_is_the_rate_the_last_step_put_on_its_newest_gradient():
+    """The gain uses the rate of the step that made Δθ (taken at that step: a scheduler moves the
+    lr before the next C_t), the largest over the param groups, torch's undamped first momentum
+    step; nothing before a floor, nothing for the Adam family."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1.0}], momentum=0.5, dampening=0.2)
+    controlled = ControlledOptimizer(opt, controllers.throttle(constant=3.0, kappa=1.0))
+    assert controlled._newest_gradient_rate(0.5) == pytest.approx(1.0 * 0.5 * 1.0)  # first step: no dampening
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    controlled.step()
+    assert controlled.step_rate == pytest.approx(1.0 * controlled.factor)
+    assert controlled._noise_gain() == 0.0  # no floor yet: nothing to bound ρ with
+    controlled.state = controlled.state._replace(floor=2.0)
+    assert controlled._noise_gain() == pytest.approx(2.0 * controlled.step_rate)
+    for group in opt.param_groups:  # a scheduler's move after the step does not reach its gain
+        group["lr"] *= 10
+    assert controlled._noise_gain() == pytest.approx(2.0 * controlled.step_rate)
+    assert controlled._newest_gradient_rate(1.0) == pytest.approx(10.0 * (1 - 0.2))  # buffers there: damped
+    nesterov = ControlledOptimizer(torch.optim.SGD([a], lr=0.1, momentum=0.5, nesterov=True),
+                                   controllers.throttle(constant=3.0, kappa=1.0))
+    assert nesterov._newest_gradient_rate(1.0) == pytest.approx(0.1 * 1.5)
+    adam = ControlledOptimizer(torch.optim.Adam([a], lr=0.1), controllers.throttle(constant=38.0, kappa=0.25))
+    a.grad = torch.ones(2)
+    adam.step()
     adam.state = adam.state._replace(floor=2.0)
-    assert adam._noise_gain() == 0.0  # measured: no gain for the Adam family (adapters._noise_gain)
+    assert adam.step_rate == 0.0 and adam._noise_gain() == 0.0  # measured: no gain for the Adam family
 
 
 def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):

@@ -177,6 +177,8 @@ class ControlledOptimizer:
         self.noise_free = False  # set from outside: batch_noise is all the noise in C_t (the controller counts C_t whole)
         self.curvature: Optional[float] = None
         self._previous: Optional[tuple] = None
+        # The last step's rate on its newest gradient, max over groups of η_g·s·w_g (:meth:`_noise_gain`).
+        self.step_rate = 0.0
 
     def memory(self) -> Optional[tuple]:
         """The previous step's (θ, G) per parameter that the next consecutive C_t compares with, or None."""
@@ -224,7 +226,9 @@ class ControlledOptimizer:
         lr = self._lr()
         self.state = self.controller.update(self.state, self._observe(lr, observes))
         self._scale_gradients(getattr(self.state, "gradient_scale", 1.0))
+        step_rate = self._newest_gradient_rate(self.state.factor) if measures_step else 0.0
         apply_factor(self.optimizer, self.state.factor)
+        self.step_rate = step_rate
         self._previous = (flat_theta, flat_grads)
         if closure is None or not measures_step:
             return None
@@ -238,10 +242,28 @@ class ControlledOptimizer:
                                                                             new_flat_grads, d_theta))
         return new_loss
 
+    def _newest_gradient_rate(self, factor: float) -> float:
+        """c of :meth:`_noise_gain` for the step about to be taken: max over the param groups of η_g·s·w_g,
+        w_g the weight of the newest gradient in torch's SGD update (1 without momentum; with momentum β
+        and dampening d, 1 − d, or 1 + β(1 − d) under Nesterov, and 1 or 1 + β on a group's first step,
+        whose buffer torch sets to the gradient undamped); the largest, so the noise is not taken out
+        short. 0 for a family other than SGD's."""
+        rate = 0.0
+        for group in self.optimizer.param_groups:
+            family = family_of_group(group)
+            if family is None or family.preconditioned:
+                return 0.0
+            beta, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+            first = not any("momentum_buffer" in self.optimizer.state.get(p, {}) for p in group["params"][:1])
+            damped = 1.0 if first else 1.0 - dampening
+            weight = 1.0 if beta == 0 else (1.0 + beta * damped if group.get("nesterov") else damped)
+            rate = max(rate, float(group["lr"]) * factor * weight)
+        return rate
+
     def _noise_gain(self) -> float:
         """c·ρ̂ of :func:`metric_curvature` for the last step, under SGD (with or without momentum): c =
-        η·s·w, the scheduled rate times the last factor times the weight w of the newest gradient in
-        the update (1; 1 − dampening with momentum; 1 + β(1 − dampening) with Nesterov), and ρ̂ the
+        :attr:`step_rate`, the rate that step put on its newest gradient (:meth:`_newest_gradient_rate`,
+        taken when the step was: a scheduler has moved the lr since), and ρ̂ the
         throttle's latest floor, the bound ρ ≤ λmax (ρ = λmax where the noise lies along the top
         eigenvector; for a cross-entropy loss, whose noise covariance is about its Hessian, ρ ≈
         tr H²/tr H). 0 without a floor yet and for the Adam family: there, with ρ̂ the preconditioned
@@ -249,13 +271,7 @@ class ControlledOptimizer:
         the tuned loss (geometric mean of 20 seeds, 2 above 1.5 against none), and at its safe lr
         from 0.96 to 1.04× the untouched run (seeds 0–4, both starts)."""
         floor = getattr(self.state, "floor", math.inf)
-        group = self.optimizer.param_groups[0]
-        family = family_of_group(group)
-        if family is None or family.preconditioned or not (math.isfinite(floor) and floor > 0):
-            return 0.0
-        beta, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
-        weight = 1.0 if beta == 0 else (1.0 + beta * (1.0 - dampening) if group.get("nesterov") else 1.0 - dampening)
-        return self._lr() * self.state.factor * weight * floor
+        return self.step_rate * floor if math.isfinite(floor) and floor > 0 else 0.0
 
     def _observe(self, lr: float, observes: frozenset) -> Observation:
         grad_norm = None

@@ -504,6 +504,7 @@ class Trainer:
                              "floor_step": floor.last_step, "batch_noise": self._batch_noise.value,
                              "build_options": self._build_options, "forward_draws_rng": self._forward_draws_rng,
                              "controller_memory": None if memory is None else [list(memory[0]), list(memory[1])],
+                             "step_rate": controlled.step_rate,
                              "tracker": list(tracker.state()) if tracker.state() is not None else None,
                              "initial_loss": progress.initial_loss if progress else None,
                              "loss_average": progress.loss_average if progress else None,
@@ -525,6 +526,7 @@ class Trainer:
                 controlled.state = type(controlled.state)(*values)
             floor.vector, floor.hvps = saved.get("floor_vector"), int(saved.get("floor_hvps") or 0)
             controlled.load_memory(saved.get("controller_memory"))
+            controlled.step_rate = finite(saved.get("step_rate")) or 0.0  # none in a checkpoint of an older version
             floor.last_step = None if saved.get("floor_step") is None else int(saved["floor_step"])
             self._batch_noise.value = finite(saved.get("batch_noise"))
             controlled.batch_noise = self._batch_noise.value or 0.0
