@@ -222,7 +222,7 @@ class ControlledOptimizer:
         if "curvature" in observes and self._previous is not None and closure is None:
             prev_theta, prev_grads = self._previous
             self.curvature = metric_curvature(flat_theta - prev_theta, flat_grads - prev_grads, metric, self.batch_noise,
-                                              self._noise_gain() if self.batch_noise > 0 else 0.0)
+                                              self._noise_gain())
         lr = self._lr()
         self.state = self.controller.update(self.state, self._observe(lr, observes))
         self._scale_gradients(getattr(self.state, "gradient_scale", 1.0))
@@ -254,7 +254,8 @@ class ControlledOptimizer:
             if family is None or family.preconditioned:
                 return 0.0
             beta, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
-            first = not any("momentum_buffer" in self.optimizer.state.get(p, {}) for p in group["params"][:1])
+            params = group["params"]
+            first = not params or "momentum_buffer" not in self.optimizer.state.get(params[0], {})
             damped = 1.0 if first else 1.0 - dampening
             weight = 1.0 if beta == 0 else (1.0 + beta * damped if group.get("nesterov") else damped)
             rate = max(rate, float(group["lr"]) * factor * weight)
