@@ -196,14 +196,16 @@ def test_probes_help_lists_every_probe():
 
 
 def test_choices_are_the_library_s():
-    from curvdiag.cli.choices import DType, HvpMethod, OptimizerFamily
+    from curvdiag.cli.choices import DType, HvpMethod, OptimizerFamily, ThrottleEngage
     from curvdiag.curvature.operator import HVP_METHODS
     from curvdiag.loading.optimizer import FAMILIES
     from curvdiag.loading.target import DTYPES
+    from curvdiag.train.controllers import ENGAGE_MODES
 
     assert [m.value for m in OptimizerFamily] == list(FAMILIES)
     assert [m.value for m in HvpMethod] == list(HVP_METHODS)
     assert [m.value for m in DType] == list(DTYPES)
+    assert [m.value for m in ThrottleEngage] == list(ENGAGE_MODES)
 
 
 def test_library_arguments_are_named_by_their_flags(capsys):

@@ -67,6 +67,26 @@ def test_throttle_state_machine_reacts_at_once_and_relaxes_slowly():
         controllers.throttle(constant=2.0, kappa=1.5)
 
 
+def test_the_edge_throttle_leaves_a_stable_rate_alone_and_takes_over_at_the_edge():
+    """engage="edge": factor 1 while η·max(Ĉ, floor) ≤ T, where "always" already holds κT/(ηĈ); the
+    trigger reads the latest floor undecayed (a warm-up raising η between floors crosses the edge on
+    it while the decayed Ĉ is still below), and once engaged the rule holds for the rest of the run."""
+    edge, always = (controllers.throttle(constant=2.0, kappa=0.5, decay=0.9, engage=mode) for mode in ("edge", "always"))
+    observation = Observation(lr=0.1, floor=15.0)  # η·λ̂ = 1.5 ≤ T = 2
+    state = edge.update(edge.init(0.1), observation)
+    assert not state.engaged and state.factor == 1.0
+    assert always.update(always.init(0.1), observation).factor == pytest.approx(0.5 * 2.0 / 1.5)
+    state = edge.update(state, Observation(lr=0.13))  # Ĉ 13.5: η·Ĉ = 1.76, η·floor = 1.95
+    assert not state.engaged and state.factor == 1.0
+    state = edge.update(state, Observation(lr=0.14))  # Ĉ 12.15: η·Ĉ = 1.70 ≤ 2, but η·floor = 2.1 > 2
+    assert state.engaged and state.factor == pytest.approx(0.5 * 2.0 / (0.14 * 12.15))
+    state = edge.update(state, Observation(lr=0.12))  # back below the edge (η·Ĉ = 1.31): held all the same
+    assert state.engaged and state.factor == pytest.approx(0.5 * 2.0 / (0.12 * state.curvature)) and state.factor < 1
+    assert controllers.ThrottleState(1.0, 1.0, 3, 2.0).engaged  # a state saved before the flag: the rule held
+    with pytest.raises(BadArgument, match="engage"):
+        controllers.throttle(constant=2.0, engage="sometimes")
+
+
 def test_the_default_kappa_is_the_square_root_of_one_minus_the_momentum():
     from curvdiag.stability import throttle_kappa
     for beta in (0.0, 0.5, 0.9, 0.95):
@@ -275,12 +295,8 @@ def test_the_noise_gain_is_the_rate_the_last_step_put_on_its_newest_gradient():
     assert adam.step_rate == 0.0 and adam._noise_gain() == 0.0  # measured: no gain for the Adam family
 
 
-def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):
-    """Cross-entropy MLP on digits (frozen first layer, SiLU), SGD momentum 0.9 at lr 0.5, where the
-    untouched run trains well: in the noise-dominated late steps the step's correlation with the
-    previous batch's noise (the noise gain) would count as curvature, which grows as the step
-    shrinks; without the gain the factor fell from 1 to 0.06 over 300 steps (mean 0.47, 2.5× the
-    untouched loss), with it the mean stays 0.76 (1.43×)."""
+def _noisy_momentum(tmp_path):
+    """A user's cross-entropy MLP on digits (frozen first layer, SiLU), SGD momentum 0.9 at lr 0.5, 4 batches of 256."""
     recipe = tmp_path / "noisy_momentum.py"
     recipe.write_text(
         "import torch, torch.nn as nn, torch.nn.functional as F\n"
@@ -299,10 +315,63 @@ def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):
         "    return F.cross_entropy(m(b[0]), b[1])\n"
         "def optimizer(params):\n"
         "    return torch.optim.SGD(params, lr=0.5, momentum=0.9)\n")
+    return recipe
+
+
+def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):
+    """Cross-entropy MLP on digits (frozen first layer, SiLU), SGD momentum 0.9 at lr 0.5, where the
+    untouched run trains well: in the noise-dominated late steps the step's correlation with the
+    previous batch's noise (the noise gain) would count as curvature, which grows as the step
+    shrinks; without the gain the factor fell from 1 to 0.06 over 300 steps (mean 0.47, 2.5× the
+    untouched loss), with it the mean stays 0.76 (1.43×). With engage="always": this is the rule's
+    own C_t (the default, "edge", never engages here, next test)."""
+    recipe = _noisy_momentum(tmp_path)
     factors = []
-    Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, controller="throttle", checkpoint_every=0)).run(
+    Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, controller="throttle", checkpoint_every=0,
+                                                                engage="always")).run(
         on_step=lambda record: factors.append(record["throttle"]))
     assert sum(factors) / len(factors) > 0.65, sum(factors) / len(factors)
+
+
+def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
+    """The same user's model at lr 0.5, where η·λmax stays near a quarter of T: the default throttle
+    (engage="edge") measures its floors but never takes over, so the run is the untouched one, while
+    "always" holds it to κ of the edge (1.43× the untouched loss after 300 steps; the engaged rule
+    measured 1.04 / 1.43 / 1.77× at lrs 0.25 / 0.5 / 1, the edge rule 1.00 at all three)."""
+    from curvdiag.curvature.threads import torch_threads
+
+    recipe, records = _noisy_momentum(tmp_path), {}
+    for name, settings in (("none", dict(controller="none")), ("edge", dict(controller="throttle")),
+                           ("always", dict(controller="throttle", engage="always"))):
+        records[name] = []
+        with torch_threads(1):  # on more threads a floor step's graph-keeping backward rounds its sums apart
+            Trainer(str(recipe), None, tmp_path / name, TrainSettings(steps=100, checkpoint_every=0, **settings)).run(
+                on_step=records[name].append)
+    assert [r["loss"] for r in records["edge"]] == pytest.approx([r["loss"] for r in records["none"]], rel=1e-6)
+    assert all(r["throttle"] == 1.0 for r in records["edge"]) and sum("lambda_floor" in r for r in records["edge"]) >= 7
+    assert min(r["throttle"] for r in records["always"]) < 0.9  # the engaged rule holds this run: the test can fail
+
+
+def test_an_edge_throttle_resumed_before_it_engages_engages_where_the_straight_run_did(tmp_path):
+    """A warm-up raises η_t until η_t·Ĉ crosses T at step 17: a run stopped at step 12 keeps "not yet
+    engaged" in its checkpoint, so its resumed steps take the factors of the uninterrupted run."""
+    recipe = tmp_path / "warm_up.py"
+    recipe.write_text(f"import sys\nsys.path.insert(0, {str(RECIPES)!r})\n"
+                      "import torch\nfrom tiny_mlp import data, loss, model  # noqa: F401\n"
+                      "def optimizer(params):\n    return torch.optim.SGD(params, lr=8.0, momentum=0.9)\n"
+                      "def scheduler(optimizer):\n"
+                      "    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / 30))\n")
+    for name, steps in (("straight", 24), ("stopped", 12)):
+        Trainer(str(recipe), None, tmp_path / name, TrainSettings(steps=steps, controller="throttle", checkpoint_every=4)).run()
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", "24", "-q"])
+    assert result.exit_code == 0, result.output
+
+    def records(run_dir):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "stopped")
+    assert [r["throttle"] for r in straight[:12]] == [1.0] * 12 and min(r["throttle"] for r in straight[12:]) < 0.5
+    assert [r["throttle"] for r in resumed] == pytest.approx([r["throttle"] for r in straight], rel=1e-6)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
 
 
 def test_a_floor_that_finds_a_negative_dominant_eigenvalue_estimates_lambda_max_from_the_shifted_operator():

@@ -65,6 +65,13 @@ class HvpMethod(Choice):
     finite_difference = "finite-difference"
 
 
+class ThrottleEngage(Choice):
+    """``curvdiag.train.controllers.ENGAGE_MODES``: when the throttle takes over from the optimizer's rate."""
+
+    edge = "edge"
+    always = "always"
+
+
 class FigureFormat(Choice):
     """File formats of the figures ``plot`` writes."""
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
-from curvdiag.cli.choices import parse_bytes
+from curvdiag.cli.choices import ThrottleEngage, parse_bytes
 from curvdiag.cli.launch import across_processes
 from curvdiag.errors import BadArgument, BadInput
 from curvdiag.train.controllers import CONTROLLERS
@@ -47,6 +47,7 @@ class TrainRequest:
     threads: Optional[int] = None  # None: the default (curvdiag.curvature.threads)
     device: Optional[str] = None  # None: cpu, or with --resume the stopped run's device
     memory: Optional[int] = None  # bytes the kept gradient graphs may take; None: a quarter of the available
+    engage: str = "edge"  # throttle: when it takes over (curvdiag.train.controllers.ENGAGE_MODES)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def new_runs(request: TrainRequest) -> List[PlannedRun]:
         settings = TrainSettings(steps=DEFAULT_STEPS if request.steps is None else request.steps, lr=request.lr,
                                  controller=name, seed=request.seed, sharpness_every=request.sharpness_every,
                                  checkpoint_every=request.checkpoint_every, kappa=request.kappa,
-                                 max_batches=request.max_batches, device=request.device or "cpu", memory=request.memory)
+                                 max_batches=request.max_batches, device=request.device or "cpu", memory=request.memory,
+                                 engage=request.engage)
         run_dir = base / ("baseline" if name == "none" else name) if request.compare else base
         runs.append(PlannedRun(name, run_dir, request.recipe, str(request.checkpoint) if request.checkpoint else None,
                                settings))
@@ -212,6 +214,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Write checkpoints/step_N.pt (and run.json) every K steps, so that a killed run resumes from there; 0 only final.pt.")] = 50,
     kappa: Annotated[Optional[float], typer.Option(
         help="Throttle: the fraction κ of the edge, in (0, 1]; default √(1 − β) for the optimizer's momentum β, × 0.8 when β > 0 (C_t has its batch noise taken out).")] = None,
+    engage: Annotated[ThrottleEngage, typer.Option(parser=ThrottleEngage.parse, help="Throttle: when it takes over. edge: the first step on which the optimizer's own rate would cross the edge (η·λmax > T), then for the rest of the run; a run that trains stably is left alone. always: from the first step, holding κ of the edge (slows a stable run too).")] = ThrottleEngage.edge,
     seed: Annotated[int, typer.Option(help="Seed (model init, data order of shuffling loaders, probes).")] = 0,
     max_batches: Annotated[Optional[int], typer.Option(help="Use only the first N batches of data() per epoch.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
@@ -228,6 +231,7 @@ def train(
     request = TrainRequest(
         recipe=recipe, checkpoint=checkpoint, steps=steps, lr=lr, controller=controller, compare=compare,
         sharpness_every=sharpness_every, checkpoint_every=checkpoint_every, kappa=kappa, seed=seed,
-        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device, memory=memory)
+        max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device, memory=memory,
+        engage=ThrottleEngage.parse(engage).value)
     with across_processes(ctx, nproc, debug, device or _stored_device(resume), dist_timeout):
         run_train(request)

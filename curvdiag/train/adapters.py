@@ -306,8 +306,10 @@ class CurvatureThrottle(ControlledOptimizer):
     """Wraps a torch optimizer with the curvature throttle (DESIGN §3.8)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, kappa: Optional[float] = None, decay: float = 0.95,
-                 constant: Optional[float] = None, reduce: Optional[Reduce] = None):
-        """``kappa`` None: κ = √(1 − β) for the optimizer's momentum β (:func:`curvdiag.stability.throttle_kappa`)."""
+                 constant: Optional[float] = None, reduce: Optional[Reduce] = None, engage: str = "edge"):
+        """``kappa`` None: κ = √(1 − β) for the optimizer's momentum β (:func:`curvdiag.stability.throttle_kappa`);
+        ``engage``: "edge" leaves the optimizer's rate alone until η·λ̂ first exceeds T, "always" holds
+        κ of the edge from the first step (:data:`curvdiag.train.controllers.ENGAGE_MODES`)."""
         info = optimizer_state.from_optimizer(optimizer)
         if constant is None and info.family is not None:
             constant = stability_constant(info.family, info.momentum, info.betas[0] if info.betas else 0.9)
@@ -315,7 +317,7 @@ class CurvatureThrottle(ControlledOptimizer):
             raise BadArgument("constant", None, f"no stability threshold known for {type(optimizer).__name__}",
                               hint="pass constant=T")
         self.constant, self.kappa, self.decay = constant, throttle_kappa(info.beta) if kappa is None else kappa, decay
-        super().__init__(optimizer, controllers.throttle(constant, self.kappa, decay), reduce)
+        super().__init__(optimizer, controllers.throttle(constant, self.kappa, decay, engage=engage), reduce)
 
     def step(self, closure: Optional[Closure] = None) -> Optional[torch.Tensor]:
         return super().step(closure)

@@ -33,7 +33,9 @@ last step need not point along the sharpest direction), which enters Ĉ on the s
 (floor_t; no floor on the other steps) and, where C_t may carry noise, caps C_t at twice the latest
 one (:data:`NOISE_CAP`: above it, C_t is batch noise; `curvdiag train` takes the batch noise out of
 C_t and counts it whole on the steps whose observation is ``noise_free``: a noise sample taken, no
-dropout drawn).
+dropout drawn). With ``engage="edge"`` (`curvdiag train`'s default, :data:`ENGAGE_MODES`) s_t = 1 until
+the first step with η_t·max(Ĉ_t, floor) > T, where the optimizer's own rate reaches the edge, and
+the rule above from then on: a run that is stable at its own rate is left as it is.
 
 Newton-like learning rate (seed 001, after Retsinas et al. 2023): with the lookahead
 θ' = θ_t − α_t ω_t on the same batch, c0 = ⟨∇L(θ_t), ω_t⟩, c1 = ⟨∇L(θ'), ω_t⟩,
@@ -172,20 +174,46 @@ CATAPULT_START = 3.0
 CATAPULT_STEPS = 50
 
 
+# When the throttle takes over (``engage``): "edge", the first step on which the optimizer's own rate
+# reaches the edge, η_t·max(Ĉ_t, floor) > T, then for the rest of the run; "always", from the first
+# step (a stable run's rate is held to κ of the edge too). With momentum or Adam κ is well below 1, so
+# "always" slows runs that train well at their own rate: a user's ResNet (BatchNorm, SGD momentum 0.9
+# at lr 0.1, its λmax floors up to 0.87·T/η) ended its last epoch 10× the untouched run's loss, a
+# user's cross-entropy MLP at lrs 0.25 / 0.5 / 1 (η·λmax/T up to 0.53) 1.04 / 1.43 / 1.77×, the
+# transformer at lr 0.002 1.17× (geometric mean of seeds 0–4); with "edge" all of them 1.00 but the
+# transformer, 1.05. A run that starts above the edge (every failing-lr case of bench_peers) is
+# engaged within its first steps, so those runs are unchanged (seeds 0–19, both starts: MLP cases 2 of
+# 80 and 8 of 80 above 1.5× the tuned loss, as before). The trigger takes the latest floor undecayed:
+# with the decayed Ĉ alone the schedule case's warm-up (η_t rising between floors) crossed the edge
+# unthrottled, from its checkpoint to 82× the tuned loss; and Ĉ too, whose C_t sees every step: with
+# the floor alone the schedule at peak lr 10 from initialisation ended 77× the tuned loss (0.60 with
+# Ĉ; the fixed lr diverges), momentum at lr 3 2.03× (1.68). What "edge" gives up: a run whose own rate
+# sits below the edge at first and crosses it later, as its sharpness rises, is caught at the crossing
+# instead of held below it from the start (bench_throttle_seeds.py's lr grids, worst of seeds 0–2 ÷
+# the tuned loss, "always" → "edge", the fixed lr's own beside: momentum at lr 3 / 5 from
+# initialisation 1.26 / 1.17 → 1.68 / 1.68 (fixed 2.03 / diverged), from the checkpoint at lr 5 1.12
+# → 1.70 (280); the schedule at peak lr 5 from initialisation 0.84 → 38 (89): never worse than the
+# untouched run there, but no longer a tuner).
+ENGAGE_MODES = ("edge", "always")
+
+
 class ThrottleState(NamedTuple):
     curvature: float  # Ĉ, the smoothed curvature (0 before any measurement)
     factor: float  # s, the factor for this step
     steps: int
     floor: float = math.inf  # the latest positive floor (a λmax estimate); C_t counts up to NOISE_CAP × it
+    engaged: bool = True  # the rule holds; False: factor 1 until η·max(Ĉ, floor) first exceeds T (ENGAGE_MODES)
 
 
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
-             momentum: float = 0.0, catapult_steps: int = 0) -> Controller:
+             momentum: float = 0.0, catapult_steps: int = 0, engage: str = "always") -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
     κ = √(1 − ``momentum``); C_t counts up to :data:`NOISE_CAP` × the latest floor, and whole on a
     step whose observation says it is ``noise_free``. With ``catapult_steps`` = K > 0 the fraction starts at
     :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
-    κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights)."""
+    κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights).
+    ``engage`` (:data:`ENGAGE_MODES`): "always" applies the rule from the first step; "edge" keeps
+    the factor at 1 until the first step with η_t·max(Ĉ_t, floor) > T, and applies it from there on."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")
@@ -196,6 +224,8 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     _check_range("decay", decay, 0.0, 1.0, closed_low=True)
     if not isinstance(catapult_steps, int) or catapult_steps < 0:
         raise BadArgument("catapult_steps", catapult_steps, "must be an integer ≥ 0")
+    if engage not in ENGAGE_MODES:
+        raise BadArgument("engage", engage, f"must be one of {', '.join(ENGAGE_MODES)}")
 
     def update(state: ThrottleState, observation: Observation) -> ThrottleState:
         smoothed, floor = decay * state.curvature, state.floor
@@ -209,10 +239,14 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
         fraction = kappa
         if catapult_steps:
             fraction *= 1.0 + (CATAPULT_START - 1.0) * max(0.0, 1.0 - state.steps / catapult_steps)
-        factor = 1.0 if smoothed <= 0.0 or lr <= 0.0 else min(1.0, fraction * constant / (lr * smoothed))
-        return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor)
+        engaged = state.engaged or lr * max(smoothed, floor if math.isfinite(floor) else 0.0) > constant
+        factor = 1.0 if not engaged or smoothed <= 0.0 or lr <= 0.0 else min(1.0, fraction * constant / (lr * smoothed))
+        return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor, engaged=engaged)
 
-    return Controller(init=lambda lr: ThrottleState(curvature=0.0, factor=1.0, steps=0), update=update,
+    def init(lr: float) -> ThrottleState:
+        return ThrottleState(curvature=0.0, factor=1.0, steps=0, engaged=engage == "always")
+
+    return Controller(init=init, update=update,
                       observes=frozenset({"curvature", "floor"}))
 
 
@@ -293,7 +327,7 @@ def hyperparameters_of(builder: Callable[..., Controller]) -> FrozenSet[str]:
 
 def configured(builder: Callable[..., Controller], **offered: Any) -> Controller:
     """The controller built with those of the ``offered`` hyperparameters its builder takes (a
-    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``catapult_steps``, ``decay``,
-    ``max_norm``, ``gamma``)."""
+    run offers all it has: ``constant``, ``momentum``, ``kappa``, ``catapult_steps``, ``engage``,
+    ``decay``, ``max_norm``, ``gamma``)."""
     taken = hyperparameters_of(builder)
     return builder(**{key: value for key, value in offered.items() if key in taken})

@@ -122,6 +122,7 @@ class TrainSettings:
     floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
     same_batch_curvature: bool = False  # throttle: C_t on the step's own batch (one more forward and backward)
     catapult_steps: Optional[int] = None  # throttle: the fraction falls from 3κ to κ over these first steps; None: 50 with a checkpoint, else 0
+    engage: str = "edge"  # throttle: "edge", from the first step whose η·λ̂ exceeds T; "always", from the first step (controllers.ENGAGE_MODES)
     clip_norm: float = 1.0
     newton_gamma: float = 1e-3
     max_batches: Optional[int] = None
@@ -149,6 +150,8 @@ def check_settings(settings: TrainSettings) -> None:
     if settings.catapult_steps is not None and not (isinstance(settings.catapult_steps, int) and settings.catapult_steps >= 0):
         raise BadArgument("catapult_steps", settings.catapult_steps, "must be an integer ≥ 0")
     check_memory(settings.memory)
+    if settings.engage not in controllers.ENGAGE_MODES:
+        raise BadArgument("engage", settings.engage, f"must be one of {', '.join(controllers.ENGAGE_MODES)}")
     if settings.kappa is not None and not (isinstance(settings.kappa, (int, float)) and 0 < settings.kappa <= 1):
         raise BadArgument("kappa", settings.kappa, "must lie in (0, 1]")
     for name in ("divergence_factor", "decay", "floor_jump", "floor_jump_decay", "clip_norm", "newton_gamma"):
@@ -455,7 +458,7 @@ class Trainer:
         if kappa is None and info.beta > 0 and not settings.same_batch_curvature:  # C_t without the batch noise
             kappa = NOISE_FREE_KAPPA * throttle_kappa(info.beta)
         self.controller = controllers.configured(builder, constant=self.constant, momentum=info.beta, kappa=kappa,
-                                                 catapult_steps=settings.catapult_steps,
+                                                 catapult_steps=settings.catapult_steps, engage=settings.engage,
                                                  decay=settings.decay, max_norm=settings.clip_norm,
                                                  gamma=settings.newton_gamma)
         self.replicas = DataParallel(self.model, self.recipe, settings.max_batches, self.device)

@@ -463,7 +463,8 @@ class Monitor:
             save_state(self._state(m.step + 1), path)
             LOGGER.warning(f"step {m.step}: saved {path} (curvdiag probe RECIPE --checkpoint {path})")
         if "throttle" in self.actions and self.throttle is None:
-            self.throttle = CurvatureThrottle(self.optimizer, kappa=self.kappa, constant=self.constant)
+            # The monitor engages it on its own crossing: the rule holds from here on.
+            self.throttle = CurvatureThrottle(self.optimizer, kappa=self.kappa, constant=self.constant, engage="always")
             LOGGER.warning(f"step {m.step}: curvature throttle engaged (κ = {self.throttle.kappa:.2g}) for the rest of the run")
 
     def _state(self, step: int) -> Dict[str, Any]:
