@@ -177,11 +177,11 @@ CATAPULT_STEPS = 50
 # When the throttle takes over (``engage``): "edge", the first step on which the optimizer's own rate
 # reaches the edge, η_t·max(Ĉ_t, floor) > T, then for the rest of the run; "always", from the first
 # step (a stable run's rate is held to κ of the edge too). With momentum or Adam κ is well below 1, so
-# "always" slows runs that train well at their own rate: a user's ResNet (BatchNorm, SGD momentum 0.9
-# at lr 0.1, its λmax floors up to 0.87·T/η) ended its last epoch 10× the untouched run's loss, a
-# user's cross-entropy MLP at lrs 0.25 / 0.5 / 1 (η·λmax/T up to 0.53) 1.04 / 1.43 / 1.77×, the
-# transformer at lr 0.002 1.17× (geometric mean of seeds 0–4); with "edge" all of them 1.00 but the
-# transformer, 1.05. A run that starts above the edge (every failing-lr case of bench_peers) is
+# "always" slows runs that train well at their own rate (benchmarks/bench_user_models.py): a user's
+# ResNet (BatchNorm, SGD momentum 0.9 at lr 0.1, its λmax floors up to 0.87·T/η) ended at 14× the
+# untouched run's loss (its own chaos, lr × 1.001: 2.0×), a user's cross-entropy MLP at lrs 0.25 /
+# 0.5 / 1 (η·λmax/T up to 0.53) 1.04 / 1.43 / 1.77×, the transformer at lr 0.002 1.17× (geometric
+# mean of seeds 0–4); with "edge" all of them 1.00 but the transformer, 1.05. A run that starts above the edge (every failing-lr case of bench_peers) is
 # engaged within its first steps, so those runs are unchanged (seeds 0–19, both starts: MLP cases 2 of
 # 80 and 8 of 80 above 1.5× the tuned loss, as before). The trigger takes the latest floor undecayed:
 # with the decayed Ĉ alone the schedule case's warm-up (η_t rising between floors) crossed the edge
