@@ -217,13 +217,18 @@ def recipe_optimizer(start: Start) -> Callable[[List[torch.nn.Parameter]], Any]:
     return recipe.optimizer
 
 
+# When the throttle takes over (TrainSettings.engage): the default, or "always" to measure the rule
+# applied from the first step (bench_throttle_seeds.py ... --engage always).
+ENGAGE = TrainSettings().engage
+
+
 def trainer_run(start: Start, controller: str, steps: int, lr: float, out: Path) -> Dict[str, Any]:
-    """``Trainer`` as ``curvdiag train`` runs it (defaults of TrainSettings but lr and controller);
-    the final loss on all of data() at final.pt. A run that raises is a result, not fatal."""
+    """``Trainer`` as ``curvdiag train`` runs it (defaults of TrainSettings but lr, controller and
+    :data:`ENGAGE`); the final loss on all of data() at final.pt. A run that raises is a result, not fatal."""
     records: List[Dict[str, Any]] = []
     try:
         trainer = Trainer(start.recipe_path, start.checkpoint, out,
-                          TrainSettings(steps=steps, lr=lr, controller=controller, checkpoint_every=0))
+                          TrainSettings(steps=steps, lr=lr, controller=controller, checkpoint_every=0, engage=ENGAGE))
         summary = trainer.run(on_step=records.append)
     except Exception as exc:  # noqa: BLE001 -- a controller failing on a case is a result
         message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""

@@ -6,8 +6,8 @@ seed's number.
 Run one case per process: python benchmarks/bench_throttle_seeds.py gd|mom|adam|sched|tf [init|checkpoint] [A-B]
 (about 20–40 s per MLP case and start, ~5 min for the transformer `tf`; prints one line per seed, then median, maximum and the count
 above 1.5). Seeds 0–9 by default: those chose the rule, so ``10-19`` runs held-out seeds, where a change
-is judged without the selection's bias (today's rule: 2 of 80 MLP runs above 1.5 on seeds 0–9, 6 of 80
-on seeds 10–19). With ``lrs`` instead of a start (``... gd lrs``), the throttle runs at every lr of
+is judged without the selection's bias (today's rule: 2 of 80 MLP runs above 1.5 on seeds 0–9, 8 of 80
+on seeds 10–19). ``--engage always`` (anywhere) runs the throttle with the rule from its first step. With ``lrs`` instead of a start (``... gd lrs``), the throttle runs at every lr of
 bench_peers' 7-point grid, seeds 0–2, both starts, and each worst ratio is printed beside the fixed
 lr's own, against the grid's best in ``benchmarks/peers_results.json``: what a user who does not tune
 gets at whatever lr they pick. With ``safe`` (``... mom safe``), seeds 0–4 from both starts at a
@@ -114,6 +114,10 @@ def _geometric_mean(values: list) -> float:
 
 
 def main() -> None:
+    if "--engage" in sys.argv:  # --engage always: the rule from the first step (default: TrainSettings')
+        at = sys.argv.index("--engage")
+        bench_peers.ENGAGE = sys.argv[at + 1]
+        del sys.argv[at:at + 2]
     name = sys.argv[1]
     case = next(c for c in bench_peers.CASES if c.name == CASES[name])
     if sys.argv[2:] == ["lrs"]:

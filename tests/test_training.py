@@ -208,10 +208,11 @@ def data():
     return stream()
 """)
     factors = []
-    trainer = Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, lr=1.0, controller="throttle"))
+    trainer = Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, lr=1.0, controller="throttle",
+                                                                       engage="always"))
     trainer.run(on_step=lambda record: factors.append(record["throttle"]))
     assert trainer._batch_noise.value is None  # never sampled: the stream looks like one batch
-    assert min(factors) > 0.01, min(factors)  # held at κT/(η·2·floor) ≈ 0.03 at worst; without the cap 5e-31
+    assert 0.01 < min(factors) < 1, min(factors)  # held at κT/(η·2·floor) ≈ 0.03 at worst; without the cap 5e-31
 
 
 def test_the_consecutive_curvature_counts_only_what_exceeds_the_batch_noise():
@@ -340,16 +341,38 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
     measured 1.04 / 1.43 / 1.77× at lrs 0.25 / 0.5 / 1, the edge rule 1.00 at all three)."""
     from curvdiag.curvature.threads import torch_threads
 
-    recipe, records = _noisy_momentum(tmp_path), {}
+    from rich.console import Console
+
+    from curvdiag.report.runs import render_comparison
+
+    recipe, records, summaries = _noisy_momentum(tmp_path), {}, []
     for name, settings in (("none", dict(controller="none")), ("edge", dict(controller="throttle")),
                            ("always", dict(controller="throttle", engage="always"))):
         records[name] = []
         with torch_threads(1):  # on more threads a floor step's graph-keeping backward rounds its sums apart
-            Trainer(str(recipe), None, tmp_path / name, TrainSettings(steps=100, checkpoint_every=0, **settings)).run(
-                on_step=records[name].append)
+            summaries.append((settings["controller"], tmp_path / name, Trainer(
+                str(recipe), None, tmp_path / name, TrainSettings(steps=100, checkpoint_every=0, **settings)).run(
+                on_step=records[name].append)))
     assert [r["loss"] for r in records["edge"]] == pytest.approx([r["loss"] for r in records["none"]], rel=1e-6)
     assert all(r["throttle"] == 1.0 for r in records["edge"]) and sum("lambda_floor" in r for r in records["edge"]) >= 7
     assert min(r["throttle"] for r in records["always"]) < 0.9  # the engaged rule holds this run: the test can fail
+    held = [summary.first_held_step for _, _, summary in summaries]
+    assert held[:2] == [None, None] and held[2] == next(r["step"] for r in records["always"] if r["throttle"] < 1)
+    console = Console(record=True, width=80)
+    render_comparison(summaries, console)  # the table says whether and where the throttle held the rate
+    text = " ".join(console.export_text().split())
+    assert "throttle: never held the learning rate: the run's own rate stayed below the edge" in text
+    assert f"throttle: held the learning rate from step {held[2]}" in text
+
+
+def test_settings_stored_before_engage_existed_keep_the_throttle_held_from_the_first_step():
+    """A run.json written before --engage: its throttle held from the first step, and a resume must
+    not switch it to "edge" (its checkpointed state, 4 fields, reads engaged=True likewise)."""
+    from curvdiag.train.loop import _settings_from
+
+    old = {"steps": 10, "controller": "throttle", "lr": 0.5}
+    assert _settings_from(old, "run.json").engage == "always"
+    assert _settings_from({**old, "engage": "edge"}, "run.json").engage == "edge"
 
 
 def test_an_edge_throttle_resumed_before_it_engages_engages_where_the_straight_run_did(tmp_path):
@@ -369,7 +392,7 @@ def test_an_edge_throttle_resumed_before_it_engages_engages_where_the_straight_r
     def records(run_dir):
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "stopped")
-    assert [r["throttle"] for r in straight[:12]] == [1.0] * 12 and min(r["throttle"] for r in straight[12:]) < 0.5
+    assert [r["throttle"] for r in straight[:17]] == [1.0] * 17 and min(r["throttle"] for r in straight[17:]) < 0.5
     assert [r["throttle"] for r in resumed] == pytest.approx([r["throttle"] for r in straight], rel=1e-6)
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
 

@@ -36,5 +36,17 @@ def render_comparison(runs: List[Tuple[str, Path, RunSummary]], console: Console
             _g(s.seconds_per_step, 3, scale=1000), _g(s.extra_hvps_per_step, 2),
         )
     console.print(table)
+    for name, (_, _, s) in zip(names, runs):
+        if s.controller == "throttle":
+            console.print(Text(f"{name}: {_held(s)}"), soft_wrap=True)
     for name, (_, where, _) in zip(names, runs):  # a user's path is text, never markup
         console.print(Text(f"{name}: {where}"), soft_wrap=True)
+
+
+def _held(summary: RunSummary) -> str:
+    """When the throttle first held the learning rate, or that it never did (and why, at --engage edge)."""
+    if summary.first_held_step is not None:
+        return f"held the learning rate from step {summary.first_held_step}"
+    if summary.settings.get("engage") == "edge":
+        return "never held the learning rate: the run's own rate stayed below the edge (η·λmax ≤ T)"
+    return "never held the learning rate"

@@ -54,6 +54,8 @@ class RunSummary:
     # λmax at the starting weights, before step 0's update (with --sharpness-every): the one value
     # that runs started from the same checkpoint share (the step records' λmax follow each update)
     lambda_max_at_start: Optional[float] = None
+    # The first step whose controller factor was below 1 (the throttle held the rate there); None: never
+    first_held_step: Optional[int] = None
 
 
 @dataclass

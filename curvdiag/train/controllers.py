@@ -181,9 +181,11 @@ CATAPULT_STEPS = 50
 # ResNet (BatchNorm, SGD momentum 0.9 at lr 0.1, its λmax floors up to 0.87·T/η) ended at 14× the
 # untouched run's loss (its own chaos, lr × 1.001: 2.0×), a user's cross-entropy MLP at lrs 0.25 /
 # 0.5 / 1 (η·λmax/T up to 0.53) 1.04 / 1.43 / 1.77×, the transformer at lr 0.002 1.17× (geometric
-# mean of seeds 0–4); with "edge" all of them 1.00 but the transformer, 1.05. A run that starts above the edge (every failing-lr case of bench_peers) is
-# engaged within its first steps, so those runs are unchanged (seeds 0–19, both starts: MLP cases 2 of
-# 80 and 8 of 80 above 1.5× the tuned loss, as before). The trigger takes the latest floor undecayed:
+# mean of seeds 0–4); with "edge" all of them 1.00 but the transformer, 1.05. A run that starts above
+# the edge (every failing-lr case of bench_peers) is engaged within its first steps, so those runs are
+# unchanged but the schedule case's, whose warm-up reaches the edge a few steps in and whose runs moved
+# within their chaos (seeds 0–19, both starts: MLP cases 2 of 80 and 8 of 80 above 1.5× the tuned
+# loss, as before). The trigger takes the latest floor undecayed:
 # with the decayed Ĉ alone the schedule case's warm-up (η_t rising between floors) crossed the edge
 # unthrottled, from its checkpoint to 82× the tuned loss; and Ĉ too, whose C_t sees every step: with
 # the floor alone the schedule at peak lr 10 from initialisation ended 77× the tuned loss (0.60 with
@@ -212,8 +214,10 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
     step whose observation says it is ``noise_free``. With ``catapult_steps`` = K > 0 the fraction starts at
     :data:`CATAPULT_START`·κ, across the edge, and falls linearly to κ over the first K updates:
     κ_t = κ·(1 + (CATAPULT_START − 1)·max(0, 1 − t/K)) (a run restarted from trained weights).
-    ``engage`` (:data:`ENGAGE_MODES`): "always" applies the rule from the first step; "edge" keeps
-    the factor at 1 until the first step with η_t·max(Ĉ_t, floor) > T, and applies it from there on."""
+    ``engage`` (:data:`ENGAGE_MODES`): "always" applies the rule from the first step (the builder's
+    default: the rule as DESIGN §3.8 states it); "edge" (the default of `curvdiag train` and of
+    :class:`~curvdiag.train.adapters.CurvatureThrottle`) keeps the factor at 1 until the first step
+    with η_t·max(Ĉ_t, floor) > T, and applies the rule from there on."""
     if constant is None or not (math.isfinite(constant) and constant > 0):
         raise BadArgument("constant", constant, "the throttle needs a known, positive stability threshold T",
                           hint="use an SGD or Adam-family optimizer, or another controller (newton, clip)")

@@ -210,6 +210,8 @@ def _settings_from(document: Any, source: str) -> TrainSettings:
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise BadInput(f"{source}: malformed setting {name}={value!r}")
         values[name] = value
+    if "engage" not in document:  # a run of a version before --engage: its throttle held from the first step
+        values["engage"] = "always"
     settings = TrainSettings(**values)
     try:
         check_settings(settings)
@@ -912,6 +914,8 @@ class Trainer:
             in_progress=in_progress,
             save_failures=list(progress.save_failures),
             lambda_max_at_start=self._start_lambda,
+            first_held_step=next((step for step, factor in enumerate(progress.factors)
+                                  if factor is not None and factor < 1.0), None),
         )
 
     def _lambda_max_at_start(self) -> Optional[float]:
