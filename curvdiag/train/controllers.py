@@ -185,11 +185,11 @@ CATAPULT_STEPS = 50
 # the edge (every failing-lr case of bench_peers) is engaged within its first steps, so those runs are
 # unchanged but the schedule case's, whose warm-up reaches the edge a few steps in and whose runs moved
 # within their chaos (seeds 0–19, both starts: MLP cases 2 of 80 and 8 of 80 above 1.5× the tuned
-# loss, as before). The trigger takes the latest floor undecayed:
-# with the decayed Ĉ alone the schedule case's warm-up (η_t rising between floors) crossed the edge
-# unthrottled, from its checkpoint to 82× the tuned loss; and Ĉ too, whose C_t sees every step: with
-# the floor alone the schedule at peak lr 10 from initialisation ended 77× the tuned loss (0.60 with
-# Ĉ; the fixed lr diverges), momentum at lr 3 2.03× (1.68). What "edge" gives up: a run whose own rate
+# loss, as before). The trigger takes the latest floor undecayed: with the decayed Ĉ alone the
+# schedule case's warm-up (η_t rising between floors) crossed the edge unthrottled, from its
+# checkpoint to 82× the tuned loss; and Ĉ too, whose C_t sees every step: with the floor alone the
+# schedule at peak lr 10 from initialisation ended 77× the tuned loss (0.60 with Ĉ; the fixed lr
+# diverges), momentum at lr 3 2.03× (1.68). What "edge" gives up: a run whose own rate
 # sits below the edge at first and crosses it later, as its sharpness rises, is caught at the crossing
 # instead of held below it from the start (bench_throttle_seeds.py's lr grids, worst of seeds 0–2 ÷
 # the tuned loss, "always" → "edge", the fixed lr's own beside: momentum at lr 3 / 5 from
