@@ -94,6 +94,8 @@ CASES = {
     "probe_nan_beta_from_the_recipe": (lambda f: ["probe", str(f["nan_beta"])], "betas[0]=nan"),
     "train_lr_inf": (lambda f: _train(f, TINY, "--lr", "inf"), "--lr inf: must be a positive finite number"),
     "train_lr_nan": (lambda f: _train(f, TINY, "--lr", "nan"), "--lr nan: must be a positive finite number"),
+    "train_engage_unknown": (lambda f: _train(f, TINY, "--controller", "throttle", "--engage", "sometimes"),
+                             "--engage sometimes: unknown"),
     "probe_lr_inf": (lambda f: ["probe", TINY, "--lr", "inf"], "--lr inf: the learning rate must be a positive finite"),
     "train_lr_1e308_with_newton": (lambda f: _train(f, TINY, "--lr", "1e308", "--controller", "newton"),
                                    "the update overflows"),
