@@ -349,10 +349,12 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
     for name, settings in (("none", dict(controller="none")), ("edge", dict(controller="throttle")),
                            ("always", dict(controller="throttle", engage="always"))):
         records[name] = []
+        trainer = Trainer(str(recipe), None, tmp_path / name, TrainSettings(steps=100, checkpoint_every=0, **settings))
         with torch_threads(1):  # on more threads a floor step's graph-keeping backward rounds its sums apart
-            summaries.append((settings["controller"], tmp_path / name, Trainer(
-                str(recipe), None, tmp_path / name, TrainSettings(steps=100, checkpoint_every=0, **settings)).run(
-                on_step=records[name].append)))
+            summaries.append((settings["controller"], tmp_path / name, trainer.run(on_step=records[name].append)))
+        if name != "none":  # 2 products a floor, but 1 after the first 3 steps while the throttle only watches
+            floors = sum("lambda_floor" in r for r in records[name])
+            assert trainer._loop[2].hvps == (2 * 3 + (floors - 3) * (1 if name == "edge" else 2))
     assert [r["loss"] for r in records["edge"]] == pytest.approx([r["loss"] for r in records["none"]], rel=1e-6)
     assert all(r["throttle"] == 1.0 for r in records["edge"]) and sum("lambda_floor" in r for r in records["edge"]) >= 7
     assert min(r["throttle"] for r in records["always"]) < 0.9  # the engaged rule holds this run: the test can fail

@@ -194,7 +194,8 @@ CATAPULT_STEPS = 50
 # instead of held below it from the start (bench_throttle_seeds.py's lr grids, worst of seeds 0–2 ÷
 # the tuned loss, "always" → "edge", the fixed lr's own beside: momentum at lr 3 / 5 from
 # initialisation 1.26 / 1.17 → 1.68 / 1.68 (fixed 2.03 / diverged), from the checkpoint at lr 5 1.12
-# → 1.70 (280); the schedule at peak lr 5 from initialisation 0.84 → 38 (89): never worse than the
+# → 1.70 (280); the schedule at peak lr 5 from initialisation 0.84 → 77 (89; 38 with the floor's 2
+# products also while it only watches, loop.WATCH_PRODUCTS): never worse than the
 # untouched run there, but no longer a tuner).
 ENGAGE_MODES = ("edge", "always")
 

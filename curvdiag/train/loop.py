@@ -79,6 +79,17 @@ DEFAULT_CHECKPOINT_EVERY = 50
 # 0.19 (the runs above 1.5 are GD from initialisation but that one).
 FLOOR_REST = 10
 
+# Products a floor makes while the throttle has not taken over (engage="edge", after the first 3
+# steps, from the previous floor's vector): there the floor only watches for the edge, 2 once engaged.
+# One run of bench_controller_overhead.py (5 repeats, the tuned lrs, where no case engages): Adam
+# 1.27 → 1.16× a plain run, the transformer 1.31 → 1.21×, 0.14 → 0.08 HVPs a step (the transformer
+# at lr 0.002: 0.12 → 0.07). Every result of the failing lrs (seeds 0–19 of the MLP cases, 0–9 of the
+# transformer, both starts) and of the safe lrs (seeds 0–4) came out the same (GD at its safe lr
+# 1.025 → 1.022); on the lr grids the schedule at peak 5 from initialisation, a late crossing, ended
+# 77× the tuned loss against 38× (the fixed run 89×), from the checkpoint 0.779 → 0.765, the
+# transformer at 0.02 from initialisation 1.14 → 1.44× (fixed 1.06×), every other cell the same. One product on every floor, engaged too, had 28 of 80 runs above 1.5 (_PowerFloor).
+WATCH_PRODUCTS = 1
+
 # The batch noise's average over floors: each new sample weighs 1 − NOISE_WEIGHT (one pair of batches
 # is one draw of a noisy quantity; the noise level moves slowly over training).
 NOISE_WEIGHT = 0.5
@@ -313,8 +324,9 @@ class _PowerFloor:
         self.hvps = 0
         self.last_step: Optional[int] = None  # the step of the latest estimate
 
-    def estimate(self, operator: Any, gradient: torch.Tensor) -> float:
-        """λmax estimate of ``operator``; ``gradient`` (n,) is the step's gradient in its metric.
+    def estimate(self, operator: Any, gradient: torch.Tensor, products: int = 2) -> float:
+        """λmax estimate of ``operator`` from ``products`` products (2; :data:`WATCH_PRODUCTS` while
+        the throttle only watches for the edge); ``gradient`` (n,) is the step's gradient in its metric.
         When the 2 products find a negative dominant eigenvalue θ, 2 more on H − θI from the
         gradient estimate λmax − θ, whose eigenvalue dominates there when θ is near λmin (before,
         the shifted run started from a random vector with the one product left: its Rayleigh
@@ -323,7 +335,7 @@ class _PowerFloor:
         floors)."""
         has_gradient = bool(gradient.any())
         start = self.vector if self.vector is not None else (gradient if has_gradient else None)
-        result = power_iteration(operator, top_k=1, max_matvecs=2, seed=self.seed, start=start, shift_negative=False)
+        result = power_iteration(operator, top_k=1, max_matvecs=products, seed=self.seed, start=start, shift_negative=False)
         self.hvps += result.matvecs
         value, self.vector = result.eigenvalues[0], result.eigenvectors[0]
         if value < 0:
@@ -804,11 +816,13 @@ class Trainer:
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
         op = self._operator("floor", [batch], [size], first_batch_graph=graph)
         gradient = op.flatten(grads)
+        watching = not getattr(controlled.state, "engaged", True) and progress.step >= 3 and floor.vector is not None
+        products = WATCH_PRODUCTS if watching else 2
         if preconditioner is None:
-            controlled.floor = floor.estimate(op, gradient)
+            controlled.floor = floor.estimate(op, gradient, products)
         else:  # in P^{-1/2} H P^{-1/2}'s coordinates the gradient is P^{-1/2} g
             diagonal = op.flatten(preconditioner)
-            controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt())
+            controlled.floor = floor.estimate(preconditioned_operator(op, diagonal), gradient * diagonal.rsqrt(), products)
         return controlled.floor
 
     def _gradients(self) -> List[torch.Tensor]:
