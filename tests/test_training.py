@@ -17,9 +17,11 @@ from curvdiag.train.adapters import ControlledOptimizer, CurvatureThrottle, Newt
 from curvdiag.train.controllers import Lookahead, Observation
 from curvdiag.cli.app import app
 from curvdiag.train.loop import Trainer, TrainSettings
-from conftest import RECIPES, SAMPLES, quadratic_spectrum
+from conftest import RECIPES, ROOT, SAMPLES, quadratic_spectrum
 
 TINY = str(RECIPES / "tiny_mlp.py")
+# A user's cross-entropy MLP (SGD momentum 0.9 at lr 0.5, stable at its own rate), as bench_user_models runs it.
+USER_MLP = ROOT / "benchmarks" / "user_models" / "ce_mlp_digits.py"
 
 
 class QuadraticModel(torch.nn.Module):
@@ -296,29 +298,6 @@ def test_the_noise_gain_is_the_rate_the_last_step_put_on_its_newest_gradient():
     assert adam.step_rate == 0.0 and adam._noise_gain() == 0.0  # measured: no gain for the Adam family
 
 
-def _noisy_momentum(tmp_path):
-    """A user's cross-entropy MLP on digits (frozen first layer, SiLU), SGD momentum 0.9 at lr 0.5, 4 batches of 256."""
-    recipe = tmp_path / "noisy_momentum.py"
-    recipe.write_text(
-        "import torch, torch.nn as nn, torch.nn.functional as F\n"
-        "from sklearn.datasets import load_digits\n"
-        "def model():\n"
-        "    torch.manual_seed(0)\n"
-        "    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 10))\n"
-        "    m[0].requires_grad_(False)\n"
-        "    return m\n"
-        "def data():\n"
-        "    d = load_digits()\n"
-        "    x = torch.tensor(d.data[:1024], dtype=torch.float32) / 16\n"
-        "    y = torch.tensor(d.target[:1024])\n"
-        "    return [(x[i:i + 256], y[i:i + 256]) for i in range(0, 1024, 256)]\n"
-        "def loss(m, b):\n"
-        "    return F.cross_entropy(m(b[0]), b[1])\n"
-        "def optimizer(params):\n"
-        "    return torch.optim.SGD(params, lr=0.5, momentum=0.9)\n")
-    return recipe
-
-
 def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):
     """Cross-entropy MLP on digits (frozen first layer, SiLU), SGD momentum 0.9 at lr 0.5, where the
     untouched run trains well: in the noise-dominated late steps the step's correlation with the
@@ -326,7 +305,7 @@ def test_a_safe_rate_on_noisy_mini_batches_keeps_its_factor(tmp_path):
     shrinks; without the gain the factor fell from 1 to 0.06 over 300 steps (mean 0.47, 2.5× the
     untouched loss), with it the mean stays 0.76 (1.43×). With engage="always": this is the rule's
     own C_t (the default, "edge", never engages here, next test)."""
-    recipe = _noisy_momentum(tmp_path)
+    recipe = USER_MLP
     factors = []
     Trainer(str(recipe), None, tmp_path / "run", TrainSettings(steps=300, controller="throttle", checkpoint_every=0,
                                                                 engage="always")).run(
@@ -345,7 +324,7 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
 
     from curvdiag.report.runs import render_comparison
 
-    recipe, records, summaries = _noisy_momentum(tmp_path), {}, []
+    recipe, records, summaries = USER_MLP, {}, []
     for name, settings in (("none", dict(controller="none")), ("edge", dict(controller="throttle")),
                            ("always", dict(controller="throttle", engage="always"))):
         records[name] = []

@@ -232,6 +232,6 @@ def train(
         recipe=recipe, checkpoint=checkpoint, steps=steps, lr=lr, controller=controller, compare=compare,
         sharpness_every=sharpness_every, checkpoint_every=checkpoint_every, kappa=kappa, seed=seed,
         max_batches=max_batches, out=out, resume=resume, quiet=quiet, threads=threads, device=device, memory=memory,
-        engage=ThrottleEngage.parse(engage).value)
+        engage=engage.value)
     with across_processes(ctx, nproc, debug, device or _stored_device(resume), dist_timeout):
         run_train(request)

@@ -87,7 +87,8 @@ FLOOR_REST = 10
 # transformer, both starts) and of the safe lrs (seeds 0–4) came out the same (GD at its safe lr
 # 1.025 → 1.022); on the lr grids the schedule at peak 5 from initialisation, a late crossing, ended
 # 77× the tuned loss against 38× (the fixed run 89×), from the checkpoint 0.779 → 0.765, the
-# transformer at 0.02 from initialisation 1.14 → 1.44× (fixed 1.06×), every other cell the same. One product on every floor, engaged too, had 28 of 80 runs above 1.5 (_PowerFloor).
+# transformer at 0.02 from initialisation 1.14 → 1.44× (fixed 1.06×), every other cell the same.
+# One product on every floor, engaged too, had 28 of 80 runs above 1.5 (_PowerFloor).
 WATCH_PRODUCTS = 1
 
 # The batch noise's average over floors: each new sample weighs 1 − NOISE_WEIGHT (one pair of batches
