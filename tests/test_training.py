@@ -335,7 +335,8 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
             floors = sum("lambda_floor" in r for r in records[name])
             assert trainer._loop[2].hvps == (2 * 3 + (floors - 3) * (1 if name == "edge" else 2))
     assert [r["loss"] for r in records["edge"]] == pytest.approx([r["loss"] for r in records["none"]], rel=1e-6)
-    assert all(r["throttle"] == 1.0 for r in records["edge"]) and sum("lambda_floor" in r for r in records["edge"]) >= 7
+    # the floors still watch: the first 3, then one at least every 3 scheduled ones (the edge is far)
+    assert all(r["throttle"] == 1.0 for r in records["edge"]) and sum("lambda_floor" in r for r in records["edge"]) >= 4
     assert min(r["throttle"] for r in records["always"]) < 0.9  # the engaged rule holds this run: the test can fail
     held = [summary.first_held_step for _, _, summary in summaries]
     assert held[:2] == [None, None] and held[2] == next(r["step"] for r in records["always"] if r["throttle"] < 1)
@@ -344,6 +345,42 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
     text = " ".join(console.export_text().split())
     assert "throttle: never held the learning rate: the run's own rate stayed below the edge" in text
     assert f"throttle: held the learning rate from step {held[2]}" in text
+
+
+def _floor_steps(run_dir):
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lambda_floor" in r]
+
+
+def test_a_watching_throttle_lets_a_scheduled_floor_wait_where_the_edge_is_far_and_a_resume_keeps_the_waits(tmp_path):
+    """The user's MLP at lr 0.5, η·λmax near a quarter of T: while the throttle only watches for the
+    edge a scheduled floor (every 5 steps here) waits when 2·η·max(Ĉ, floor) ≤ T and the rate has
+    not risen since the latest floor, at most 2 in a row; "always" measures every scheduled floor; a
+    warm-up (the rate rising) lets none wait; a run stopped at step 40 (a wait) and resumed measures its floors
+    on the uninterrupted run's steps (the latest floor's rate is in the checkpoint)."""
+    from curvdiag.train import loop
+
+    every, steps = 5, 60
+    warm_up = tmp_path / "warm_up.py"
+    warm_up.write_text(f"import sys\nsys.path.insert(0, {str(USER_MLP.parent)!r})\n"
+                       "import torch\nfrom ce_mlp_digits import data, loss, model, optimizer  # noqa: F401\n"
+                       "def scheduler(optimizer):\n"
+                       "    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: (t + 1) / 100)\n")
+    runs = {"edge": (USER_MLP, {}, steps), "always": (USER_MLP, {"engage": "always"}, steps),
+            "warm_up": (warm_up, {}, steps), "stopped": (USER_MLP, {}, 40)}
+    for name, (recipe, extra, n) in runs.items():
+        Trainer(str(recipe), None, tmp_path / name, TrainSettings(steps=n, controller="throttle", floor_every=every,
+                                                                  checkpoint_every=10, **extra)).run()
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "stopped"), "--steps", str(steps), "-q"])
+    assert result.exit_code == 0, result.output
+    scheduled = [t for t in range(steps) if t < 3 or t % every == 0]
+    edge = _floor_steps(tmp_path / "edge")
+    waited = [t for t in scheduled if t not in edge]
+    assert waited, edge  # the test can fail: the edge is far, so some scheduled floor waits
+    for t in waited:  # each waited while the latest floor was at most WATCH_MAX_WAIT intervals back
+        assert t >= 3 and t - max(f for f in edge if f < t) <= loop.WATCH_MAX_WAIT * every, (t, edge)
+    assert set(scheduled) <= set(_floor_steps(tmp_path / "always"))
+    assert set(scheduled) <= set(_floor_steps(tmp_path / "warm_up"))
+    assert _floor_steps(tmp_path / "stopped") == edge
 
 
 def test_settings_stored_before_engage_existed_keep_the_throttle_held_from_the_first_step():
@@ -902,7 +939,8 @@ def test_floors_after_the_first_skip_the_memory_estimate_and_the_check_product(t
 
         monkeypatch.setattr(CurvatureOperator, "_estimate_graph_bytes", counted_estimate)
         monkeypatch.setattr(CurvatureOperator, "_try_exact", counted_check)
-        trainer = Trainer(TINY, None, out, TrainSettings(steps=45, controller="throttle", sharpness_every=20))
+        trainer = Trainer(TINY, None, out, TrainSettings(steps=45, controller="throttle", sharpness_every=20,
+                                                         engage="always"))  # every scheduled floor measured
         if not reuse:  # forget the method before every operator: the behaviour before the reuse
             original = trainer._operator
 
@@ -945,7 +983,8 @@ def test_a_floor_takes_the_steps_own_gradient_graph_unless_the_forward_drew_drop
         monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
         if not allow:
             monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
-        Trainer(str(recipe), None, out, TrainSettings(steps=41, controller="throttle", floor_jump=1e9)).run()
+        Trainer(str(recipe), None, out, TrainSettings(steps=41, controller="throttle", floor_jump=1e9,
+                                                      engage="always")).run()  # no floor waits
         monkeypatch.undo()
         return len(calls), [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                             for line in (out / "metrics.jsonl").open()]
@@ -1001,7 +1040,8 @@ def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fus
         if not allow:
             monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
         Trainer(str(SAMPLES / "tiny_transformer.py"), None, out,
-                TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1)).run(on_step=steps_done.append)
+                TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1,
+                              engage="always")).run(on_step=steps_done.append)  # no floor waits
         monkeypatch.undo()
         return len(calls), math_steps, [json.loads(line) for line in (out / "metrics.jsonl").open()]
 

@@ -91,6 +91,12 @@ FLOOR_REST = 10
 # One product on every floor, engaged too, had 28 of 80 runs above 1.5 (_PowerFloor).
 WATCH_PRODUCTS = 1
 
+# While the throttle only watches for the edge, a scheduled floor waits when the edge is far: the
+# rate not above the latest floor's and WATCH_MARGIN × η_t·max(Ĉ, latest floor) ≤ T; at most
+# WATCH_MAX_WAIT scheduled floors in a row wait.
+WATCH_MARGIN = 2.0
+WATCH_MAX_WAIT = 2
+
 # The batch noise's average over floors: each new sample weighs 1 − NOISE_WEIGHT (one pair of batches
 # is one draw of a noisy quantity; the noise level moves slowly over training).
 NOISE_WEIGHT = 0.5
@@ -324,6 +330,7 @@ class _PowerFloor:
         self.vector: Optional[torch.Tensor] = None
         self.hvps = 0
         self.last_step: Optional[int] = None  # the step of the latest estimate
+        self.lr: Optional[float] = None  # the scheduled learning rate of that step
 
     def estimate(self, operator: Any, gradient: torch.Tensor, products: int = 2) -> float:
         """λmax estimate of ``operator`` from ``products`` products (2; :data:`WATCH_PRODUCTS` while
@@ -414,6 +421,7 @@ class _Progress:
     times: List[float] = field(default_factory=list)
     initial_loss: Optional[float] = None
     loss_average: Optional[float] = None  # mini-batch losses scatter: compare with their mean
+    floor_scheduled: bool = False  # the step being taken measures the floor whatever its loss
     diverged: bool = False
     interrupted: bool = False
     failure: Optional[BaseException] = None
@@ -519,7 +527,7 @@ class Trainer:
             controlled, tracker, floor = self._loop
             memory = controlled.memory()
             state["loop"] = {"controller": list(controlled.state), "floor_vector": floor.vector, "floor_hvps": floor.hvps,
-                             "floor_step": floor.last_step, "batch_noise": self._batch_noise.value,
+                             "floor_step": floor.last_step, "floor_lr": floor.lr, "batch_noise": self._batch_noise.value,
                              "build_options": self._build_options, "forward_draws_rng": self._forward_draws_rng,
                              "controller_memory": None if memory is None else [list(memory[0]), list(memory[1])],
                              "step_rate": controlled.step_rate,
@@ -546,6 +554,7 @@ class Trainer:
             controlled.load_memory(saved.get("controller_memory"))
             controlled.step_rate = finite(saved.get("step_rate")) or 0.0  # none in a checkpoint of an older version
             floor.last_step = None if saved.get("floor_step") is None else int(saved["floor_step"])
+            floor.lr = finite(saved.get("floor_lr"))  # none in a checkpoint of an older version: no floor waits
             self._batch_noise.value = finite(saved.get("batch_noise"))
             controlled.batch_noise = self._batch_noise.value or 0.0
             self._build_options = _checked_build_options(saved.get("build_options") or {})
@@ -660,6 +669,7 @@ class Trainer:
         batch, size = self._next_batch(batches, progress.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        progress.floor_scheduled = self._floor_scheduled(progress, controlled, floor)
         reusable = self._floor_graph_may_be_reused(progress)
         # A throttle watches whether the forward draws from the RNG (dropout): the batch-noise sample
         # draws no masks, and the floor's operator keeps dropout off.
@@ -780,12 +790,22 @@ class Trainer:
             return False
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
         rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
-        return self._floor_scheduled(progress) or (jumped and rested)
+        return progress.floor_scheduled or (jumped and rested)
 
-    def _floor_scheduled(self, progress: _Progress) -> bool:
-        """Whether this step measures the floor whatever its loss: the first 3 steps and every
-        ``floor_every`` (the loss jumps are known only after the forward)."""
-        return progress.step < 3 or progress.step % self.settings.floor_every == 0
+    def _floor_scheduled(self, progress: _Progress, controlled: ControlledOptimizer, floor: _PowerFloor) -> bool:
+        """Whether this step measures the floor whatever its loss (the loss jumps are known only after
+        the forward): the first 3 steps and every ``floor_every``, but while the throttle only watches
+        for the edge a scheduled floor waits where the edge is far (:data:`WATCH_MARGIN`)."""
+        s, step = self.settings, progress.step
+        if "floor" not in self.controller.observes or not (step < 3 or step % s.floor_every == 0):
+            return False
+        state = controlled.state
+        if step < 3 or getattr(state, "engaged", True) or floor.lr is None or floor.last_step is None:
+            return True
+        lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+        known = max(state.curvature, state.floor)  # floor: inf until a positive one
+        far = lr <= floor.lr and WATCH_MARGIN * lr * known <= self.constant
+        return not far or step - floor.last_step > WATCH_MAX_WAIT * s.floor_every
 
     def _floor_graph_may_be_reused(self, progress: _Progress) -> bool:
         """Whether this step's own gradient graph can be the floor operator's: one process (DDP's
@@ -800,7 +820,7 @@ class Trainer:
             return False
         if self._forward_draws_rng:  # dropout: the step's graph is another Hessian's
             return False
-        return options.get("attention") == "auto" or self._floor_scheduled(progress)
+        return options.get("attention") == "auto" or progress.floor_scheduled
 
     def _rng_states(self) -> Tuple[torch.Tensor, ...]:
         """The RNG states a forward may draw dropout masks from (the CPU's, and the device's)."""
@@ -812,7 +832,7 @@ class Trainer:
                floor: _PowerFloor, graph: Optional[Tuple[float, Any]] = None) -> float:
         """λmax on this batch (preconditioned for Adam), handed to the controller, on a step that
         :meth:`_floor_due`. ``graph``: the step's own (loss, create_graph gradient), or None."""
-        floor.last_step = progress.step
+        floor.last_step, floor.lr = progress.step, max(float(g["lr"]) for g in self.optimizer.param_groups)
         grads = self._gradients()
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
         op = self._operator("floor", [batch], [size], first_batch_graph=graph)
