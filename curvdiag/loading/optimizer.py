@@ -35,7 +35,7 @@ def adam_preconditioner(second_moments: Sequence[torch.Tensor], steps: Sequence[
     ``second_moments[i]`` is ``exp_avg_sq`` of parameter i (its shape), ``steps[i]`` its step
     count t ≥ 1; each P has the shape of its parameter. Elementwise: O(n).
     """
-    return [(v / (1.0 - beta2 ** step)).sqrt() + eps for v, step in zip(second_moments, steps)]
+    return [(v / (1.0 - beta2 ** step)).sqrt_().add_(eps) for v, step in zip(second_moments, steps)]
 
 
 @dataclass

@@ -421,6 +421,7 @@ class _Progress:
     times: List[float] = field(default_factory=list)
     initial_loss: Optional[float] = None
     loss_average: Optional[float] = None  # mini-batch losses scatter: compare with their mean
+    floor_may_wait: bool = False  # a floor due on the step being taken may wait (the edge is far)
     floor_scheduled: bool = False  # the step being taken measures the floor whatever its loss
     diverged: bool = False
     interrupted: bool = False
@@ -669,7 +670,8 @@ class Trainer:
         batch, size = self._next_batch(batches, progress.step)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        progress.floor_scheduled = self._floor_scheduled(progress, controlled, floor)
+        progress.floor_may_wait = self._floor_may_wait(progress, controlled, floor)
+        progress.floor_scheduled = self._floor_scheduled(progress)
         reusable = self._floor_graph_may_be_reused(progress)
         # A throttle watches whether the forward draws from the RNG (dropout): the batch-noise sample
         # draws no masks, and the floor's operator keeps dropout off.
@@ -790,22 +792,27 @@ class Trainer:
             return False
         jumped = progress.loss_average is not None and value > (1 + s.floor_jump) * progress.loss_average
         rested = floor.last_step is None or progress.step - floor.last_step >= FLOOR_REST
-        return progress.floor_scheduled or (jumped and rested)
+        return progress.floor_scheduled or (jumped and rested and not progress.floor_may_wait)
 
-    def _floor_scheduled(self, progress: _Progress, controlled: ControlledOptimizer, floor: _PowerFloor) -> bool:
+    def _floor_scheduled(self, progress: _Progress) -> bool:
         """Whether this step measures the floor whatever its loss (the loss jumps are known only after
-        the forward): the first 3 steps and every ``floor_every``, but while the throttle only watches
-        for the edge a scheduled floor waits where the edge is far (:data:`WATCH_MARGIN`)."""
-        s, step = self.settings, progress.step
-        if "floor" not in self.controller.observes or not (step < 3 or step % s.floor_every == 0):
-            return False
-        state = controlled.state
+        the forward): the first 3 steps and every ``floor_every``, unless the floor may wait."""
+        step = progress.step
+        due = "floor" in self.controller.observes and (step < 3 or step % self.settings.floor_every == 0)
+        return due and not progress.floor_may_wait
+
+    def _floor_may_wait(self, progress: _Progress, controlled: ControlledOptimizer, floor: _PowerFloor) -> bool:
+        """Whether a floor due on this step may wait: the throttle only watches for the edge (not
+        engaged, past the first 3 steps), the rate has not risen since the latest floor, twice the
+        curvature the throttle knows, WATCH_MARGIN·η_t·max(Ĉ, latest floor), is still within the edge T,
+        and the latest floor is at most WATCH_MAX_WAIT·``floor_every`` steps back."""
+        state, step = controlled.state, progress.step
         if step < 3 or getattr(state, "engaged", True) or floor.lr is None or floor.last_step is None:
-            return True
+            return False
         lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
-        known = max(state.curvature, state.floor)  # floor: inf until a positive one
-        far = lr <= floor.lr and WATCH_MARGIN * lr * known <= self.constant
-        return not far or step - floor.last_step > WATCH_MAX_WAIT * s.floor_every
+        known = max(state.curvature, state.floor)  # the floor: inf until a positive one
+        return (lr <= floor.lr and WATCH_MARGIN * lr * known <= self.constant
+                and step - floor.last_step <= WATCH_MAX_WAIT * self.settings.floor_every)
 
     def _floor_graph_may_be_reused(self, progress: _Progress) -> bool:
         """Whether this step's own gradient graph can be the floor operator's: one process (DDP's
