@@ -91,9 +91,18 @@ FLOOR_REST = 10
 # One product on every floor, engaged too, had 28 of 80 runs above 1.5 (_PowerFloor).
 WATCH_PRODUCTS = 1
 
-# While the throttle only watches for the edge, a scheduled floor waits when the edge is far: the
-# rate not above the latest floor's and WATCH_MARGIN × η_t·max(Ĉ, latest floor) ≤ T; at most
-# WATCH_MAX_WAIT scheduled floors in a row wait.
+# While the throttle only watches for the edge, a floor due (scheduled, or on a loss jump) waits where
+# the edge is far: the rate not risen since the latest floor and WATCH_MARGIN·η_t·max(Ĉ, latest floor)
+# ≤ T, with the latest floor at most WATCH_MAX_WAIT·floor_every steps back (Trainer._floor_may_wait).
+# The five cases at their tuned lrs engage nowhere and sit at 0.3–0.45 of the edge, so each floor
+# there bought nothing: the transformer's floor step costs 4–5 plain steps (a product 2.1 gradients,
+# the batch-noise gradient, the graph kept by the step's backward). Waiting, bench_controller_overhead
+# (5 repeats, 300 steps): the transformer 1.21–1.25 → 1.05× a plain run, Adam 1.16–1.24 → 1.11× (11
+# → 5 floors, most of them loss jumps), 0.06–0.08 → 0.04 HVPs a step. Every failing-lr result (seeds
+# 0–9 of the MLP cases and the transformer, both starts), every safe-lr result (seeds 0–4) and every
+# lr-grid cell came out the same to the digit but one: the transformer at 0.02 from initialisation
+# 1.44 → 1.14× the tuned loss (the fixed run 1.06×): the late crossings on the grids happen within
+# half the edge's reach of what the throttle knew.
 WATCH_MARGIN = 2.0
 WATCH_MAX_WAIT = 2
 
@@ -775,7 +784,8 @@ class Trainer:
     def _floor_due(self, progress: _Progress, value: float, floor: _PowerFloor) -> bool:
         """Whether this step measures the floor: for a controller that observes one, in the first 3
         steps, every ``floor_every`` steps and whenever the loss jumps above its running mean, a
-        jump at most once in :data:`FLOOR_REST` steps.
+        jump at most once in :data:`FLOOR_REST` steps; but not while the floor may wait
+        (:meth:`_floor_may_wait`: the throttle only watches for the edge, and the edge is far).
 
         Fewer floors tried and rejected (bench_peers' MLP cases, 10 seeds from both starts, runs
         above 1.5× the tuned loss against 2 of 80; seeds 10–19, held out, against 6 of 80): a jump
@@ -784,9 +794,10 @@ class Trainer:
         rise of a mini-batch loss is mostly scatter): 13–15 of 80 with 21–22% fewer products, so the
         jump floors earn their cost; the scheduled floor ``floor_every`` steps after the last floor
         of any kind instead of on multiples of ``floor_every``: 13 of 80, and 7 of 80 held out, 12%
-        fewer products; no scheduled floor while twice the curvature the throttle knows would still
-        leave its factor at 1: at the five cases' tuned and safe lrs that skipped one floor in one
-        run (the factor is below 1 there), every result unchanged."""
+        fewer products. Twice the curvature the throttle knows leaving its factor at 1 skipped one
+        floor in one run of the five cases at their tuned and safe lrs while the rule held from the
+        first step (the factor is below 1 there); while it only watches for the edge, that test
+        (against the edge) is what lets a floor wait (:meth:`_floor_may_wait`)."""
         s = self.settings
         if "floor" not in self.controller.observes:
             return False
