@@ -94,15 +94,16 @@ WATCH_PRODUCTS = 1
 # While the throttle only watches for the edge, a floor due (scheduled, or on a loss jump) waits where
 # the edge is far: the rate not risen since the latest floor and WATCH_MARGIN·η_t·max(Ĉ, latest floor)
 # ≤ T, with the latest floor at most WATCH_MAX_WAIT·floor_every steps back (Trainer._floor_may_wait).
-# The five cases at their tuned lrs engage nowhere and sit at 0.3–0.45 of the edge, so each floor
-# there bought nothing: the transformer's floor step costs 4–5 plain steps (a product 2.1 gradients,
-# the batch-noise gradient, the graph kept by the step's backward). Waiting, bench_controller_overhead
-# (5 repeats, 300 steps): the transformer 1.21–1.25 → 1.05× a plain run, Adam 1.16–1.24 → 1.11× (11
-# → 5 floors, most of them loss jumps), 0.06–0.08 → 0.04 HVPs a step. Every failing-lr result (seeds
-# 0–9 of the MLP cases and the transformer, both starts), every safe-lr result (seeds 0–4) and every
-# lr-grid cell came out the same to the digit but one: the transformer at 0.02 from initialisation
-# 1.44 → 1.14× the tuned loss (the fixed run 1.06×): the late crossings on the grids happen within
-# half the edge's reach of what the throttle knew.
+# At their tuned lrs four of the five cases never engage (GD does: κ = 1, it trains at the edge); the
+# transformer's and Adam's floors read 0.3–0.45 of the edge there, so each floor bought nothing,
+# and a transformer floor step costs 4–5 plain steps (a product 2.1 gradients, the batch-noise
+# gradient, the graph kept by the step's backward). Waiting, bench_controller_overhead (5 repeats,
+# 300 steps, two runs): the transformer 1.21–1.25 → 1.05–1.09× a plain run, Adam 1.16–1.24 →
+# 1.09–1.11× (11 → 5 floors, most of them loss jumps), 0.06–0.08 → 0.04 HVPs a step. Every
+# failing-lr result (seeds 0–9 of the MLP cases and the transformer, both starts), every safe-lr
+# result (seeds 0–4) and every lr-grid cell came out the same to the digit but one: the transformer
+# at 0.02 from initialisation 1.44 → 1.14× the tuned loss (the fixed run 1.06×). The grids' late
+# crossings come within half the edge's reach of what the throttle knew.
 WATCH_MARGIN = 2.0
 WATCH_MAX_WAIT = 2
 
