@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECIPES
+from conftest import RECIPES, ROOT
 from processes import Job
 from curvdiag.train.loop import Trainer, TrainSettings
 
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with the gloo backend")
 
 FULL_BATCH = str(RECIPES / "full_batch.py")
+USER_MLP = ROOT / "benchmarks" / "user_models" / "ce_mlp_digits.py"  # float32, a quarter of the edge at its lr
 MINIBATCH = str(RECIPES / "minibatch_momentum.py")
 RTOL = 1e-9
 TRAIN = [sys.executable, "-m", "curvdiag", "train", FULL_BATCH, "-q"]
@@ -44,6 +45,8 @@ def runs(tmp_path_factory):
                       "--out", str(out / "three"), "--nproc", "3"]),
         "minibatch": Job([sys.executable, "-m", "curvdiag", "train", MINIBATCH, "-q", "--steps", "30", "--controller",
                           "throttle", "--out", str(out / "minibatch"), "--nproc", "2"]),
+        "watching": Job([sys.executable, "-m", "curvdiag", "train", str(USER_MLP), "-q", "--steps", "61", "--controller",
+                         "throttle", "--out", str(out / "watching"), "--nproc", "2"]),
         "killed": Job([*TRAIN, "--steps", "100000", "--out", str(out / "killed"), "--nproc", "2", "--dist-timeout", "60"],
                       env_extra={"CURVDIAG_TEST_KILL_RANK1_AT": "12"}),
         "interrupted": Job([*TRAIN, "--steps", "100000", "--out", str(out / "interrupted"), "--nproc", "2"],
@@ -111,6 +114,23 @@ def test_the_throttle_with_its_batch_noise_follows_one_process_on_mini_batches(r
     assert any(r["throttle"] < 1 for r in reference)  # and it held the rate
     gap = _assert_follows(reference, _records(out / "minibatch"), KEYS)
     print(f"2 ranks, mini-batches with the batch noise: largest relative gap from one process {gap:.1e}")
+
+
+def test_two_ranks_let_the_same_floors_wait_as_one_process(runs, tmp_path):
+    """A run below the edge (the throttle only watches): the floors due at steps 20 and 40 wait
+    where the edge is far, on every rank alike (the decision reads the controller's state, equal
+    on the ranks), so two ranks measure the floors on one process's steps and keep its factor 1."""
+    out, jobs = runs
+    code, _, err, _ = jobs["watching"].result(timeout=240)
+    assert code == 0, err[-3000:]
+    Trainer(str(USER_MLP), None, tmp_path / "one", TrainSettings(steps=61, controller="throttle")).run()
+    reference, replay = _records(tmp_path / "one"), _records(out / "watching")
+    floors = [r["step"] for r in reference if "lambda_floor" in r]
+    assert 20 not in floors and 40 not in floors and 60 in floors, floors  # the waits happened
+    assert [r["step"] for r in replay if "lambda_floor" in r] == floors
+    assert all(r["throttle"] == 1.0 for r in reference + replay)
+    for a, b in zip(reference, replay):  # float32 sums split over two ranks round apart
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_three_unequal_shards_follow_one_process_with_sharpness(runs, tmp_path):
