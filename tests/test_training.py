@@ -347,6 +347,35 @@ def test_the_edge_throttle_leaves_a_run_below_the_edge_as_it_was(tmp_path):
     assert f"throttle: held the learning rate from step {held[2]}" in text
 
 
+def test_a_floor_waits_only_while_twice_the_known_curvature_stays_within_the_edge(tmp_path):
+    """Trainer._floor_may_wait on hand-built states: 2·η·max(Ĉ, floor) just within T waits, just
+    past it does not; nor without a positive floor, with the rate risen since the latest floor, once
+    engaged, in the first 3 steps, or with the latest floor more than 2 intervals back."""
+    from types import SimpleNamespace
+
+    from curvdiag.train.controllers import ThrottleState
+    from curvdiag.train.loop import _PowerFloor, _Progress
+
+    trainer = Trainer(str(USER_MLP), None, tmp_path / "run", TrainSettings(controller="throttle", floor_every=20))
+    lr, constant = 0.5, trainer.constant  # the recipe's lr; T = 2(1 + β) = 3.8 for momentum 0.9
+    edge = constant / (2 * lr)  # the curvature at which twice it reaches the edge
+
+    def waits(step=60, curvature=0.5 * edge, floor_value=0.9 * edge, engaged=False, floor_lr=lr, last_step=40):
+        floor = _PowerFloor(seed=0)
+        floor.lr, floor.last_step = floor_lr, last_step
+        state = ThrottleState(curvature=curvature, factor=1.0, steps=step, floor=floor_value, engaged=engaged)
+        return trainer._floor_may_wait(_Progress(step=step, clean=step, last_good={}), SimpleNamespace(state=state), floor)
+
+    assert waits()
+    assert waits(floor_value=0.999 * edge) and not waits(floor_value=1.001 * edge)
+    assert waits(curvature=0.999 * edge) and not waits(curvature=1.001 * edge)  # Ĉ counts as the floor does
+    assert not waits(floor_value=math.inf)  # no positive floor yet
+    assert not waits(floor_lr=0.9 * lr)  # the rate has risen since the latest floor
+    assert not waits(engaged=True) and not waits(step=2)
+    assert waits(last_step=20) and not waits(last_step=19)  # at most WATCH_MAX_WAIT·floor_every = 40 back
+    assert not waits(floor_lr=None)  # a checkpoint from before floor_lr was saved
+
+
 def _floor_steps(run_dir):
     return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lambda_floor" in r]
 
@@ -375,7 +404,7 @@ def test_a_watching_throttle_lets_a_scheduled_floor_wait_where_the_edge_is_far_a
     scheduled = [t for t in range(steps) if t < 3 or t % every == 0]
     edge = _floor_steps(tmp_path / "edge")
     waited = [t for t in scheduled if t not in edge]
-    assert waited, edge  # the test can fail: the edge is far, so some scheduled floor waits
+    assert 40 in waited, edge  # the test can fail: the edge is far, so some scheduled floor waits (the stop's too)
     for t in waited:  # each waited while the latest floor was at most WATCH_MAX_WAIT intervals back
         assert t >= 3 and t - max(f for f in edge if f < t) <= loop.WATCH_MAX_WAIT * every, (t, edge)
     assert set(scheduled) <= set(_floor_steps(tmp_path / "always"))
@@ -1025,14 +1054,15 @@ def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fus
     here, so that the test runs on any torch) the floor's operator runs math attention; a step whose
     floor is scheduled (steps 1, 2, 20, 40) runs its forward in math attention too, and only those
     steps, and hands its graph over: one loss call fewer per such floor, the same run but for the
-    kernels' rounding on those steps."""
+    kernels' rounding on those steps. Below the edge (engage="edge"), a step whose scheduled floor
+    waits keeps the fused kernel."""
     import curvdiag.train.loop as loop_module
     from curvdiag.curvature.operator import CurvatureOperator
     from curvdiag.loading.recipe import Recipe
 
     original_options, original_loss, original_math = CurvatureOperator.build_options, Recipe.loss, loop_module.math_attention
 
-    def run(out, allow):
+    def run(out, allow, engage="always"):  # "always": no floor waits
         calls, math_steps, steps_done = [], [], []
         monkeypatch.setattr(CurvatureOperator, "build_options", lambda self: {**original_options(self), "attention": "math"})
         monkeypatch.setattr(Recipe, "loss", lambda self, model, batch: calls.append(1) or original_loss(self, model, batch))
@@ -1041,7 +1071,7 @@ def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fus
             monkeypatch.setattr(Trainer, "_floor_graph_may_be_reused", lambda self, progress: False)
         Trainer(str(SAMPLES / "tiny_transformer.py"), None, out,
                 TrainSettings(steps=41, lr=1e-3, controller="throttle", floor_jump=1e9, max_batches=1,
-                              engage="always")).run(on_step=steps_done.append)  # no floor waits
+                              engage=engage)).run(on_step=steps_done.append)
         monkeypatch.undo()
         return len(calls), math_steps, [json.loads(line) for line in (out / "metrics.jsonl").open()]
 
@@ -1054,6 +1084,10 @@ def test_a_scheduled_floor_takes_the_steps_graph_in_math_attention_where_the_fus
     for line, built in zip(lines, lines_built):
         assert line["loss"] == pytest.approx(built["loss"], rel=1e-5)
         assert line.get("lambda_floor", 0.0) == pytest.approx(built.get("lambda_floor", 0.0), rel=1e-4)
+    # Below the edge (the default "edge"): a scheduled floor that waits leaves its step's forward fused.
+    _, math_watching, lines_watching = run(tmp_path / "watching", True, engage="edge")
+    floors = [line["step"] for line in lines_watching if "lambda_floor" in line]
+    assert 20 not in floors and math_watching == [step for step in floors if step > 0], (floors, math_watching)
 
 
 def test_train_memory_bounds_the_kept_graphs_is_recorded_and_kept_on_resume(tmp_path, monkeypatch):

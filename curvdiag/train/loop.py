@@ -145,7 +145,7 @@ class TrainSettings:
     divergence_factor: float = 1e3  # loss above this × the first loss counts as divergence
     kappa: Optional[float] = None  # throttle: the fraction κ of the edge; None: √(1 − β) for momentum β, × NOISE_FREE_KAPPA if β > 0
     decay: float = 0.95  # throttle: Ĉ relaxes by this factor per step
-    floor_every: int = 20  # throttle: λmax floor re-estimated at least this often ...
+    floor_every: int = 20  # throttle: λmax floor re-estimated this often (while it only watches, far from the edge, up to 3× apart) ...
     floor_jump: float = 0.1  # ... and whenever the loss rises this fraction above its running mean
     floor_jump_decay: float = 0.9  # the running mean: an exponential average of the step losses
     same_batch_curvature: bool = False  # throttle: C_t on the step's own batch (one more forward and backward)
