@@ -141,6 +141,12 @@ def _unflat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Te
     return [piece.view_as(p) for piece, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
+def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer's schedule set for the next step: the largest over its groups
+    (a controller's factor is applied inside :func:`apply_factor` only, so the groups hold this)."""
+    return max(float(g["lr"]) for g in optimizer.param_groups)
+
+
 def apply_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
     """optimizer.step() with every group's lr multiplied by ``factor``, then the lr put back."""
     base = [g["lr"] for g in optimizer.param_groups]
@@ -208,7 +214,7 @@ class ControlledOptimizer:
         return bool(self.controller.observes & {"curvature", "lookahead"})
 
     def _lr(self) -> float:
-        return max(float(g["lr"]) for g in self.optimizer.param_groups)
+        return scheduled_lr(self.optimizer)
 
     def step(self, closure: Optional[Closure] = None, loss: Optional[float] = None) -> Optional[torch.Tensor]:
         """Observe, update the controller, step; then, with a closure, measure the step."""

@@ -208,6 +208,12 @@ class ThrottleState(NamedTuple):
     engaged: bool = True  # the rule holds; False: factor 1 until η·max(Ĉ, floor) first exceeds T (ENGAGE_MODES)
 
 
+def known_curvature(curvature: float, floor: float) -> float:
+    """max(Ĉ, latest floor), what the throttle knows of the curvature: ``engage="edge"`` takes over
+    once η times it exceeds T. A floor counts once positive (ThrottleState.floor is inf before)."""
+    return max(curvature, floor if math.isfinite(floor) else 0.0)
+
+
 def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: float = 0.95,
              momentum: float = 0.0, catapult_steps: int = 0, engage: str = "always") -> Controller:
     """The curvature throttle with stability constant T = ``constant`` (§3.7); ``kappa`` None takes
@@ -244,7 +250,7 @@ def throttle(constant: Optional[float], kappa: Optional[float] = None, decay: fl
         fraction = kappa
         if catapult_steps:
             fraction *= 1.0 + (CATAPULT_START - 1.0) * max(0.0, 1.0 - state.steps / catapult_steps)
-        engaged = state.engaged or lr * max(smoothed, floor if math.isfinite(floor) else 0.0) > constant
+        engaged = state.engaged or lr * known_curvature(smoothed, floor) > constant
         factor = 1.0 if not engaged or smoothed <= 0.0 or lr <= 0.0 else min(1.0, fraction * constant / (lr * smoothed))
         return ThrottleState(curvature=smoothed, factor=factor, steps=state.steps + 1, floor=floor, engaged=engaged)
 

@@ -60,7 +60,7 @@ from curvdiag.probes.sharpness import lambda_max, preconditioned_lambda_max, pre
 from curvdiag.results.json_safe import finite
 from curvdiag.stability import stability_constant, throttle_kappa
 from curvdiag.train import controllers
-from curvdiag.train.adapters import ControlledOptimizer, closure_gradient, optimizer_preconditioner
+from curvdiag.train.adapters import ControlledOptimizer, closure_gradient, optimizer_preconditioner, scheduled_lr
 from curvdiag.train.data_parallel import DataParallel
 
 
@@ -753,7 +753,7 @@ class Trainer:
         if self.scheduler is not None:  # what the scheduler set for this step: a NaN rate would train silently wrong
             optimizer_state.check_hyperparameters(self.optimizer, f"recipe {self.recipe.name}: at step {progress.step} "
                                                                   "the scheduler set")
-        base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+        base_lr = scheduled_lr(self.optimizer)
         theta_before = _flat(self.params).clone()
         consecutive = None if controlled.measures_step else tracker.update()  # the controller measures C_t itself
         same_batch_loss = self._rank_loss(batch, size, total)
@@ -818,13 +818,21 @@ class Trainer:
         engaged, past the first 3 steps), the rate has not risen since the latest floor, twice the
         curvature the throttle knows, WATCH_MARGIN·η_t·max(Ĉ, latest floor), is still within the edge T,
         and the latest floor is at most WATCH_MAX_WAIT·``floor_every`` steps back."""
-        state, step = controlled.state, progress.step
-        if step < 3 or getattr(state, "engaged", True) or floor.lr is None or floor.last_step is None:
+        state = controlled.state
+        if not self._only_watches(progress, controlled) or floor.lr is None or floor.last_step is None:
             return False
-        lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
-        known = max(state.curvature, state.floor)  # the floor: inf until a positive one
-        return (lr <= floor.lr and WATCH_MARGIN * lr * known <= self.constant
-                and step - floor.last_step <= WATCH_MAX_WAIT * self.settings.floor_every)
+        if not math.isfinite(state.floor):  # no positive floor yet: nothing known to wait on
+            return False
+        lr = scheduled_lr(self.optimizer)
+        return (lr <= floor.lr and WATCH_MARGIN * lr * controllers.known_curvature(state.curvature, state.floor)
+                <= self.constant and progress.step - floor.last_step <= WATCH_MAX_WAIT * self.settings.floor_every)
+
+    @staticmethod
+    def _only_watches(progress: _Progress, controlled: ControlledOptimizer) -> bool:
+        """Whether the throttle only watches for the edge: not engaged (engage="edge"), past the first
+        3 steps, which measure their floors as an engaged throttle's (controllers without an
+        ``engaged`` state always count as engaged)."""
+        return progress.step >= 3 and not getattr(controlled.state, "engaged", True)
 
     def _floor_graph_may_be_reused(self, progress: _Progress) -> bool:
         """Whether this step's own gradient graph can be the floor operator's: one process (DDP's
@@ -851,12 +859,12 @@ class Trainer:
                floor: _PowerFloor, graph: Optional[Tuple[float, Any]] = None) -> float:
         """λmax on this batch (preconditioned for Adam), handed to the controller, on a step that
         :meth:`_floor_due`. ``graph``: the step's own (loss, create_graph gradient), or None."""
-        floor.last_step, floor.lr = progress.step, max(float(g["lr"]) for g in self.optimizer.param_groups)
+        floor.last_step, floor.lr = progress.step, scheduled_lr(self.optimizer)
         grads = self._gradients()
         preconditioner = optimizer_preconditioner(self.optimizer, self.params, grads)
         op = self._operator("floor", [batch], [size], first_batch_graph=graph)
         gradient = op.flatten(grads)
-        watching = not getattr(controlled.state, "engaged", True) and progress.step >= 3 and floor.vector is not None
+        watching = self._only_watches(progress, controlled) and floor.vector is not None
         products = WATCH_PRODUCTS if watching else 2
         if preconditioner is None:
             controlled.floor = floor.estimate(op, gradient, products)

@@ -78,7 +78,7 @@ from curvdiag.probes.hutchinson import hutchinson_trace
 from curvdiag.probes.sharpness import preconditioned_operator
 from curvdiag.results.run_dir import MetricsLog, RunSummary, write_run_summary
 from curvdiag.stability import OPTIMIZER_FAMILIES, classify, stability_constant
-from curvdiag.train.adapters import CurvatureThrottle, optimizer_preconditioner
+from curvdiag.train.adapters import CurvatureThrottle, optimizer_preconditioner, scheduled_lr
 from curvdiag.train.loop import save_state
 
 LOGGER = logging.getLogger("curvdiag.monitor")
@@ -278,7 +278,7 @@ class Monitor:
         if self._left_at is not None:
             self._loop_seconds += started - self._left_at
         step = self.steps
-        base_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+        base_lr = scheduled_lr(self.optimizer)
         factor = self.throttle.factor if self.throttle is not None else 1.0
         grad_norm, update_norm, curvature = self._step_norms(step)
         record: Dict[str, Any] = {"step": step, "lr": base_lr * factor, "base_lr": base_lr, "throttle": factor,
